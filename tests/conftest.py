@@ -38,7 +38,7 @@ def random_model(config: TarFlowConfig | None = None, seed: int = 0, **overrides
     model = TarFlowModel(config or tiny_config(**overrides)).eval()
     with torch.no_grad():
         for block in model.blocks:
-            block.proj_out.weight.normal_(0.0, 0.05)
+            block.proj_out.weight.normal_(0.0, 0.02)
     return model
 
 

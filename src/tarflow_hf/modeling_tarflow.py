@@ -32,6 +32,7 @@ GUIDANCE_SCHEDULES = ("constant", "linear")
 SAMPLERS = ("sequential", "jacobi")
 # Apple's evaluate_bpd.py: pixels in [-1, 1] are 256 levels of width 2/256, so p(level) = p(x) / 128 per dim.
 LOG_PIXEL_SCALE = math.log(128.0)
+LOG_TWO_PI = math.log(2 * math.pi)
 
 
 @dataclass
@@ -77,9 +78,14 @@ class JacobiStats:
         return sum(self.iterations)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # Apple computes LayerNorm, exp and the log-determinant in float32 whatever the autocast dtype (we also
+    # leave float64 alone, for exact checks).
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    # Apple normalises in float32 whatever the autocast dtype, then goes back to the stream's dtype.
-    return norm(x.float()).type(x.dtype)
+    return norm(_at_least_fp32(x)).type(x.dtype)
 
 
 class KVCache:
@@ -213,8 +219,8 @@ class TarFlowBlock(nn.Module):
         # Patch t is transformed by what the transformer read up to t-1; the first patch only by zeros.
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
         log_scale, shift = self.scale_shift(out)
-        z = (x - shift) * (-log_scale.float()).exp().type(log_scale.dtype)
-        return self.permute(z), -log_scale.float().sum(dim=(1, 2))
+        z = (x - shift) * (-_at_least_fp32(log_scale)).exp().type(log_scale.dtype)
+        return self.permute(z), -_at_least_fp32(log_scale).sum(dim=(1, 2))
 
     def predict(
         self, x: torch.Tensor, condition: torch.Tensor | None, query_scale: torch.Tensor | None = None
@@ -366,7 +372,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         labels = self.prepare_class_labels(class_labels, pixel_values.shape[0])
 
         x = self.patchify(pixel_values)
-        logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
+        logdet = _at_least_fp32(x.new_zeros(x.shape[0]))
         hidden_states = []
         for block in self.blocks:
             x, block_logdet = block(x, block.class_condition(labels, x.shape[0]))
@@ -375,7 +381,8 @@ class TarFlowModel(TarFlowPreTrainedModel):
 
         num_dims = x.shape[1] * x.shape[2]
         loss = 0.5 * x.pow(2).mean() - (logdet / num_dims).mean()
-        log_likelihood = -0.5 * x.float().pow(2).flatten(1).sum(1) - 0.5 * num_dims * math.log(2 * math.pi) + logdet
+        prior_log_likelihood = -0.5 * _at_least_fp32(x).pow(2).flatten(1).sum(1) - 0.5 * num_dims * LOG_TWO_PI
+        log_likelihood = prior_log_likelihood + logdet
         bits_per_dim = (-log_likelihood / num_dims + LOG_PIXEL_SCALE) / math.log(2)
         output = TarFlowOutput(
             loss=loss,
@@ -558,7 +565,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
             if guidance is not None and guidance["linear"]:
                 weight = weight * (t + 1) / (num_patches - 1)
             log_scale, shift = self._guide(log_scale, shift, guidance, weight)
-            x[:, t + 1 : t + 2] = x[:, t + 1 : t + 2] * log_scale.float().exp().type(log_scale.dtype) + shift
+            x[:, t + 1 : t + 2] = x[:, t + 1 : t + 2] * _at_least_fp32(log_scale).exp().type(log_scale.dtype) + shift
         return x
 
     def _invert_block_jacobi(
@@ -590,7 +597,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
             inputs = x.repeat(branches, 1, 1) if branches == 2 else x
             log_scale, shift = block.predict(inputs, conditions, query_scale)
             log_scale, shift = self._guide(log_scale, shift, guidance, weights)
-            updated = z * log_scale.float().exp().type(log_scale.dtype) + shift
+            updated = z * _at_least_fp32(log_scale).exp().type(log_scale.dtype) + shift
             residual = (updated - x).abs().max().item()
             x = updated
             iterations += 1

@@ -1,0 +1,295 @@
+"""TarFlowModel: exact parity with apple/ml-tarflow, flow properties, inputs, and serialisation."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import random_model, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoConfig, AutoModel
+
+from tarflow_hf import TarFlowConfig, TarFlowModel
+
+TOLERANCE = 1e-5
+
+
+def apple_options(kwargs: dict) -> dict:
+    """Apple's `Model.reverse` keyword arguments in our names (Apple's guidance g is w = 1 + g)."""
+    return {
+        "guidance_scale": 1.0 + kwargs.get("guidance", 0.0),
+        "attention_temperature": kwargs.get("attn_temp", 1.0),
+        "guidance_schedule": "linear" if kwargs.get("annealed_guidance") else "constant",
+        "guidance_target": {"ab": "both", "a": "scale", "b": "shift"}[kwargs.get("guide_what", "ab")],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ parity
+def test_forward_matches_reference(reference):
+    _, model, expected = reference
+    out = model(expected["x"], expected.get("y"), output_hidden_states=True)
+    num_dims = model.config.num_patches * model.config.patch_dim
+    torch.testing.assert_close(out.latents, expected["z"], atol=TOLERANCE, rtol=0)
+    # Apple's logdets are per-dimension means; ours is the true sum over dimensions.
+    torch.testing.assert_close(out.logdet / num_dims, expected["logdets"], atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(out.loss.reshape(1), expected["loss"], atol=TOLERANCE, rtol=0)
+    assert len(out.hidden_states) == model.config.num_blocks
+    for i, hidden in enumerate(out.hidden_states):
+        torch.testing.assert_close(hidden, expected[f"block_output_{i}"], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi"])
+def test_inverse_matches_reference_samples(reference, sampler):
+    meta, model, expected = reference
+    for i, kwargs in enumerate(meta["sample_kwargs"]):
+        images = model.inverse(
+            expected["noise"],
+            expected.get("y_sample"),
+            sampler=sampler,
+            jacobi_tolerance=1e-7,
+            jacobi_sequential_blocks=0,
+            **apple_options(kwargs),
+        )
+        torch.testing.assert_close(images, expected[f"sample_{i}"], atol=TOLERANCE, rtol=0, msg=f"sample_{i}")
+
+
+def test_denoise_matches_reference(reference):
+    meta, model, expected = reference
+    sigma = meta["denoise"]["noise_std"]
+    denoised = model.denoise(expected["sample_0"], expected.get("y_sample"), noise_std=sigma)
+    torch.testing.assert_close(denoised, expected["denoised_0"], atol=TOLERANCE, rtol=0)
+    # The step must actually move the image, or the comparison above proves little.
+    assert (expected["denoised_0"] - expected["sample_0"]).abs().max() > 100 * TOLERANCE
+
+
+def test_denoise_does_not_depend_on_batching():
+    model = random_model()
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 2, -1, 1])
+    whole = model.denoise(images, labels, batch_size=5)
+    pieces = model.denoise(images, labels, batch_size=2)
+    torch.testing.assert_close(whole, pieces, atol=1e-6, rtol=0)
+    assert not torch.allclose(whole, images)
+
+
+# -------------------------------------------------------------------------------------------- properties
+configs = st.builds(
+    dict,
+    num_channels=st.sampled_from([1, 2]),
+    patch_size=st.sampled_from([1, 2]),
+    image_size=st.sampled_from([2, 4]),
+    num_blocks=st.integers(1, 3),
+    layers_per_block=st.integers(1, 2),
+    nvp=st.booleans(),
+    num_classes=st.sampled_from([0, 3]),
+)
+
+
+@settings(max_examples=8, deadline=None)
+@given(settings_=configs, seed=st.integers(0, 1000))
+def test_inverse_undoes_forward_and_back(settings_, seed):
+    model = random_model(tiny_config(**settings_), seed=seed)
+    torch.manual_seed(seed)
+    cfg = model.config
+    labels = torch.randint(0, cfg.num_classes, (3,)) if cfg.num_classes else None
+    images = torch.rand(3, cfg.num_channels, cfg.image_size, cfg.image_size) * 2 - 1
+    latents = model(images, labels).latents
+    torch.testing.assert_close(model.inverse(latents, labels), images, atol=1e-4, rtol=0)
+    noise = torch.randn(3, cfg.num_patches, cfg.patch_dim)
+    torch.testing.assert_close(model(model.inverse(noise, labels), labels).latents, noise, atol=1e-4, rtol=0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(settings_=configs, seed=st.integers(0, 1000))
+def test_logdet_equals_brute_force_jacobian(settings_, seed):
+    model = random_model(tiny_config(**settings_), seed=seed).double()
+    cfg = model.config
+    torch.manual_seed(seed)
+    image = torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, dtype=torch.float64) * 2 - 1
+    label = torch.tensor([1]) if cfg.num_classes else None
+    jacobian = torch.autograd.functional.jacobian(lambda x: model(x, label).latents.flatten(), image)
+    _, brute_force = torch.linalg.slogdet(jacobian.reshape(image.numel(), image.numel()))
+    torch.testing.assert_close(model(image, label).logdet[0], brute_force, atol=1e-8, rtol=1e-8)
+
+
+def test_bits_per_dim_follows_apples_evaluation_formula():
+    model = random_model()
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    out = model(images, torch.tensor([0, 1, 2, 0]))
+    num_dims = 64
+    # evaluate_bpd.py: log p(z) = sum(-(z^2 + log 2 pi) / 2) - log(128) * n; nll = -log p / n - mean logdet.
+    prior = (-0.5 * (out.latents**2 + math.log(2 * math.pi))).flatten(1).sum(1) - math.log(128) * num_dims
+    expected = (-prior / num_dims - out.logdet / num_dims) / math.log(2)
+    torch.testing.assert_close(out.bits_per_dim, expected, atol=1e-5, rtol=0)
+    loss = 0.5 * out.latents.pow(2).mean() - (out.logdet / num_dims).mean()
+    torch.testing.assert_close(out.loss, loss)
+
+
+def test_hidden_states_only_when_asked_and_tuple_output():
+    model = random_model()
+    images = torch.rand(2, 1, 8, 8)
+    assert model(images, [0, 1]).hidden_states is None
+    as_tuple = model(images, [0, 1], return_dict=False)
+    torch.testing.assert_close(as_tuple[1], model(images, [0, 1]).latents)
+
+
+# ------------------------------------------------------------------------------------------- conditioning
+def test_dropped_label_is_the_mean_class_branch():
+    model = random_model()
+    images = torch.rand(2, 1, 8, 8)
+    dropped = model(images, torch.tensor([-1, -1])).latents
+    torch.testing.assert_close(dropped, model(images, None).latents)
+    assert not torch.allclose(dropped, model(images, torch.tensor([0, 0])).latents)
+
+
+def test_guidance_options():
+    model = random_model()
+    noise = torch.randn(2, 16, 4)
+    labels = torch.tensor([0, 2])
+    plain = model.inverse(noise, labels)
+    torch.testing.assert_close(model.inverse(noise, labels, guidance_scale=1.0, attention_temperature=0.5), plain)
+    results = {
+        target: model.inverse(noise, labels, guidance_scale=3.0, guidance_target=target)
+        for target in ("both", "scale", "shift")
+    }
+    for target, images in results.items():
+        assert not torch.allclose(images, plain, atol=1e-4), target
+    assert not torch.allclose(results["scale"], results["shift"], atol=1e-4)
+    linear = model.inverse(noise, labels, guidance_scale=3.0, guidance_schedule="linear")
+    assert not torch.allclose(linear, results["both"], atol=1e-4)
+    tempered = model.inverse(noise, labels, guidance_scale=3.0, attention_temperature=0.5)
+    assert not torch.allclose(tempered, results["both"], atol=1e-4)
+    # Guidance runs both branches as one batch; each image must still be independent of the others.
+    torch.testing.assert_close(model.inverse(noise[:1], labels[:1], guidance_scale=3.0), results["both"][:1])
+
+
+def test_jacobi_statistics_and_sequential_blocks():
+    model = random_model(num_blocks=3)
+    noise = torch.randn(2, 16, 4) * 0.5
+    exact = model.inverse(noise, [0, 1], guidance_scale=2.0)
+    images, stats = model.inverse(
+        noise, [0, 1], guidance_scale=2.0, sampler="jacobi", jacobi_tolerance=1e-6, return_stats=True
+    )
+    torch.testing.assert_close(images, exact, atol=1e-4, rtol=0)
+    assert stats.sequential_blocks == [True, False, False]
+    assert stats.iterations[0] == 15 and all(1 <= n <= 16 for n in stats.iterations[1:])
+    assert all(r <= 1e-6 for r in stats.residuals[1:])
+    assert stats.transformer_passes == sum(stats.iterations)
+    _, capped = model.inverse(noise, [0, 1], sampler="jacobi", jacobi_max_iterations=2, return_stats=True)
+    assert capped.iterations[1:] == [2, 2]
+
+
+def test_callback_sees_every_block():
+    model = random_model(num_blocks=3)
+    seen = []
+    final = model.inverse(torch.randn(1, 16, 4), [1], callback=lambda step, images: seen.append((step, images)))
+    assert [step for step, _ in seen] == [0, 1, 2]
+    torch.testing.assert_close(seen[-1][1], final)
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (torch.rand(2, 3, 8, 8), [0, 1], "pixel_values must have shape (batch, 1, 8, 8), got (2, 3, 8, 8)"),
+        (torch.rand(1, 8, 8), [0], "pixel_values must have shape (batch, 1, 8, 8), got (1, 8, 8)"),
+        (torch.rand(2, 1, 8, 8), [0, 3], "class label 3 is out of range; allowed are 0..2"),
+        (torch.rand(2, 1, 8, 8), [0, -2], "class label -2 is out of range"),
+        (torch.rand(2, 1, 8, 8), [0, 1, 2], "got 3 class labels for a batch of 2"),
+        (torch.rand(2, 1, 8, 8), torch.tensor([0.5, 1.0]), "class_labels must be integers"),
+    ],
+)
+def test_bad_forward_inputs(images, labels, message):
+    with pytest.raises(ValueError) as error:
+        random_model()(images, labels)
+    assert message in str(error.value)
+
+
+def test_labels_on_unconditional_model_are_refused():
+    model = random_model(num_classes=0)
+    with pytest.raises(ValueError, match=r"unconditional \(num_classes=0\); pass class_labels=None"):
+        model(torch.rand(1, 1, 8, 8), [0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guidance_target": "ab"}, "guidance_target must be one of ('both', 'scale', 'shift'), got 'ab'"),
+        ({"guidance_schedule": "cosine"}, "guidance_schedule must be one of ('constant', 'linear'), got 'cosine'"),
+        ({"attention_temperature": 0.0}, "attention_temperature must be > 0, got 0.0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"sampler": "euler"}, "sampler must be one of ('sequential', 'jacobi'), got 'euler'"),
+        ({"jacobi_tolerance": 0}, "jacobi_tolerance must be > 0"),
+    ],
+)
+def test_bad_sampling_options(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        random_model().inverse(torch.randn(1, 16, 4), [0], **kwargs)
+    assert message in str(error.value)
+
+
+def test_bad_latent_shape():
+    with pytest.raises(ValueError, match=r"latents must have shape \(batch, 16, 4\), got \(1, 16, 5\)"):
+        random_model().inverse(torch.randn(1, 16, 5))
+
+
+def test_non_finite_samples_are_reported():
+    model = random_model()
+    with torch.no_grad():
+        model.blocks[0].proj_out.bias.fill_(200.0)  # exp(200) overflows float32
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.inverse(torch.randn(1, 16, 4), [0])
+
+
+# -------------------------------------------------------------------------------------------- saving
+def test_save_load_gives_identical_outputs(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = TarFlowModel.from_pretrained(tmp_path).eval()
+    images, noise = torch.rand(2, 1, 8, 8), torch.randn(2, 16, 4)
+    assert torch.equal(loaded(images, [0, 1]).latents, model(images, [0, 1]).latents)
+    assert torch.equal(loaded.inverse(noise, [2, 0]), model.inverse(noise, [2, 0]))
+
+
+def test_auto_classes_find_the_model(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), TarFlowConfig)
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, TarFlowModel)
+    assert torch.equal(auto.blocks[1].proj_out.weight, model.blocks[1].proj_out.weight)
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    noise = torch.randn(1, 16, 4)
+    torch.save(noise, tmp_path / "noise.pt")
+    torch.save(model.inverse(noise, [1]), tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "tarflow_hf":
+                    raise ImportError("tarflow_hf must not be importable here")
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        images = model.inverse(torch.load({str(tmp_path / "noise.pt")!r}), [1])
+        difference = (images - torch.load({str(tmp_path / "expected.pt")!r})).abs().max().item()
+        assert difference < 1e-6, difference
+        print("remote-ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}
+    )
+    assert "remote-ok" in result.stdout, result.stderr[-3000:]
