@@ -1,9 +1,14 @@
 """TarFlow for the Hugging Face ecosystem: a transformers model, a diffusers pipeline, and conversion tools."""
 
+from typing import TYPE_CHECKING
+
 from transformers import AutoConfig, AutoModel
 
 from .configuration_tarflow import TarFlowConfig
 from .modeling_tarflow import JacobiStats, TarFlowModel, TarFlowOutput, TarFlowPreTrainedModel
+
+if TYPE_CHECKING:
+    from .pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
 
 __version__ = "0.1.0"
 
@@ -13,4 +18,25 @@ AutoModel.register(TarFlowConfig, TarFlowModel, exist_ok=True)
 TarFlowConfig.register_for_auto_class("AutoConfig")
 TarFlowModel.register_for_auto_class("AutoModel")
 
-__all__ = ["JacobiStats", "TarFlowConfig", "TarFlowModel", "TarFlowOutput", "TarFlowPreTrainedModel", "__version__"]
+_LAZY = {"TarFlowPipeline", "TarFlowPipelineOutput"}
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in diffusers; import it only when asked for, so the model and converter load fast.
+    if name in _LAZY:
+        from . import pipeline_tarflow
+
+        return getattr(pipeline_tarflow, name)
+    raise AttributeError(f"module 'tarflow_hf' has no attribute {name!r}")
+
+
+__all__ = [
+    "JacobiStats",
+    "TarFlowConfig",
+    "TarFlowModel",
+    "TarFlowOutput",
+    "TarFlowPipeline",
+    "TarFlowPipelineOutput",
+    "TarFlowPreTrainedModel",
+    "__version__",
+]

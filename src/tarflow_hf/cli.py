@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 # Each entry: (name, module path, help). The module provides `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: list[tuple[str, str, str]] = [
     ("convert", "tarflow_hf.convert", "convert an apple/ml-tarflow .pth checkpoint to a pipeline folder (or back)"),
+    ("sample", "tarflow_hf.sample", "sample images from a TarFlow pipeline (folder or Hub id) into a captioned grid"),
 ]
 
 
@@ -41,4 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module, so sub-commands raise the same CommandError class this catches.
+    from tarflow_hf.cli import main as package_main
+
+    sys.exit(package_main())

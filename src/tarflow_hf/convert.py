@@ -1,4 +1,17 @@
-"""Port apple/ml-tarflow checkpoints to TarFlowModel and back.
+"""Port apple/ml-tarflow checkpoints to TarFlowModel / TarFlowPipeline folders and back.
+
+Command line (also `python conversion/convert_ml_tarflow.py ...`):
+
+    tarflow-hf convert afhq_model_8_768_8_8_0.07.pth tarflow-afhq-256
+    tarflow-hf convert my_run.pth out --noise-std 0.05 --in-channels 1 --labels classes.json
+    tarflow-hf convert --reverse tarflow-afhq-256 afhq_model_8_768_8_8_0.07.pth
+
+The configuration is read off the weights (see `infer_config`); Apple's checkpoint file name,
+`{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth`, supplies what the weights cannot:
+the training noise and the class names. Checkpoints are loaded with `torch.load(weights_only=True, mmap=True)`,
+the model is built on the meta device and takes the memory-mapped tensors as they are, so a conversion holds a
+single copy of the weights. Outputs are written to a temporary path next to the destination and renamed into
+place, so a failed conversion leaves nothing behind.
 
 Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
@@ -14,12 +27,39 @@ Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import pickle
 import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .cli import CommandError
 from .configuration_tarflow import TarFlowConfig
+from .labels import LABEL_CHOICES, resolve_labels
 from .modeling_tarflow import TarFlowModel
+
+# Apple's `transformer_flow.Model` takes no head size: every released model uses MetaBlock's default of 64.
+APPLE_HEAD_DIM = 64
+# Dataset names in Apple's checkpoint file names -> their label table ("none": an unconditional model).
+APPLE_DATASET_LABELS = {"afhq": "afhq", "imagenet": "imagenet", "imagenet64": "none"}
+APPLE_FILE_NAME_PATTERN = "{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth"
+_APPLE_FILE_NAME = re.compile(
+    r"^(?P<dataset>.+?)_model_(?P<patch_size>\d+)_(?P<hidden_size>\d+)_(?P<num_blocks>\d+)_"
+    r"(?P<layers_per_block>\d+)_(?P<noise>uniform|\d+(?:\.\d+)?)\.pth$"
+)
+DEFAULT_NUM_CHANNELS = 3
 
 _RENAMES = [
     (r"^var$", "prior_variance"),
@@ -39,6 +79,7 @@ _REVERSE_RENAMES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------- key maps
 def apple_key_to_hf(key: str) -> str:
     for pattern, replacement in _RENAMES:
         key = re.sub(pattern, replacement, key)
@@ -51,7 +92,7 @@ def hf_key_to_apple(key: str) -> str:
     return key
 
 
-def apple_to_hf_state_dict(apple: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apple_to_hf_state_dict(apple: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename Apple's keys to ours; drop the causal masks; squeeze the class embeddings' middle axis."""
     converted = {}
     for key, tensor in apple.items():
@@ -62,21 +103,796 @@ def apple_to_hf_state_dict(apple: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return converted
 
 
-def hf_to_apple_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `apple_to_hf_state_dict`, including the causal masks Apple stores."""
+def hf_to_apple_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `apple_to_hf_state_dict`, including the causal masks Apple stores (placed where Apple's
+    `state_dict()` has them, just before each block's `proj_in`, with the dtype and device of the block's
+    position embedding, so meta tensors give meta masks)."""
     apple = {}
     for key, tensor in state.items():
+        if key.endswith(".proj_in.weight"):
+            positions = state[key.replace(".proj_in.weight", ".position_embedding")]
+            num_patches = positions.shape[0]
+            ones = torch.ones(num_patches, num_patches, dtype=positions.dtype, device=positions.device)
+            apple[hf_key_to_apple(key).replace(".proj_in.weight", ".attn_mask")] = torch.tril(ones)
         apple_key = hf_key_to_apple(key)
         apple[apple_key] = tensor.unsqueeze(1) if apple_key.endswith(".class_embed") else tensor
-        if key.endswith(".proj_in.weight"):
-            num_patches = state[key.replace(".proj_in.weight", ".position_embedding")].shape[0]
-            apple[apple_key.replace(".proj_in.weight", ".attn_mask")] = torch.tril(torch.ones(num_patches, num_patches))
     return apple
 
 
-def load_ml_tarflow_checkpoint(path: str, config: TarFlowConfig) -> TarFlowModel:
-    """Build a TarFlowModel of `config` with the weights of an Apple `.pth` file."""
-    apple = torch.load(path, map_location="cpu", weights_only=True)
-    model = TarFlowModel(config)
-    model.load_state_dict(apple_to_hf_state_dict(apple), strict=True)
+def _meta_model(config: TarFlowConfig) -> TarFlowModel:
+    # Parameters on the meta device have shapes but no storage: building even the largest model is free.
+    with torch.device("meta"):
+        return TarFlowModel(config)
+
+
+def expected_hf_shapes(config: TarFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of a `TarFlowModel(config)` state dict and its shape, without allocating weights."""
+    return {key: tuple(tensor.shape) for key, tensor in _meta_model(config).state_dict().items()}
+
+
+def expected_apple_shapes(config: TarFlowConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the matching Apple state dict and its shape, in the order Apple's `state_dict()` has them."""
+    meta_state = _meta_model(config).state_dict()
+    return {key: tuple(tensor.shape) for key, tensor in hf_to_apple_state_dict(meta_state).items()}
+
+
+# ----------------------------------------------------------------------------------------- file names
+@dataclass(frozen=True)
+class CheckpointName:
+    """What Apple's `train.py` writes into a checkpoint's file name."""
+
+    file_name: str
+    dataset: str
+    patch_size: int
+    hidden_size: int
+    num_blocks: int
+    layers_per_block: int
+    noise: str  # the noise std as written ("0.07"), or "uniform" for density models
+
+    @property
+    def noise_std(self) -> float:
+        # Density models are trained on uniformly dequantized pixels, not Gaussian noise: nothing to denoise.
+        return 0.0 if self.noise == "uniform" else float(self.noise)
+
+
+def parse_checkpoint_name(path: str | os.PathLike) -> CheckpointName | None:
+    """Parse Apple's checkpoint file name; None when the name does not follow the pattern.
+
+    ```python
+    >>> parse_checkpoint_name("ckpts/afhq_model_8_768_8_8_0.07.pth").noise_std
+    0.07
+    ```
+    """
+    name = Path(path).name
+    match = _APPLE_FILE_NAME.match(name)
+    if match is None:
+        return None
+    fields = match.groupdict()
+    return CheckpointName(
+        file_name=name,
+        dataset=fields["dataset"],
+        patch_size=int(fields["patch_size"]),
+        hidden_size=int(fields["hidden_size"]),
+        num_blocks=int(fields["num_blocks"]),
+        layers_per_block=int(fields["layers_per_block"]),
+        noise=fields["noise"],
+    )
+
+
+# ------------------------------------------------------------------------------------- reading checkpoints
+def _list_keys(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(key) for key in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load that only ever unpickles tensors and plain containers, memory-mapped when the format allows."""
+    # Only the zip format (torch >= 1.6) can be memory-mapped; Apple's checkpoints use it.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if unsafe:
+            raise ValueError(
+                f"refusing to load {path}: it pickles the Python object {unsafe.group(1)}, and unpickling it "
+                "could run arbitrary code; only plain state dicts of tensors (torch.save(model.state_dict())) "
+                "are loaded, with torch.load(weights_only=True)"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+        detail = reason.group(1) if reason else "not a torch.save file"
+        raise ValueError(
+            f"{path} is not a PyTorch state dict that torch.load(weights_only=True) can read ({detail})"
+        ) from None
+    except Exception as error:  # torch raises KeyError, RuntimeError, EOFError... on arbitrary bytes
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); expected a .pth file written "
+            "by torch.save(model.state_dict())"
+        ) from None
+
+
+def load_apple_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load an Apple `.pth` safely (`weights_only=True`, memory-mapped) and check it is a flat dict of tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ValueError(
+            f"checkpoint {path} is a directory; expected an apple/ml-tarflow .pth file (to turn a converted folder "
+            "back into a .pth, use --reverse)"
+        )
+    state = _torch_load(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}, not a state dict; expected the dict written by "
+            "torch.save(model.state_dict())"
+        )
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"{path} is not a model state dict: the entries {_list_keys(not_tensors)} are not tensors (a training "
+            "checkpoint or optimizer state?); expected the dict written by torch.save(model.state_dict())"
+        )
+    return dict(state)
+
+
+def check_state_dict(
+    state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str, target: str
+) -> None:
+    """Raise one ValueError naming every missing, unexpected and mis-shaped key of `state` (tensors, or anything
+    with a `.shape`) against `expected`."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key!r} is {tuple(state[key].shape)}, expected {expected[key]}"
+        for key in expected
+        if key in state and tuple(state[key].shape) != tuple(expected[key])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_list_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_list_keys(unexpected)}")
+    if mismatched:
+        problems.append("wrong shapes: " + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
+    if problems:
+        raise ValueError(f"{source} does not match {target}: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------- inference
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, purpose: str, source: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise ValueError(f"{source} has no key {key!r} ({purpose}); is it an apple/ml-tarflow state dict?")
+    shape = shapes[key]
+    if len(shape) != ndim:
+        raise ValueError(f"{source}: {key!r} has shape {shape}; expected {ndim} dimensions ({purpose})")
+    return shape
+
+
+def _indices(shapes: Mapping[str, Any], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(match.group(1)) for key in shapes if (match := regex.match(key))})
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """What the weights alone say about a model."""
+
+    hidden_size: int
+    patch_dim: int
+    num_patches: int
+    num_blocks: int
+    layers_per_block: int
+    mlp_ratio: int
+    nvp: bool
+    num_classes: int
+
+
+def _read_architecture(shapes: Mapping[str, tuple[int, ...]], source: str) -> _Architecture:
+    blocks = _indices(shapes, r"^blocks\.(\d+)\.")
+    if not blocks:
+        raise ValueError(
+            f"{source} is not an apple/ml-tarflow state dict: it has no 'blocks.N.*' keys "
+            f"(its keys: {_list_keys(list(shapes))})"
+        )
+    num_patches, patch_dim = _shape(shapes, "var", 2, "the prior variance, (patches, patch dim)", source)
+    hidden_size, proj_in_dim = _shape(shapes, "blocks.0.proj_in.weight", 2, "the patch embedding", source)
+    if proj_in_dim != patch_dim:
+        raise ValueError(
+            f"{source}: 'var' has patch dim {patch_dim} but 'blocks.0.proj_in.weight' takes {proj_in_dim} inputs"
+        )
+    layers = _indices(shapes, r"^blocks\.0\.attn_blocks\.(\d+)\.")
+    if not layers:
+        raise ValueError(f"{source} has no key 'blocks.0.attn_blocks.0.*': no transformer layers in block 0")
+    mlp_width, mlp_in = _shape(shapes, "blocks.0.attn_blocks.0.mlp.main.0.weight", 2, "the MLP expansion", source)
+    if mlp_in != hidden_size or mlp_width % hidden_size:
+        raise ValueError(
+            f"{source}: 'blocks.0.attn_blocks.0.mlp.main.0.weight' is {(mlp_width, mlp_in)}, which is not "
+            f"(ratio * {hidden_size}, {hidden_size}) for a whole-number MLP ratio"
+        )
+    out_dim, _ = _shape(shapes, "blocks.0.proj_out.weight", 2, "the affine output projection", source)
+    if out_dim not in (patch_dim, 2 * patch_dim):
+        raise ValueError(
+            f"{source}: 'blocks.0.proj_out.weight' has {out_dim} outputs; expected {2 * patch_dim} (nvp: log-scale "
+            f"and shift per patch value) or {patch_dim} (shift only)"
+        )
+    num_classes = 0
+    if "blocks.0.class_embed" in shapes:
+        num_classes = _shape(shapes, "blocks.0.class_embed", 3, "the class embedding, (classes, 1, width)", source)[0]
+    return _Architecture(
+        hidden_size=hidden_size,
+        patch_dim=patch_dim,
+        num_patches=num_patches,
+        num_blocks=blocks[-1] + 1,
+        layers_per_block=layers[-1] + 1,
+        mlp_ratio=mlp_width // hidden_size,
+        nvp=out_dim == 2 * patch_dim,
+        num_classes=num_classes,
+    )
+
+
+def _channels_hint(patch_dim: int, name: CheckpointName | None) -> str:
+    if name is not None and patch_dim % name.patch_size**2 == 0:
+        return f"; the file name's patch size {name.patch_size} means --in-channels {patch_dim // name.patch_size**2}"
+    return ""
+
+
+def _patch_size(patch_dim: int, num_channels: int, explicit: bool, name: CheckpointName | None) -> int:
+    """p with patch_dim = C * p**2."""
+    where = f"--in-channels {num_channels}" if explicit else f"{num_channels} channels (the default; see --in-channels)"
+    per_channel, remainder = divmod(patch_dim, num_channels)
+    side = math.isqrt(per_channel)
+    if remainder or side * side != per_channel or side == 0:
+        raise ValueError(
+            f"the weights' patch dimension {patch_dim} is not channels x patch_size**2 for {where}"
+            + _channels_hint(patch_dim, name)
+        )
+    return side
+
+
+def _resolve_noise_std(noise_std: float | None, name: CheckpointName | None) -> float:
+    if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"--noise-std must be a finite number >= 0, got {noise_std}")
+    if name is None:
+        if noise_std is None:
+            raise ValueError(
+                "the training noise is unknown: the file name does not follow Apple's pattern "
+                f"{APPLE_FILE_NAME_PATTERN}; pass --noise-std (the std of the Gaussian noise the model was "
+                "trained with, e.g. 0.07 for AFHQ, 0.05 for ImageNet 64, 0.15 for ImageNet 128)"
+            )
+        return noise_std
+    if noise_std is None:
+        return name.noise_std
+    if name.noise == "uniform":
+        if noise_std != 0:
+            raise ValueError(
+                f"noise std: the file name {name.file_name} says 'uniform' (a density model trained without "
+                f"Gaussian noise, noise_std 0) but --noise-std is {noise_std}"
+            )
+        return 0.0
+    # The file name rounds to two decimals, so a flag that agrees to two decimals is the more precise value.
+    if f"{noise_std:.2f}" != f"{name.noise_std:.2f}":
+        raise ValueError(f"noise std: the file name {name.file_name} says {name.noise} but --noise-std is {noise_std}")
+    return noise_std
+
+
+def _resolve_class_names(
+    labels: str | Sequence[str] | None, name: CheckpointName | None, num_classes: int
+) -> list[str] | None:
+    """Class names for the config (None: the config's generic `class_i`, or none for unconditional models)."""
+    if labels is None:
+        if name is None or name.dataset not in APPLE_DATASET_LABELS:
+            return None
+        spec = APPLE_DATASET_LABELS[name.dataset]
+        origin = f"the file name's dataset {name.dataset!r}"
+        names = resolve_labels(spec)
+        if names is None and num_classes:
+            raise ValueError(
+                f"classes: {origin} is unconditional but the weights have {num_classes} class embeddings "
+                "(pass --labels to name them)"
+            )
+    elif isinstance(labels, str):
+        origin = f"--labels {labels}"
+        names = resolve_labels(labels)
+    else:
+        origin = "the given labels"
+        names = list(labels)
+    if names is None:
+        return None
+    if len(names) != num_classes:
+        have = f"{num_classes} class embeddings" if num_classes else "no class embeddings (unconditional)"
+        raise ValueError(f"classes: {origin} names {len(names)} classes but the weights have {have}")
+    return names
+
+
+def infer_config(
+    state: Mapping[str, Any],
+    *,
+    num_channels: int | None = None,
+    noise_std: float | None = None,
+    labels: str | Sequence[str] | None = None,
+    checkpoint_name: CheckpointName | None = None,
+    source: str = "the checkpoint",
+) -> TarFlowConfig:
+    r"""
+    The [`TarFlowConfig`] of an Apple state dict, read from its shapes (tensors, meta tensors, or anything with
+    a `.shape`: nothing is read from the values).
+
+    From the weights: `hidden_size` (proj_in), `num_blocks`, `layers_per_block`, `num_classes` (class_embed),
+    `nvp` (proj_out has 2 * D outputs, else D), `mlp_ratio` (MLP width / hidden size), the patch dimension D and
+    the number of patches T (`var` is (T, D)); with `num_channels` C, `patch_size = sqrt(D / C)` and
+    `image_size = sqrt(T) * patch_size`. `head_dim` is 64, the only value Apple's code uses.
+
+    Args:
+        num_channels (`int`, *optional*): image channels, 3 when not given.
+        noise_std (`float`, *optional*): training noise; overrides (and is checked against) the file name.
+        labels (`str` or list of `str`, *optional*): `"afhq"`, `"imagenet"`, `"none"`, a JSON file, or the names.
+            Default: the file name's dataset (afhq, imagenet; imagenet64 is unconditional).
+        checkpoint_name ([`CheckpointName`], *optional*): the parsed file name; its patch size, width, blocks
+            and layers must agree with the weights.
+        source (`str`): how errors name the checkpoint.
+
+    Raises:
+        `ValueError`: naming both values of any contradiction, or the missing, unexpected or mis-shaped keys.
+
+    Example:
+
+    ```python
+    >>> state = torch.load("afhq_model_8_768_8_8_0.07.pth", mmap=True, weights_only=True)
+    >>> config = infer_config(state, checkpoint_name=parse_checkpoint_name("afhq_model_8_768_8_8_0.07.pth"))
+    >>> config.image_size, config.patch_size, config.id2label[0]
+    (256, 8, 'cat')
+    ```
+    """
+    shapes = {str(key): tuple(value.shape) for key, value in state.items()}
+    arch = _read_architecture(shapes, source)
+    name = checkpoint_name
+    explicit_channels = num_channels is not None
+    channels = num_channels if explicit_channels else DEFAULT_NUM_CHANNELS
+    if channels < 1:
+        raise ValueError(f"--in-channels must be a positive integer, got {channels}")
+    patch_size = _patch_size(arch.patch_dim, channels, explicit_channels, name)
+    side = math.isqrt(arch.num_patches)
+    if side * side != arch.num_patches:
+        raise ValueError(f"{source}: 'var' has {arch.num_patches} patches, which is not a square grid")
+
+    if name is not None:
+        checks = (
+            (
+                "patch size",
+                name.patch_size,
+                patch_size,
+                f" (patch dimension {arch.patch_dim} with {channels} channels)",
+            ),
+            ("width", name.hidden_size, arch.hidden_size, ""),
+            ("blocks", name.num_blocks, arch.num_blocks, ""),
+            ("layers per block", name.layers_per_block, arch.layers_per_block, ""),
+        )
+        contradictions = [
+            f"{field}: the file name {name.file_name} says {from_name} but the weights have {from_weights}{detail}"
+            for field, from_name, from_weights, detail in checks
+            if from_name != from_weights
+        ]
+        if contradictions:
+            hint = _channels_hint(arch.patch_dim, name) if patch_size != name.patch_size else ""
+            raise ValueError("; ".join(contradictions) + hint)
+
+    names = _resolve_class_names(labels, name, arch.num_classes)
+    config = TarFlowConfig(
+        image_size=side * patch_size,
+        num_channels=channels,
+        patch_size=patch_size,
+        hidden_size=arch.hidden_size,
+        num_blocks=arch.num_blocks,
+        layers_per_block=arch.layers_per_block,
+        head_dim=APPLE_HEAD_DIM,
+        mlp_ratio=arch.mlp_ratio,
+        nvp=arch.nvp,
+        num_classes=arch.num_classes,
+        noise_std=_resolve_noise_std(noise_std, name),
+        id2label=None if names is None else dict(enumerate(names)),
+    )
+    check_state_dict(state, expected_apple_shapes(config), source, f"the inferred {describe_config(config)}")
+    return config
+
+
+def describe_config(config: TarFlowConfig) -> str:
+    """One line: `3x256x256, patch 8, width 768, 8 blocks x 8 layers, 3 classes, noise_std 0.07`."""
+    classes = _count(config.num_classes, "class", "classes") if config.num_classes else "unconditional"
+    return (
+        f"{config.num_channels}x{config.image_size}x{config.image_size}, patch {config.patch_size}, width "
+        f"{config.hidden_size}, {_count(config.num_blocks, 'block')} x {_count(config.layers_per_block, 'layer')}, "
+        f"{classes}, noise_std {config.noise_std:g}"
+    )
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+# ------------------------------------------------------------------------------------------ building models
+def _check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
+    not_float = [f"{key!r} ({tensor.dtype})" for key, tensor in state.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise ValueError(f"{source}: every weight must be a floating-point tensor; got {', '.join(not_float[:6])}")
+    for key, mask in state.items():
+        if key.endswith(".attn_mask") and not mask.is_meta and not torch.equal(mask, torch.ones_like(mask).tril()):
+            raise ValueError(
+                f"{source}: {key!r} is not the causal (lower-triangular ones) mask ml-tarflow always uses; "
+                "this checkpoint is not a TarFlow model this converter supports"
+            )
+
+
+def model_from_apple_state_dict(
+    state: Mapping[str, torch.Tensor], config: TarFlowConfig, source: str = "the checkpoint"
+) -> TarFlowModel:
+    """A TarFlowModel that uses the tensors of `state` as its weights (no copy: the model is built on the meta
+    device and the tensors are assigned). Meta tensors give a meta model, which checks a configuration for free."""
+    check_state_dict(state, expected_apple_shapes(config), source, f"the configuration {describe_config(config)}")
+    _check_values(state, source)
+    model = _meta_model(config)
+    model.load_state_dict(apple_to_hf_state_dict(state), strict=True, assign=True)
     return model.eval()
+
+
+def load_ml_tarflow_checkpoint(
+    path: str | os.PathLike,
+    config: TarFlowConfig | None = None,
+    *,
+    num_channels: int | None = None,
+    noise_std: float | None = None,
+    labels: str | Sequence[str] | None = None,
+) -> TarFlowModel:
+    """Build a TarFlowModel with the weights of an Apple `.pth` file, for `config` or (when None) the
+    configuration `infer_config` reads from the weights and the file name.
+
+    ```python
+    >>> model = load_ml_tarflow_checkpoint("afhq_model_8_768_8_8_0.07.pth")
+    >>> model.config.id2label
+    {0: 'cat', 1: 'dog', 2: 'wild'}
+    ```
+    """
+    source = f"checkpoint {os.fspath(path)}"
+    state = load_apple_state_dict(path)
+    if config is None:
+        config = infer_config(
+            state,
+            num_channels=num_channels,
+            noise_std=noise_std,
+            labels=labels,
+            checkpoint_name=parse_checkpoint_name(path),
+            source=source,
+        )
+    elif num_channels is not None or noise_std is not None or labels is not None:
+        raise ValueError("pass either a config or num_channels/noise_std/labels to infer one, not both")
+    return model_from_apple_state_dict(state, config, source)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (outermost first) so a failure can remove them."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return list(reversed(missing))
+
+
+def _remove_created(created: list[Path]) -> None:
+    for directory in reversed(created):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+def _check_directory_destination(target: Path, overwrite: bool, protect: Path | None = None) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output {target} exists and is not a directory")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output directory {target} exists and is not empty; pass --overwrite to replace it")
+    # --overwrite replaces earlier outputs, never an arbitrary folder (or the one holding the input).
+    if not ((target / "model_index.json").is_file() or (target / "config.json").is_file()):
+        raise FileExistsError(
+            f"refusing to replace {target}: it is not a TarFlow pipeline or model folder (no model_index.json or "
+            "config.json); remove it yourself or choose another output directory"
+        )
+    if protect is not None and protect.resolve().is_relative_to(target.resolve()):
+        raise FileExistsError(f"refusing to replace {target}: it contains the input {protect}")
+
+
+@contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `target`; on success it replaces `target`, on any failure
+    (or interrupt) it is removed, together with any parent directories made for it."""
+    created = _make_parents(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except BaseException:
+        _remove_created(created)
+        raise
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary directory
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if target.exists():
+            backup = tmp.with_name(tmp.name + ".old")
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
+        raise
+
+
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary file path next to `target`; on success it replaces `target`, on failure it is removed."""
+    created = _make_parents(target.parent)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+    except BaseException:
+        _remove_created(created)
+        raise
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_created(created)
+        raise
+
+
+# ------------------------------------------------------------------------------------------- conversions
+def convert_ml_tarflow_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    num_channels: int | None = None,
+    noise_std: float | None = None,
+    labels: str | Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> TarFlowConfig:
+    """Convert an Apple `.pth` into a folder that `TarFlowPipeline.from_pretrained(output_dir)` loads (the model
+    in its `transformer/` subfolder, as safetensors). Returns the configuration it inferred.
+
+    ```python
+    >>> from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+    >>> config = convert_ml_tarflow_checkpoint("afhq_model_8_768_8_8_0.07.pth", "tarflow-afhq-256")
+    >>> pipeline = TarFlowPipeline.from_pretrained("tarflow-afhq-256")
+    ```
+    """
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    _check_directory_destination(output_dir, overwrite, protect=checkpoint)
+    model = load_ml_tarflow_checkpoint(checkpoint, num_channels=num_channels, noise_std=noise_std, labels=labels)
+    from .pipeline_tarflow import TarFlowPipeline  # diffusers is slow to import; only conversions need it
+
+    with _atomic_directory(output_dir) as tmp:
+        TarFlowPipeline(transformer=model).save_pretrained(tmp)
+    return model.config
+
+
+def _model_directory(folder: Path) -> Path:
+    """The model folder of a pipeline folder (its `transformer/`), or `folder` itself if it is a model folder."""
+    if not folder.exists():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; --reverse takes a converted pipeline or model folder")
+    if (folder / "model_index.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} is neither a TarFlow pipeline folder (model_index.json + transformer/) nor a model folder "
+            "(config.json + model.safetensors)"
+        )
+    return folder
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(model_dir / file))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read weights {model_dir / file}: {error}") from None
+    return state
+
+
+def read_tarflow_folder(folder: str | os.PathLike) -> tuple[TarFlowConfig, dict[str, torch.Tensor]]:
+    """The config and the exact stored tensors (dtypes as saved) of a converted pipeline or model folder."""
+    model_dir = _model_directory(Path(folder))
+    config_file = model_dir / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        config = TarFlowConfig.from_json_file(config_file)
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot read {config_file}: {error}") from None
+    if model_type != TarFlowConfig.model_type:
+        raise ValueError(f"{config_file} is a {model_type!r} config, not a {TarFlowConfig.model_type!r} one")
+    state = _read_safetensors(model_dir)
+    check_state_dict(state, expected_hf_shapes(config), f"the weights in {model_dir}", "its config.json")
+    return config, state
+
+
+def export_ml_tarflow_checkpoint(
+    folder: str | os.PathLike, output_path: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write a converted folder back as an Apple `.pth`: the same keys, in Apple's order, dtypes, shapes and
+    values (the causal masks included) as the checkpoint it came from.
+
+    ```python
+    >>> export_ml_tarflow_checkpoint("tarflow-afhq-256", "afhq_model_8_768_8_8_0.07.pth")
+    ```
+    """
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        raise FileExistsError(f"output {output_path} is a directory; give a .pth file path")
+    if output_path.exists() and not overwrite:
+        raise FileExistsError(f"output file {output_path} exists; pass --overwrite to replace it")
+    config, state = read_tarflow_folder(folder)
+    apple = hf_to_apple_state_dict(state)
+    apple = {key: apple[key] for key in expected_apple_shapes(config)}
+    with _atomic_file(output_path) as tmp:
+        torch.save(apple, tmp)
+    return output_path
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        metavar="CHECKPOINT",
+        help="apple/ml-tarflow .pth state dict (with --reverse: a converted pipeline or model folder)",
+    )
+    parser.add_argument(
+        "destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth file to write)"
+    )
+    parser.add_argument(
+        "--reverse", action="store_true", help="convert a pipeline or model folder back to an Apple .pth"
+    )
+    parser.add_argument(
+        "--noise-std",
+        type=_non_negative_float,
+        default=None,
+        metavar="S",
+        help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
+        f"{APPLE_FILE_NAME_PATTERN})",
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=_positive_int,
+        default=None,
+        metavar="C",
+        help=f"image channels: the patch dimension is channels x patch**2 (default {DEFAULT_NUM_CHANNELS})",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="|".join((*LABEL_CHOICES, "FILE.json")),
+        help="class names: a shipped table, none (generic names), or a JSON list / {'0': name} file "
+        "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.reverse:
+            conversion_flags = (
+                ("--noise-std", args.noise_std),
+                ("--in-channels", args.in_channels),
+                ("--labels", args.labels),
+            )
+            given = [flag for flag, value in conversion_flags if value is not None]
+            if given:
+                raise CommandError(f"--reverse takes no {', '.join(given)}: they only matter when converting a .pth")
+            path = export_ml_tarflow_checkpoint(args.source, args.destination, overwrite=args.overwrite)
+            print(f"wrote {path}")
+            return 0
+        config = convert_ml_tarflow_checkpoint(
+            args.source,
+            args.destination,
+            num_channels=args.in_channels,
+            noise_std=args.noise_std,
+            labels=args.labels,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as error:  # permissions, a full disk...: the user's environment, not a bug
+        raise CommandError(str(error)) from error
+    names = list(config.id2label.values())
+    shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if config.num_classes else ""
+    print(f"converted {args.source} -> {args.destination}: {describe_config(config)}{shown}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Entry point of `conversion/convert_ml_tarflow.py`: the `tarflow-hf convert` command on its own."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Convert an apple/ml-tarflow .pth checkpoint to a TarFlowPipeline folder, or back."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+__all__ = [
+    "APPLE_DATASET_LABELS",
+    "CheckpointName",
+    "add_arguments",
+    "apple_key_to_hf",
+    "apple_to_hf_state_dict",
+    "check_state_dict",
+    "convert_ml_tarflow_checkpoint",
+    "describe_config",
+    "expected_apple_shapes",
+    "expected_hf_shapes",
+    "export_ml_tarflow_checkpoint",
+    "hf_key_to_apple",
+    "hf_to_apple_state_dict",
+    "infer_config",
+    "load_apple_state_dict",
+    "load_ml_tarflow_checkpoint",
+    "main",
+    "model_from_apple_state_dict",
+    "parse_checkpoint_name",
+    "read_tarflow_folder",
+    "run",
+]

@@ -85,7 +85,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return norm(_at_least_fp32(x)).type(x.dtype)
+    # The affine parameters go up to float32 too, so that half-precision weights work on every device.
+    weight, bias = _at_least_fp32(norm.weight), _at_least_fp32(norm.bias)
+    return F.layer_norm(_at_least_fp32(x), norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
 
 
 class KVCache:
@@ -198,9 +200,22 @@ class TarFlowBlock(nn.Module):
         embedding = torch.where(dropped, mean, self.class_embedding[class_labels.clamp(min=0)])
         return embedding.unsqueeze(1)
 
-    def embed(self, patches: torch.Tensor, condition: torch.Tensor | None, positions: slice) -> torch.Tensor:
-        hidden = self.proj_in(patches) + self.permute(self.position_embedding.unsqueeze(0))[:, positions]
-        return hidden if condition is None else hidden + condition
+    def offsets(self, condition: torch.Tensor | None) -> torch.Tensor:
+        """What is added to the projected patches: position embeddings in this block's order, plus the class
+        condition. (T, W) broadcast against (B, 1, W) conditions gives (B, T, W)."""
+        positions = self.permute(self.position_embedding.unsqueeze(0))
+        return positions if condition is None else positions + condition
+
+    def transformer(
+        self,
+        hidden: torch.Tensor,
+        caches: Sequence[KVCache] | None = None,
+        position: int = 0,
+        query_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, None if caches is None else caches[i], position, query_scale)
+        return hidden
 
     def scale_shift(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split the output projection into log-scale a and shift b."""
@@ -212,27 +227,12 @@ class TarFlowBlock(nn.Module):
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) in image order -> (z in image order, log|det| (B,) summed over dimensions)."""
         x = self.permute(x)
-        hidden = self.embed(x, condition, slice(None))
-        for layer in self.layers:
-            hidden = layer(hidden)
-        out = self.proj_out(hidden)
+        out = self.proj_out(self.transformer(self.proj_in(x) + self.offsets(condition)))
         # Patch t is transformed by what the transformer read up to t-1; the first patch only by zeros.
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
         log_scale, shift = self.scale_shift(out)
         z = (x - shift) * (-_at_least_fp32(log_scale)).exp().type(log_scale.dtype)
         return self.permute(z), -_at_least_fp32(log_scale).sum(dim=(1, 2))
-
-    def predict(
-        self, x: torch.Tensor, condition: torch.Tensor | None, query_scale: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) for every position of x (in this block's order), both shifted so that row t is what
-        transforms patch t."""
-        hidden = self.embed(x, condition, slice(None))
-        for layer in self.layers:
-            hidden = layer(hidden, query_scale=query_scale)
-        out = self.proj_out(hidden)
-        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
-        return self.scale_shift(out)
 
 
 class TarFlowPreTrainedModel(PreTrainedModel):
@@ -452,18 +452,18 @@ class TarFlowModel(TarFlowPreTrainedModel):
 
         x = latents.to(self.prior_variance.device) * self.prior_variance.sqrt()
         for step, block in enumerate(reversed(self.blocks)):
-            conditions, query_scale = self._branch_conditions(block, labels, batch, guidance)
+            offsets, query_scale = self._branch_offsets(block, labels, batch, guidance)
             sequential = sampler == "sequential" or step < jacobi_sequential_blocks
             if sequential:
                 x = block.permute(
-                    self._invert_block_sequential(block, block.permute(x), conditions, query_scale, guidance)
+                    self._invert_block_sequential(block, block.permute(x), offsets, query_scale, guidance)
                 )
                 iterations, residual = x.shape[1] - 1, 0.0
             else:
                 inverted, iterations, residual = self._invert_block_jacobi(
                     block,
                     block.permute(x),
-                    conditions,
+                    offsets,
                     query_scale,
                     guidance,
                     jacobi_tolerance,
@@ -505,99 +505,94 @@ class TarFlowModel(TarFlowPreTrainedModel):
         }
 
     @staticmethod
-    def _branch_conditions(
+    def _branch_offsets(
         block: TarFlowBlock, labels: torch.Tensor | None, batch: int, guidance: dict | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Class conditions for the rows the transformer sees: the batch, or with guidance the batch followed
-        by its unconditional twin (one batched pass for both branches), plus the per-row query scale that
-        applies the attention temperature to the unconditional rows only."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position + class offsets for the rows the transformer sees, shaped (branches, B or 1, T, W): with
+        guidance the conditional batch and its unconditional twin run as one batch of 2B rows. Also the
+        per-row query scale (2B, 1, 1, 1) that applies the attention temperature to the unconditional rows."""
         conditional = block.class_condition(labels, batch)
         if guidance is None:
-            return conditional, None
+            return block.offsets(conditional).unsqueeze(0), None
         unconditional = block.class_condition(None, batch)
-        conditions = None if conditional is None else torch.cat([conditional, unconditional])
+        offsets = torch.stack([block.offsets(conditional), block.offsets(unconditional)]).expand(2, batch, -1, -1)
         query_scale = None
         if guidance["temperature"] != 1.0:
-            device = block.position_embedding.device
-            query_scale = torch.ones(2 * batch, 1, 1, 1, device=device)
+            query_scale = torch.ones(2 * batch, 1, 1, 1, device=offsets.device)
             query_scale[batch:] = 1.0 / guidance["temperature"]
-        return conditions, query_scale
+        return offsets, query_scale
 
     @staticmethod
-    def _guide(
-        log_scale: torch.Tensor, shift: torch.Tensor, guidance: dict | None, weights: torch.Tensor | float
+    def _guided_scale_shift(
+        block: TarFlowBlock, hidden: torch.Tensor, guidance: dict | None, weight: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combine the two branches' (a, b) (stacked along dim 0) into the guided (a, b)."""
+        """(a, b) from the last hidden states; with guidance, hidden is [conditional; unconditional] rows and
+        the result is cond + weight * (cond - uncond) on the guided parts."""
         if guidance is None:
-            return log_scale, shift
-        a_cond, a_uncond = log_scale.chunk(2)
-        b_cond, b_uncond = shift.chunk(2)
+            return block.scale_shift(block.proj_out(hidden))
+        cond, uncond = hidden.chunk(2)
+        if guidance["scale"] and guidance["shift"]:
+            # proj_out is affine, so guiding its input guides both outputs: half the rows to project.
+            return block.scale_shift(block.proj_out(torch.lerp(uncond, cond, 1.0 + weight)))
+        a_cond, b_cond = block.scale_shift(block.proj_out(cond))
+        a_uncond, b_uncond = block.scale_shift(block.proj_out(uncond))
         if guidance["scale"]:
-            a_cond = a_cond + weights * (a_cond - a_uncond)
-        if guidance["shift"]:
-            b_cond = b_cond + weights * (b_cond - b_uncond)
-        return a_cond, b_cond
+            return a_cond + weight * (a_cond - a_uncond), b_cond
+        return a_cond, b_cond + weight * (b_cond - b_uncond)
 
     def _invert_block_sequential(
         self,
         block: TarFlowBlock,
         z: torch.Tensor,
-        conditions: torch.Tensor | None,
+        offsets: torch.Tensor,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
     ) -> torch.Tensor:
-        """Exact inverse of one block, z in the block's order: patch t+1 from patches 0..t, one at a time."""
+        """Exact inverse of one block, z in the block's order: patch t+1 from patches 0..t, one at a time, each
+        step reading the keys and values of the earlier ones from a pre-allocated cache."""
         x = z.clone()
         num_patches = x.shape[1]
         caches = [KVCache(num_patches) for _ in block.layers]
-        branches = 1 if guidance is None else 2
-        positions = block.permute(block.position_embedding.unsqueeze(0))
+        weight = 0.0 if guidance is None else guidance["weight"]
         for t in range(num_patches - 1):
-            hidden = block.proj_in(x[:, t : t + 1]) + positions[:, t : t + 1]
-            if branches == 2:
-                hidden = hidden.repeat(2, 1, 1)
-            if conditions is not None:
-                hidden = hidden + conditions
-            for layer, cache in zip(block.layers, caches, strict=True):
-                hidden = layer(hidden, cache, t, query_scale)
-            log_scale, shift = block.scale_shift(block.proj_out(hidden))
-            weight = 0.0 if guidance is None else guidance["weight"]
+            hidden = (offsets[:, :, t : t + 1] + block.proj_in(x[:, t : t + 1])).flatten(0, 1)
+            hidden = block.transformer(hidden, caches, t, query_scale)
             if guidance is not None and guidance["linear"]:
-                weight = weight * (t + 1) / (num_patches - 1)
-            log_scale, shift = self._guide(log_scale, shift, guidance, weight)
-            x[:, t + 1 : t + 2] = x[:, t + 1 : t + 2] * _at_least_fp32(log_scale).exp().type(log_scale.dtype) + shift
+                weight = guidance["weight"] * (t + 1) / (num_patches - 1)
+            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
+            scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
+            x[:, t + 1 : t + 2] = torch.addcmul(shift, x[:, t + 1 : t + 2], scale)
         return x
 
     def _invert_block_jacobi(
         self,
         block: TarFlowBlock,
         z: torch.Tensor,
-        conditions: torch.Tensor | None,
+        offsets: torch.Tensor,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
         tolerance: float,
         max_iterations: int,
     ) -> tuple[torch.Tensor, int, float]:
         """Inverse of one block by fixed-point iteration x <- z * exp(a(x)) + b(x) over all patches at once.
-        Row t of (a, b) depends on patches < t only, so after k iterations the first k+1 patches are exact and
+        Patch t's (a, b) depend on patches < t only, so after k iterations the first k+1 patches are exact and
         T - 1 iterations reproduce the sequential result; in practice it settles much sooner."""
         num_patches = z.shape[1]
-        branches = 1 if guidance is None else 2
-        weights: torch.Tensor | float = 0.0
+        weight: torch.Tensor | float = 0.0
         if guidance is not None:
-            weights = guidance["weight"]
+            weight = guidance["weight"]
             if guidance["linear"]:
-                # Row t transforms patch t, which the sequential loop reaches at step t - 1.
-                steps = torch.arange(num_patches, device=z.device, dtype=torch.float32)
-                weights = (weights * steps / max(num_patches - 1, 1)).view(1, -1, 1)
+                # Hidden row t predicts patch t + 1, which the sequential loop reaches at step t.
+                steps = torch.arange(1, num_patches + 1, device=z.device, dtype=torch.float32)
+                weight = (weight * steps / max(num_patches - 1, 1)).view(1, -1, 1)
         x = z.clone()
         residual = float("inf")
         iterations = 0
         while iterations < max_iterations:
-            inputs = x.repeat(branches, 1, 1) if branches == 2 else x
-            log_scale, shift = block.predict(inputs, conditions, query_scale)
-            log_scale, shift = self._guide(log_scale, shift, guidance, weights)
-            updated = z * _at_least_fp32(log_scale).exp().type(log_scale.dtype) + shift
+            hidden = block.transformer((offsets + block.proj_in(x)).flatten(0, 1), query_scale=query_scale)
+            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
+            scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
+            updated = torch.cat([z[:, :1], torch.addcmul(shift[:, :-1], z[:, 1:], scale[:, :-1])], dim=1)
             residual = (updated - x).abs().max().item()
             x = updated
             iterations += 1

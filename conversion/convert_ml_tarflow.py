@@ -1,0 +1,16 @@
+"""Convert an apple/ml-tarflow checkpoint to a TarFlowPipeline folder, or back (the same as `tarflow-hf convert`).
+
+    python conversion/convert_ml_tarflow.py afhq_model_8_768_8_8_0.07.pth tarflow-afhq-256
+    python conversion/convert_ml_tarflow.py CHECKPOINT.pth OUTPUT_DIR [--noise-std S] [--in-channels C]
+        [--labels afhq|imagenet|none|FILE.json] [--overwrite]
+    python conversion/convert_ml_tarflow.py --reverse FOLDER OUT.pth [--overwrite]
+
+All the logic lives in `tarflow_hf.convert`; see its documentation.
+"""
+
+import sys
+
+from tarflow_hf.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(prog="convert_ml_tarflow.py"))

@@ -1,0 +1,7 @@
+"""`python -m tarflow_hf ...` is the `tarflow-hf` command."""
+
+import sys
+
+from tarflow_hf.cli import main
+
+sys.exit(main())

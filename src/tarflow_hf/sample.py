@@ -1,0 +1,242 @@
+"""`tarflow-hf sample`: draw images from a TarFlow pipeline and write them as one captioned grid.
+
+Example:
+
+```bash
+tarflow-hf sample path/to/pipeline --class-label 207 --class-label "tabby" --num-images 4 \
+    --guidance-scale 3 --seed 0 --output grid.png
+```
+
+Image i is drawn from its own generator seeded `seed + i`, so a seed gives the same images whatever the device
+(noise is drawn on the CPU) and however many images are asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers.utils import logging as diffusers_logging
+from PIL import ImageDraw, ImageFont
+from transformers.utils import logging as transformers_logging
+
+from .cli import CommandError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PADDING = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a pipeline folder (save_pretrained / convert) or a Hub repo id")
+    parser.add_argument(
+        "--class-label",
+        action="append",
+        dest="class_labels",
+        metavar="LABEL",
+        help="class id or name (repeat for several classes); -1 or none at all samples the unconditional branch",
+    )
+    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per class label (default: 4)")
+    parser.add_argument(
+        "--guidance-scale",
+        metavar="W",
+        type=float,
+        default=None,
+        help="classifier-free guidance, 1 = none (Apple's --cfg g is 1 + g); default: the model's own",
+    )
+    parser.add_argument("--guidance-target", choices=("both", "scale", "shift"), default="both")
+    parser.add_argument(
+        "--guidance-schedule", choices=("constant", "linear"), default="constant", help="linear = annealed guidance"
+    )
+    parser.add_argument(
+        "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
+    )
+    parser.add_argument("--sampler", choices=("sequential", "jacobi"), default="sequential")
+    parser.add_argument("--no-denoise", dest="denoise", action="store_false", help="skip the final denoising step")
+    parser.add_argument(
+        "--noise-std", metavar="SIGMA", type=float, default=None, help="sigma of the denoising step (default: model's)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)"
+    )
+    parser.add_argument(
+        "--output", metavar="PATH", default="samples.png", help="grid image to write (default: samples.png)"
+    )
+    parser.add_argument(
+        "--columns",
+        metavar="N",
+        type=int,
+        default=None,
+        help="grid columns (default: a row per label, or a square grid for one label)",
+    )
+    parser.add_argument("--no-captions", dest="captions", action="store_false", help="do not write labels under images")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--revision", metavar="REV", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    output = _check_output(args.output)
+    if args.num_images < 1:
+        raise CommandError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.seed is not None and not 0 <= args.seed < 2**62:
+        raise CommandError(f"--seed must be between 0 and 2**62, got {args.seed}")
+    if args.columns is not None and args.columns < 1:
+        raise CommandError(f"--columns must be >= 1, got {args.columns}")
+    for flag, value in (("--guidance-scale", args.guidance_scale), ("--noise-std", args.noise_std)):
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"{flag} must be a finite number, got {value}")
+    device = _device(args.device)
+    labels = [int(label) if re.fullmatch(r"-?\d+", label.strip()) else label for label in args.class_labels or []]
+    # Not torch's global generator: it starts from the same seed in every process.
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+
+    with _progress_bars(enabled=not args.quiet):
+        pipe = _load(args.model, args.revision, DTYPES[args.dtype]).to(device)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    ids = _class_ids(pipe, labels)
+    num_images = (len(ids) if ids else 1) * args.num_images
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+    try:
+        images = pipe(
+            class_labels=ids,
+            num_images_per_label=args.num_images,
+            guidance_scale=args.guidance_scale,
+            guidance_target=args.guidance_target,
+            guidance_schedule=args.guidance_schedule,
+            attention_temperature=args.attention_temperature,
+            sampler=args.sampler,
+            denoise=args.denoise,
+            noise_std=args.noise_std,
+            generator=generator,
+        ).images
+    except FloatingPointError as error:
+        raise CommandError(str(error)) from None
+
+    captions = None
+    if args.captions and pipe.transformer.config.num_classes:
+        captions = [_caption(pipe, class_id) for class_id in ids or [-1] for _ in range(args.num_images)]
+    columns = args.columns or (args.num_images if ids and len(ids) > 1 else math.ceil(math.sqrt(num_images)))
+    _save_atomic(make_grid(images, columns, captions), output)
+    print(f"wrote {output} ({num_images} image{'s' if num_images != 1 else ''}, seed {seed})")
+    return 0
+
+
+def make_grid(images: list[PIL.Image.Image], columns: int, captions: list[str] | None = None) -> PIL.Image.Image:
+    """Tile images row by row on a white background, with a caption under each when given (PIL's default font).
+    Cells widen to fit the longest caption."""
+    font = ImageFont.load_default()
+    width = images[0].width
+    caption_height = 0
+    if captions:
+        boxes = [font.getbbox(text) for text in captions]
+        width = max(width, *(box[2] - box[0] + 2 * PADDING for box in boxes))
+        caption_height = max(box[3] for box in boxes) + 2 * PADDING
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    cell_w, cell_h = width + PADDING, images[0].height + caption_height + PADDING
+    grid = PIL.Image.new("RGB", (columns * cell_w + PADDING, rows * cell_h + PADDING), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        left = PADDING + (index % columns) * cell_w
+        top = PADDING + (index // columns) * cell_h
+        grid.paste(image.convert("RGB"), (left + (width - image.width) // 2, top))
+        if captions:
+            text_width = draw.textlength(captions[index], font=font)
+            draw.text((left + (width - text_width) / 2, top + image.height + PADDING), captions[index], "black", font)
+    return grid
+
+
+def _check_output(path: str) -> Path:
+    output = Path(path)
+    if output.is_dir():
+        raise CommandError(f"--output {path!r} is a folder; give an image file name")
+    extensions = PIL.Image.registered_extensions()
+    if output.suffix.lower() not in extensions:
+        common = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".bmp", ".tiff") if ext in extensions)
+        raise CommandError(f"--output {path!r} has no image extension PIL can write; use one of {common}")
+    return output
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Loading bars of diffusers and transformers on or off, restored afterwards (they are process-wide)."""
+    libraries = (diffusers_logging, transformers_logging)
+    before = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.enable_progress_bar() if enabled else library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, before, strict=True):
+            library.enable_progress_bar() if was_enabled else library.disable_progress_bar()
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CommandError(f"--device {name!r} is not a torch device (for example cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load(model: str, revision: str | None, dtype: torch.dtype) -> Any:
+    from .pipeline_tarflow import TarFlowPipeline
+
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise CommandError(
+                f"MODEL {model!r} is not a pipeline folder (no model_index.json); make one with "
+                "TarFlowPipeline.save_pretrained or `tarflow-hf convert`"
+            )
+    elif not REPO_ID.match(model):
+        raise CommandError(f"MODEL {model!r} is neither an existing folder nor a Hub repo id (owner/name)")
+    try:
+        return TarFlowPipeline.from_pretrained(model, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"could not load {model!r}: {first_line}") from None
+
+
+def _class_ids(pipe: Any, labels: list[int | str]) -> list[int] | None:
+    if not labels:
+        return None
+    if not pipe.transformer.config.num_classes:
+        raise CommandError("this model is unconditional (num_classes=0); drop --class-label")
+    names = iter(pipe.get_label_ids([label for label in labels if isinstance(label, str)]))
+    return [next(names) if isinstance(label, str) else label for label in labels]
+
+
+def _caption(pipe: Any, class_id: int) -> str:
+    if class_id < 0:
+        return "unconditional"
+    return pipe.id2label[class_id].split(",")[0].strip()
+
+
+def _save_atomic(image: PIL.Image.Image, output: Path) -> None:
+    """Write next to the target, then rename: readers never see a half-written file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
+    os.close(handle)
+    try:
+        image.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

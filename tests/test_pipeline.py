@@ -1,0 +1,774 @@
+"""TarFlowPipeline: parity with Apple's reference samples through the public API, every argument, the likelihood
+tools, saving/loading (with and without tarflow_hf importable) and Hub uploads (intercepted)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import REFERENCE_CASES, load_reference, random_model, tiny_config
+from huggingface_hub import HfApi, ModelCard
+
+from tarflow_hf import TarFlowModel
+from tarflow_hf.pipeline_tarflow import CARD_MARKER, TarFlowPipeline, TarFlowPipelineOutput
+
+NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and on a shared machine it costs a lot more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pipe(model: TarFlowModel, **kwargs) -> TarFlowPipeline:
+    pipe = TarFlowPipeline(transformer=model, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Model space -> [0, 1], computed here independently of the pipeline."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def generators(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.fixture(scope="module")
+def model() -> TarFlowModel:
+    model = random_model(seed=1)
+    model.config.id2label = dict(NAMES)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipe(model) -> TarFlowPipeline:
+    return make_pipe(model)
+
+
+@pytest.fixture(scope="module")
+def uncond_pipe() -> TarFlowPipeline:
+    return make_pipe(random_model(seed=2, num_classes=0))
+
+
+@pytest.fixture(scope="module")
+def noise(model) -> torch.Tensor:
+    return torch.randn(4, model.config.num_patches, model.config.patch_dim, generator=torch.Generator().manual_seed(7))
+
+
+# ------------------------------------------------------------------------------------------ Apple's references
+@pytest.mark.parametrize("name", REFERENCE_CASES)
+def test_samples_match_apple_reference(name):
+    meta, model, expected = load_reference(name)
+    pipe = make_pipe(model)
+    labels = expected.get("y_sample")
+    for index, apple in enumerate(meta["sample_kwargs"]):
+        assert set(apple) <= {"guidance", "attn_temp", "annealed_guidance"}, apple
+        images = pipe(
+            class_labels=labels,
+            latents=expected["noise"],
+            guidance_scale=1 + apple.get("guidance", 0.0),
+            guidance_schedule="linear" if apple.get("annealed_guidance") else "constant",
+            attention_temperature=apple.get("attn_temp", 1.0),
+            denoise=False,
+            output_type="pt",
+        ).images
+        torch.testing.assert_close(images, to_unit(expected[f"sample_{index}"]), atol=1e-5, rtol=0)
+
+    denoise = meta["denoise"]
+    assert denoise["applied_to"] == "sample_0" and denoise["lr_multiplier"] == 1.0
+    first = meta["sample_kwargs"][0]
+    images = pipe(
+        class_labels=labels,
+        latents=expected["noise"],
+        guidance_scale=1 + first.get("guidance", 0.0),
+        guidance_schedule="linear" if first.get("annealed_guidance") else "constant",
+        attention_temperature=first.get("attn_temp", 1.0),
+        denoise=True,
+        noise_std=denoise["noise_std"],
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(images, to_unit(expected["denoised_0"]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+def test_label_names_aliases_and_ids(pipe, noise):
+    assert pipe.labels == {"Tinca tinca": 0, "golden retriever": 1, "tabby": 2, "tabby cat": 2, "tench": 0}
+    assert pipe.get_label_ids(["Golden  Retriever", "tinca tinca", "tabby cat"]) == [1, 0, 2]
+    assert pipe.get_label_ids("tench") == [0]
+    by_id = pipe(class_labels=[1, 0, 2, 1], latents=noise, denoise=False, output_type="pt").images
+    by_name = pipe(class_labels=["golden retriever", "tench", 2, "golden retriever"], latents=noise, denoise=False,
+                   output_type="pt").images  # fmt: skip
+    by_tensor = pipe(class_labels=torch.tensor([1, 0, 2, 1]), latents=noise, denoise=False, output_type="pt").images
+    by_array = pipe(class_labels=np.array([1, 0, 2, 1]), latents=noise, denoise=False, output_type="pt").images
+    torch.testing.assert_close(by_name, by_id, rtol=0, atol=0)
+    torch.testing.assert_close(by_tensor, by_id, rtol=0, atol=0)
+    torch.testing.assert_close(by_array, by_id, rtol=0, atol=0)
+    # One label for all images.
+    single = pipe(class_labels="golden retriever", latents=noise, denoise=False, output_type="pt").images
+    torch.testing.assert_close(
+        single, pipe(class_labels=[1] * 4, latents=noise, denoise=False, output_type="pt").images
+    )
+
+
+def test_unknown_and_ambiguous_names(pipe, model):
+    with pytest.raises(ValueError, match=r"unknown class name 'golden retreiver': did you mean 'golden retriever'"):
+        pipe(class_labels=["golden retreiver"])
+    with pytest.raises(ValueError, match=r"unknown class name 'zebra': no similar name"):
+        pipe.get_label_ids("zebra")
+    ambiguous = make_pipe(model, id2label={0: "crane", 1: "golden retriever", 2: "crane, derrick"})
+    with pytest.raises(ValueError, match=r"'crane' is ambiguous, it names classes 0: 'crane'; 2: 'crane, derrick'"):
+        ambiguous.get_label_ids(["crane"])
+    assert ambiguous.get_label_ids(["derrick"]) == [2]
+
+
+def test_none_and_minus_one_are_the_unconditional_branch(pipe, noise):
+    none = pipe(class_labels=None, latents=noise, denoise=False, output_type="pt").images
+    minus_one = pipe(class_labels=[-1] * 4, latents=noise, denoise=False, output_type="pt").images
+    labelled = pipe(class_labels=[0] * 4, latents=noise, denoise=False, output_type="pt").images
+    torch.testing.assert_close(minus_one, none, rtol=0, atol=0)
+    assert not torch.allclose(labelled, none)
+
+
+@pytest.mark.parametrize(
+    ("class_labels", "message"),
+    [
+        ([3], r"class label 3 is out of range; allowed are 0..2, or -1"),
+        ([-2], r"class label -2 is out of range"),
+        ([1.5], r"class labels must be ints \(class ids\) or strings \(class names\), got 1.5"),
+        ([True], r"class labels must be ints .* got True"),
+        (torch.tensor([0.0]), r"class_labels must hold integer class ids, got dtype torch.float32"),
+        (np.array([True]), r"class_labels must hold integer class ids, got dtype bool"),
+        ([], r"class_labels is empty"),
+        ([0, 1, 2], r"got 3 class labels for 4 images"),
+    ],
+)
+def test_bad_class_labels(pipe, noise, class_labels, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(class_labels=class_labels, latents=noise)
+
+
+def test_labels_on_unconditional_model(uncond_pipe):
+    with pytest.raises(ValueError, match=r"this model is unconditional \(num_classes=0\) and takes no class labels"):
+        uncond_pipe(class_labels=[0])
+    with pytest.raises(ValueError, match=r"unconditional \(num_classes=0\): it has no class names"):
+        uncond_pipe.get_label_ids(["cat"])
+    assert uncond_pipe.labels == {}
+
+
+def test_id2label_must_cover_the_classes(model):
+    with pytest.raises(ValueError, match=r"id2label must name each class id 0..2 exactly once"):
+        TarFlowPipeline(transformer=model, id2label={0: "a", 1: "b"})
+    assert make_pipe(model, id2label={"0": "x", "1": "y", "2": "z"}).id2label == {0: "x", 1: "y", 2: "z"}
+
+
+# -------------------------------------------------------------------------------------- batches and randomness
+def test_seeded_images_do_not_depend_on_the_batch(pipe):
+    batch = pipe(class_labels=[0, 2], num_images_per_label=2, generator=generators(10, 11, 12, 13), output_type="pt")
+    assert batch.images.shape == (4, 1, 8, 8)
+    for index, (label, seed) in enumerate([(0, 10), (0, 11), (2, 12), (2, 13)]):
+        alone = pipe(class_labels=[label], generator=generators(seed), output_type="pt").images
+        torch.testing.assert_close(batch.images[index : index + 1], alone, atol=1e-6, rtol=0)
+
+
+def test_generator_latents_and_noise_dtype(pipe, noise):
+    first = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(3), output_type="pt").images
+    again = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(3), output_type="pt").images
+    other = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(4), output_type="pt").images
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other)
+    # Noise comes from randn in float32 on the generator's device, one generator per image.
+    drawn = pipe.prepare_latents(2, generators(5, 6), None, torch.device("cpu"))
+    expected = torch.cat([torch.randn(1, 16, 4, generator=g) for g in generators(5, 6)])
+    assert drawn.dtype == torch.float32
+    torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+    # Given latents win over the generator.
+    given = pipe(class_labels=[1] * 4, latents=noise, generator=generators(0, 1, 2, 3), output_type="pt").images
+    torch.testing.assert_close(given, pipe(class_labels=[1] * 4, latents=noise, output_type="pt").images)
+
+
+def test_num_images_per_label(pipe, uncond_pipe):
+    assert len(uncond_pipe(num_images_per_label=3).images) == 3
+    assert len(pipe(class_labels=["tench", 1], num_images_per_label=3).images) == 6
+    with pytest.raises(ValueError, match=r"num_images_per_label must be >= 1, got 0"):
+        pipe(num_images_per_label=0)
+    with pytest.raises(ValueError, match=r"num_images_per_label must be a positive integer, got 2.0"):
+        pipe(num_images_per_label=2.0)
+
+
+def test_bad_latents_and_generators(pipe):
+    with pytest.raises(ValueError, match=r"latents must have shape \(batch, 16, 4\), got \(2, 4, 16\)"):
+        pipe(latents=torch.zeros(2, 4, 16))
+    with pytest.raises(ValueError, match=r"latents must be floating point"):
+        pipe(latents=torch.zeros(2, 16, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got a list of 2 generators for 3 images; pass one generator per image"):
+        pipe(class_labels=[0, 1, 2], generator=generators(0, 1))
+
+
+# ------------------------------------------------------------------------------------------ guidance, sampler
+def test_guidance_arguments_reach_the_model(pipe, model, noise):
+    labels = [0, 1, 2, 1]
+    guided = pipe(
+        class_labels=labels,
+        latents=noise,
+        guidance_scale=2.5,
+        guidance_target="shift",
+        guidance_schedule="linear",
+        attention_temperature=0.7,
+        denoise=False,
+        output_type="pt",
+    ).images
+    direct = model.inverse(noise, torch.tensor(labels), 2.5, "shift", "linear", 0.7)
+    torch.testing.assert_close(guided, to_unit(direct), rtol=0, atol=0)
+    plain = pipe(class_labels=labels, latents=noise, guidance_scale=1.0, denoise=False, output_type="pt").images
+    assert not torch.allclose(guided, plain)
+    with pytest.raises(ValueError, match=r"guidance_target must be one of \('both', 'scale', 'shift'\), got 'size'"):
+        pipe(class_labels=labels, latents=noise, guidance_target="size")
+    with pytest.raises(ValueError, match=r"guidance_schedule must be one of"):
+        pipe(class_labels=labels, latents=noise, guidance_schedule="cosine")
+
+
+def test_default_guidance_scale_comes_from_the_config(noise):
+    model = random_model(seed=3, default_guidance_scale=2.0)
+    pipe = make_pipe(model)
+    default = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt").images
+    explicit = pipe(class_labels=[0, 1, 2, 0], latents=noise, guidance_scale=2.0, denoise=False, output_type="pt")
+    none = pipe(class_labels=[0, 1, 2, 0], latents=noise, guidance_scale=1.0, denoise=False, output_type="pt")
+    torch.testing.assert_close(default, explicit.images, rtol=0, atol=0)
+    assert not torch.allclose(default, none.images)
+
+
+def test_jacobi_sampler_and_stats(pipe, noise, model):
+    exact = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", return_stats=True)
+    assert exact.stats.iterations == [model.config.num_patches - 1] * model.config.num_blocks
+    jacobi = pipe(
+        class_labels=[0, 1, 2, 0],
+        latents=noise,
+        denoise=False,
+        output_type="pt",
+        sampler="jacobi",
+        jacobi_tolerance=1e-7,
+        return_stats=True,
+    )
+    torch.testing.assert_close(jacobi.images, exact.images, atol=1e-5, rtol=0)
+    assert jacobi.stats.sequential_blocks == [True, False]
+    assert len(jacobi.stats.iterations) == model.config.num_blocks
+    assert pipe(class_labels=[0], denoise=False).stats is None  # only when asked for
+    with pytest.raises(ValueError, match=r"sampler must be one of"):
+        pipe(sampler="euler")
+
+
+# --------------------------------------------------------------------------------------------------- denoising
+def test_denoising_step(pipe, model, noise):
+    labels = torch.tensor([0, 1, 2, 1])
+    raw = model.inverse(noise, labels)
+    default = pipe(class_labels=labels, latents=noise, output_type="pt").images
+    expected = model.denoise(raw, labels, noise_std=model.config.noise_std)
+    torch.testing.assert_close(default, to_unit(expected), rtol=0, atol=1e-6)
+    stronger = pipe(class_labels=labels, latents=noise, noise_std=0.3, output_type="pt").images
+    torch.testing.assert_close(stronger, to_unit(model.denoise(raw, labels, noise_std=0.3)), rtol=0, atol=1e-6)
+    assert not torch.allclose(stronger, default)
+    zero = pipe(class_labels=labels, latents=noise, denoise_strength=0.0, output_type="pt").images
+    torch.testing.assert_close(zero, to_unit(raw), rtol=0, atol=0)
+    one_by_one = pipe(class_labels=labels, latents=noise, denoise_batch_size=1, output_type="pt").images
+    torch.testing.assert_close(one_by_one, default, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_std": -0.1}, r"noise_std must be a finite number >= 0, got -0.1"),
+        ({"noise_std": math.nan}, r"noise_std must be a finite number >= 0"),
+        ({"denoise_strength": math.inf}, r"denoise_strength must be a finite number"),
+        ({"denoise_batch_size": 0}, r"denoise_batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_denoise_arguments_fail_before_sampling(pipe, kwargs, message):
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        pipe(class_labels=[0], callback_on_step_end=lambda *args: calls.append(args), **kwargs)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------------ output types
+def test_output_types(pipe, noise):
+    kwargs = {"class_labels": [0, 1, 2, 0], "latents": noise}
+    pt = pipe(**kwargs, output_type="pt").images
+    np_images = pipe(**kwargs, output_type="np").images
+    pil = pipe(**kwargs).images
+    assert pt.dtype == torch.float32 and pt.shape == (4, 1, 8, 8) and pt.min() >= 0 and pt.max() <= 1
+    assert isinstance(np_images, np.ndarray) and np_images.dtype == np.float32 and np_images.shape == (4, 8, 8, 1)
+    np.testing.assert_array_equal(np_images, pt.permute(0, 2, 3, 1).numpy())
+    assert [image.mode for image in pil] == ["L"] * 4 and pil[0].size == (8, 8)
+    np.testing.assert_array_equal(np.stack([np.asarray(image) for image in pil]), (np_images[..., 0] * 255).round())
+    rgb = make_pipe(random_model(seed=4, num_channels=3, num_classes=0))(num_images_per_label=2).images
+    assert [image.mode for image in rgb] == ["RGB", "RGB"]
+    with pytest.raises(ValueError, match=r"output_type must be one of .* got 'latent' \(TarFlow samples in pixel"):
+        pipe(**kwargs, output_type="latent")
+    with pytest.raises(ValueError, match=r"output_type must be one of \('pil', 'np', 'pt'\), got 'jpeg'"):
+        pipe(**kwargs, output_type="jpeg")
+
+
+def test_return_dict_false(pipe, noise):
+    output = pipe(class_labels=[0] * 4, latents=noise, output_type="pt", return_dict=False)
+    assert isinstance(output, tuple) and len(output) == 1
+    torch.testing.assert_close(output[0], pipe(class_labels=[0] * 4, latents=noise, output_type="pt").images)
+    images, trajectory, stats = pipe(
+        class_labels=[0], return_dict=False, return_trajectory=True, return_stats=True, output_type="pt"
+    )
+    assert images.shape == (1, 1, 8, 8) and len(trajectory) == 2 and len(stats.iterations) == 2
+    assert isinstance(pipe(class_labels=[0]), TarFlowPipelineOutput)
+
+
+# ------------------------------------------------------------------------------ progress, callbacks, trajectory
+def test_progress_bar_counts_blocks_and_denoising(model):
+    pipe = TarFlowPipeline(transformer=model)
+    stream = io.StringIO()
+    pipe.set_progress_bar_config(file=stream, disable=False, ascii=True)
+    pipe(class_labels=[0])
+    assert "3/3" in stream.getvalue()  # two blocks + the denoising step
+    stream.seek(0)
+    stream.truncate()
+    pipe(class_labels=[0], denoise=False)
+    assert "2/2" in stream.getvalue() and "3/3" not in stream.getvalue()
+    pipe.set_progress_bar_config(disable=True)
+    stream.seek(0)
+    stream.truncate()
+    pipe(class_labels=[0])
+    assert stream.getvalue() == ""
+
+
+def test_callback_and_trajectory(pipe, noise):
+    seen = []
+
+    def callback(pipeline, step, block_index, callback_kwargs):
+        assert pipeline is pipe
+        seen.append((step, block_index, callback_kwargs["images"].clone()))
+        return callback_kwargs
+
+    output = pipe(
+        class_labels=[0, 1, 2, 0],
+        latents=noise,
+        denoise=False,
+        output_type="pt",
+        callback_on_step_end=callback,
+        return_trajectory=True,
+    )
+    assert [(step, block) for step, block, _ in seen] == [(0, 1), (1, 0)]
+    assert len(output.trajectory) == 2
+    for (_, _, images), frame in zip(seen, output.trajectory, strict=True):
+        assert images.shape == (4, 1, 8, 8)
+        torch.testing.assert_close(frame, to_unit(images), rtol=0, atol=0)
+    torch.testing.assert_close(output.trajectory[-1], output.images, rtol=0, atol=0)
+    assert not torch.allclose(output.trajectory[0], output.trajectory[1])
+    pil_trajectory = pipe(class_labels=[0], return_trajectory=True).trajectory
+    assert len(pil_trajectory) == 2 and isinstance(pil_trajectory[0][0], PIL.Image.Image)
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs has \['latents'\]; allowed are"):
+        pipe(class_labels=[0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+
+
+# ------------------------------------------------------------------------------------------ dtypes and devices
+def test_autocast_and_float64(model, noise):
+    labels = [0, 1, 2, 0]
+    reference = make_pipe(model)(class_labels=labels, latents=noise, output_type="pt").images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = make_pipe(model)(class_labels=labels, latents=noise, output_type="pt").images
+    assert autocast.dtype == torch.float32 and (autocast - reference).abs().max() < 0.05
+    double = make_pipe(random_model(seed=1).to(torch.float64))
+    double_images = double(class_labels=labels, latents=noise, output_type="pt").images
+    assert double_images.dtype == torch.float32
+    torch.testing.assert_close(double_images, reference, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_weights(noise):
+    """`pipe.to(device, torch.bfloat16)`, the usual diffusers way to halve memory."""
+    labels = [0, 1, 2, 0]
+    reference = make_pipe(random_model(seed=1))(class_labels=labels, latents=noise, output_type="pt").images
+    half = make_pipe(random_model(seed=1)).to(torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+    half_images = half(class_labels=labels, latents=noise, output_type="pt").images
+    assert half_images.dtype == torch.float32 and (half_images - reference).abs().max() < 0.05
+
+
+def test_model_cpu_offload_runs_the_hook(monkeypatch, noise):
+    pipe = make_pipe(random_model(seed=1))
+    kwargs = {"class_labels": [0, 1, 2, 0], "latents": noise, "denoise": False, "output_type": "pt"}
+    expected = pipe(**kwargs).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    hook = pipe.transformer._hf_hook
+    onloads = []
+    original = hook.pre_forward
+
+    def pre_forward(module, *args, **kwargs):
+        onloads.append(module)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(hook, "pre_forward", pre_forward)
+    images = pipe(**kwargs).images
+    # Sampling calls `inverse`, not `forward`, so only the pipeline's own call can have moved the model.
+    assert onloads == [pipe.transformer]
+    torch.testing.assert_close(images, expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------- likelihood, encoding
+@pytest.fixture(scope="module")
+def images01() -> torch.Tensor:
+    return torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_encode_decode_round_trip(pipe, model, images01):
+    labels = [2, 0, 1]
+    latents = pipe.encode(images01, class_labels=labels)
+    torch.testing.assert_close(latents, model(images01 * 2 - 1, torch.tensor(labels)).latents, rtol=0, atol=0)
+    decoded = pipe.decode(latents, class_labels=labels, output_type="pt")
+    torch.testing.assert_close(decoded, images01, atol=1e-5, rtol=0)
+    # PIL images come back pixel for pixel.
+    pil = pipe(class_labels=labels, generator=generators(0, 1, 2)).images
+    again = pipe.decode(pipe.encode(pil, class_labels=labels), class_labels=labels)
+    for original, decoded_image in zip(pil, again, strict=True):
+        np.testing.assert_array_equal(np.asarray(decoded_image), np.asarray(original))
+    # Decoding prior noise is sampling without guidance or denoising.
+    noise = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        pipe.decode(noise, class_labels=labels, output_type="pt"),
+        pipe(class_labels=labels, latents=noise, guidance_scale=1.0, denoise=False, output_type="pt").images,
+    )
+
+
+def test_log_likelihood_accepts_every_image_format(pipe, model, images01):
+    labels = [1, 1, 0]
+    expected = model(images01 * 2 - 1, torch.tensor(labels)).log_likelihood
+    torch.testing.assert_close(pipe.log_likelihood(images01, class_labels=labels), expected, rtol=0, atol=1e-4)
+    as_array = images01.permute(0, 2, 3, 1).numpy()
+    torch.testing.assert_close(pipe.log_likelihood(as_array, labels), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(pipe.log_likelihood(list(images01), labels), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(pipe.log_likelihood(images01[0], labels[:1]), expected[:1], rtol=0, atol=1e-4)
+    # 8-bit inputs: PIL, uint8 arrays and uint8 tensors are the same images.
+    levels = (images01 * 255).round().to(torch.uint8)
+    pil = [PIL.Image.fromarray(image[0].numpy(), mode="L") for image in levels]
+    from_pil = pipe.log_likelihood(pil, labels)
+    torch.testing.assert_close(from_pil, model(levels / 255 * 2 - 1, torch.tensor(labels)).log_likelihood)
+    torch.testing.assert_close(pipe.log_likelihood(levels, labels), from_pil, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.log_likelihood(levels.permute(0, 2, 3, 1).numpy(), labels), from_pil)
+    # Chunking does not change anything.
+    torch.testing.assert_close(pipe.log_likelihood(images01, labels, batch_size=1), expected, rtol=0, atol=1e-4)
+
+
+def test_bits_per_dim(pipe, model, images01):
+    levels = (images01 * 255).round()
+    dims = images01[0].numel()
+    # Without dequantization: the density at the pixels, Apple's bits/dim formula.
+    log_likelihood = model(levels / 255 * 2 - 1).log_likelihood
+    expected = (-log_likelihood / dims + math.log(128)) / math.log(2)
+    torch.testing.assert_close(pipe.bits_per_dim(images01, dequantize=False), expected, rtol=0, atol=1e-5)
+    # With it: uniform noise from the given generators, x = 2 (k + u) / 256 - 1.
+    noise = torch.cat([torch.rand(1, 1, 8, 8, generator=g) for g in generators(0, 1, 2)])
+    log_likelihood = model((levels + noise) / 256 * 2 - 1).log_likelihood
+    expected = (-log_likelihood / dims + math.log(128)) / math.log(2)
+    dequantized = pipe.bits_per_dim(images01, generator=generators(0, 1, 2))
+    torch.testing.assert_close(dequantized, expected, rtol=0, atol=1e-5)
+    # Batch-independent with one generator per image; a different seed gives a different estimate.
+    torch.testing.assert_close(pipe.bits_per_dim(images01[1:2], generator=generators(1)), dequantized[1:2])
+    assert not torch.allclose(pipe.bits_per_dim(images01, generator=generators(5, 6, 7)), dequantized)
+    conditional = pipe.bits_per_dim(images01, class_labels="tench", dequantize=False)
+    torch.testing.assert_close(
+        conditional, (-model(levels / 255 * 2 - 1, [0, 0, 0]).log_likelihood / dims + math.log(128)) / math.log(2)
+    )
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (torch.rand(2, 1, 16, 16), r"images must have shape \(batch, 1, 8, 8\) .* got \(2, 1, 16, 16\)"),
+        (torch.rand(2, 3, 8, 8), r"images must have shape \(batch, 1, 8, 8\)"),
+        (torch.rand(2, 1, 8, 8) * 2 - 1, r"image values must lie in \[0, 1\] .* map model-space images x to x / 2"),
+        (torch.ones(1, 1, 8, 8, dtype=torch.long), r"image tensors must be uint8 or floating point"),
+        ([PIL.Image.new("L", (9, 9))], r"images must be 8x8 pixels, got sizes \[\(9, 9\)\]"),
+        ([], r"images is empty"),
+        ([torch.rand(1, 8, 8), np.zeros((8, 8))], r"must hold PIL images, arrays or tensors of one kind"),
+        ("cat.png", r"images must be PIL images, NumPy arrays or torch tensors, got str"),
+    ],
+)
+def test_bad_images(pipe, images, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.log_likelihood(images)
+
+
+def train_two_class_model() -> tuple[TarFlowModel, torch.Tensor, torch.Tensor]:
+    """A tiny conditional flow trained on two classes that differ in brightness (dark: class 0, bright: class 1);
+    returns it with held-out images of each class in [0, 1] and their labels."""
+    torch.manual_seed(0)
+    config = tiny_config(image_size=4, patch_size=2, num_classes=2, hidden_size=32, head_dim=16)
+    model = TarFlowModel(config)
+
+    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(count) % 2
+        means = torch.where(labels == 1, 0.5, -0.5).view(-1, 1, 1, 1)
+        return (means + 0.15 * torch.randn(count, 1, 4, 4)).clamp(-1, 1), labels
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        images, labels = draw(64)
+        loss = model(images, labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    images, labels = draw(12)
+    return model, images / 2 + 0.5, labels
+
+
+def test_classify_recovers_the_trained_classes():
+    model, images, labels = train_two_class_model()
+    pipe = make_pipe(model)
+    probabilities = pipe.classify(images)
+    assert probabilities.shape == (12, 2)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(12))
+    assert probabilities.argmax(-1).tolist() == labels.tolist()
+    assert probabilities.max(-1).values.min() > 0.9
+    # It is Bayes' rule on the class-conditional likelihoods; the prior shifts it; chunking changes nothing.
+    per_class = torch.stack([pipe.log_likelihood(images, class_labels=k) for k in range(2)], dim=-1)
+    torch.testing.assert_close(probabilities, per_class.softmax(-1), rtol=0, atol=1e-5)
+    prior = torch.tensor([0.9, 0.1])
+    torch.testing.assert_close(
+        pipe.classify(images, prior=prior), (per_class + prior.log()).softmax(-1), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(pipe.classify(images, batch_size=1), probabilities, rtol=0, atol=1e-5)
+
+
+def test_classify_errors(pipe, uncond_pipe, images01):
+    with pytest.raises(ValueError, match=r"classify needs a class-conditional model"):
+        uncond_pipe.classify(images01)
+    with pytest.raises(ValueError, match=r"prior must be 3 non-negative finite numbers"):
+        pipe.classify(images01, prior=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        pipe.classify(images01, batch_size=0)
+
+
+# ------------------------------------------------------------------------------------------- saving & loading
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, model) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "tiny-tarflow"
+    make_pipe(model).save_pretrained(folder)
+    return folder
+
+
+def test_saved_folder_layout(saved, model):
+    files = sorted(str(path.relative_to(saved)) for path in saved.rglob("*") if path.is_file())
+    assert files == [
+        "README.md",
+        "model_index.json",
+        "pipeline_tarflow.py",
+        "transformer/config.json",
+        "transformer/configuration_tarflow.py",
+        "transformer/model.safetensors",
+        "transformer/modeling_tarflow.py",
+    ]
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_tarflow", "TarFlowPipeline"]
+    assert index["transformer"] == ["modeling_tarflow", "TarFlowModel"]
+    assert index["id2label"] == {str(key): name for key, name in NAMES.items()}
+    assert "_name_or_path" not in index
+    source = Path(inspect.getsourcefile(TarFlowPipeline)).read_bytes()
+    assert (saved / "pipeline_tarflow.py").read_bytes() == source
+    config = json.loads((saved / "transformer" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_tarflow.TarFlowModel"
+
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.license == "other"
+    assert {"tarflow", "normalizing-flow", "class-conditional"} <= set(card.data.tags)
+    assert CARD_MARKER in card.text
+    assert f'TarFlowPipeline.from_pretrained("{saved}")' in card.text
+    assert 'pipe(class_labels=["tench"], guidance_scale=3.0, generator' in card.text
+    assert "trust_remote_code=True" in card.text
+
+
+def test_from_pretrained_round_trip(saved, pipe, noise):
+    loaded = TarFlowPipeline.from_pretrained(saved)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is TarFlowPipeline and type(loaded.transformer) is TarFlowModel
+    assert loaded.id2label == NAMES
+    assert loaded.components.keys() == {"transformer"}
+    kwargs = {"class_labels": [0, 1, 2, "tabby"], "latents": noise, "output_type": "pt"}
+    torch.testing.assert_close(loaded(**kwargs).images, pipe(**kwargs).images, rtol=0, atol=0)
+    half = TarFlowPipeline.from_pretrained(saved, dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+
+
+def test_saving_again_keeps_custom_readme_and_other_files(tmp_path, model):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My training run\n")
+    (folder / "notes.txt").write_text("keep me")
+    pipe = make_pipe(model)
+    pipe.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "# My training run\n"
+    assert (folder / "notes.txt").read_text() == "keep me"
+    pipe.save_pretrained(folder, overwrite_model_card=True, model_card={"license": "mit", "repo_id": "me/run"})
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit" and 'from_pretrained("me/run")' in card.text
+    # A generated card is regenerated; nothing is left over from the staging folders.
+    pipe.save_pretrained(folder, model_card={"license": "apache-2.0"})
+    assert ModelCard.load(folder / "README.md").data.license == "apache-2.0"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "README.md",
+        "model_index.json",
+        "notes.txt",
+        "pipeline_tarflow.py",
+        "transformer",
+    ]
+    with pytest.raises(ValueError, match=r"safe_serialization=False is not supported"):
+        pipe.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
+    with pytest.raises(ValueError, match=r"unexpected arguments to save_pretrained: \['shard_size'\]"):
+        pipe.save_pretrained(tmp_path / "typo", shard_size="1GB")
+    assert not (tmp_path / "unsafe").exists() and not (tmp_path / "typo").exists()
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tarflow_hf" or name.startswith("tarflow_hf."):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Blocker())
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    folder, out = sys.argv[1], sys.argv[2]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert not [name for name in sys.modules if name.startswith("tarflow_hf")]
+    assert type(pipe).__module__.startswith("diffusers_modules"), type(pipe).__module__
+    generator = [torch.Generator().manual_seed(seed) for seed in range(4)]
+    images = pipe(class_labels=["tench", 1, "tabby"], num_images_per_label=1, generator=generator[:3],
+                  guidance_scale=2.0, output_type="np").images
+    np.save(out, images)
+    print(type(pipe).__module__, type(pipe.transformer).__module__)
+    """
+)
+
+
+def test_trust_remote_code_without_tarflow_hf(saved, pipe, tmp_path):
+    out = tmp_path / "remote.npy"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(saved), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "diffusers_modules" in result.stdout and "modeling_tarflow" in result.stdout
+    assert "tarflow_hf" not in result.stderr  # no "might require tarflow_hf" warning from diffusers' import scan
+    expected = pipe(
+        class_labels=["tench", 1, "tabby"], generator=generators(0, 1, 2), guidance_scale=2.0, output_type="np"
+    ).images
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+# ---------------------------------------------------------------------------------------------------- the Hub
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """Intercept huggingface_hub's HfApi: record calls, copy what would be uploaded."""
+    hub = SimpleNamespace(calls=[], uploaded=tmp_path / "uploaded", remote_card=None)
+
+    def create_repo(self, repo_id, **kwargs):
+        hub.calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def file_exists(self, repo_id, filename, **kwargs):
+        hub.calls.append(("file_exists", repo_id, filename))
+        return hub.remote_card is not None
+
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        hub.calls.append(("hf_hub_download", repo_id, filename))
+        path = tmp_path / "remote_README.md"
+        path.write_text(hub.remote_card)
+        return str(path)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        hub.calls.append(("upload_folder", repo_id, kwargs))
+        ignored = set(ignore_patterns or [])
+        shutil.copytree(folder_path, hub.uploaded, ignore=lambda _, names: [n for n in names if n in ignored])
+        return "commit-info"
+
+    for name, function in [
+        ("create_repo", create_repo),
+        ("file_exists", file_exists),
+        ("hf_hub_download", hf_hub_download),
+        ("upload_folder", upload_folder),
+    ]:
+        monkeypatch.setattr(HfApi, name, function)
+    return hub
+
+
+def test_push_to_hub(fake_hub, pipe, noise):
+    assert pipe.push_to_hub("me/tiny-tarflow", private=True, model_card={"license": "mit"}) == "commit-info"
+    assert fake_hub.calls[0] == ("create_repo", "me/tiny-tarflow", {"private": True, "exist_ok": True})
+    assert fake_hub.calls[-1][0] == "upload_folder" and fake_hub.calls[-1][2]["commit_message"]
+    files = sorted(str(path.relative_to(fake_hub.uploaded)) for path in fake_hub.uploaded.rglob("*") if path.is_file())
+    assert files == [
+        "README.md",
+        "model_index.json",
+        "pipeline_tarflow.py",
+        "transformer/config.json",
+        "transformer/configuration_tarflow.py",
+        "transformer/model.safetensors",
+        "transformer/modeling_tarflow.py",
+    ]
+    card = ModelCard.load(fake_hub.uploaded / "README.md")
+    assert card.data.license == "mit" and 'from_pretrained("me/tiny-tarflow")' in card.text
+    # What was uploaded is a working pipeline.
+    loaded = TarFlowPipeline.from_pretrained(fake_hub.uploaded)
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = {"class_labels": [0, 1, 2, 0], "latents": noise, "output_type": "pt"}
+    torch.testing.assert_close(loaded(**kwargs).images, pipe(**kwargs).images, rtol=0, atol=0)
+
+
+def test_push_to_hub_keeps_the_repository_card(fake_hub, pipe):
+    fake_hub.remote_card = "---\nlicense: mit\n---\n# Hand-written card\n"
+    pipe.push_to_hub("me/tiny-tarflow")
+    assert not (fake_hub.uploaded / "README.md").exists()
+    assert (fake_hub.uploaded / "model_index.json").exists()
+    shutil.rmtree(fake_hub.uploaded)
+    pipe.push_to_hub("me/tiny-tarflow", overwrite_model_card=True)
+    assert CARD_MARKER in (fake_hub.uploaded / "README.md").read_text()
+    # A card tarflow-hf generated earlier is refreshed.
+    shutil.rmtree(fake_hub.uploaded)
+    fake_hub.remote_card = f"---\nlicense: other\n---\n\n{CARD_MARKER}\n# old\n"
+    pipe.push_to_hub("me/tiny-tarflow")
+    assert (fake_hub.uploaded / "README.md").exists()
+
+
+def test_save_pretrained_push_to_hub(fake_hub, pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/from-save", commit_message="first")
+    upload = next(call for call in fake_hub.calls if call[0] == "upload_folder")
+    assert upload[1] == "me/from-save" and upload[2]["commit_message"] == "first"
+    assert (fake_hub.uploaded / "transformer" / "model.safetensors").exists()
+    assert 'from_pretrained("me/from-save")' in (tmp_path / "local" / "README.md").read_text()
