@@ -258,7 +258,8 @@ def test_default_guidance_scale_comes_from_the_config(noise):
 
 def test_jacobi_sampler_and_stats(pipe, noise, model):
     exact = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", return_stats=True)
-    assert exact.stats.iterations == [model.config.num_patches - 1] * model.config.num_blocks
+    assert exact.stats.sequential_steps == [model.config.num_patches - 1] * model.config.num_blocks
+    assert exact.stats.iterations == [0] * model.config.num_blocks
     jacobi = pipe(
         class_labels=[0, 1, 2, 0],
         latents=noise,
@@ -266,10 +267,11 @@ def test_jacobi_sampler_and_stats(pipe, noise, model):
         output_type="pt",
         sampler="jacobi",
         jacobi_tolerance=1e-7,
+        jacobi_sequential_blocks=1,
         return_stats=True,
     )
     torch.testing.assert_close(jacobi.images, exact.images, atol=1e-5, rtol=0)
-    assert jacobi.stats.sequential_blocks == [True, False]
+    assert jacobi.stats.sequential_blocks[0] and jacobi.stats.iterations[0] == 0
     assert len(jacobi.stats.iterations) == model.config.num_blocks
     assert pipe(class_labels=[0], denoise=False).stats is None  # only when asked for
     with pytest.raises(ValueError, match=r"sampler must be one of"):

@@ -1,5 +1,6 @@
 """TarFlow for the Hugging Face ecosystem: a transformers model, a diffusers pipeline, and conversion tools."""
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import AutoConfig, AutoModel
@@ -11,6 +12,9 @@ if TYPE_CHECKING:
     from .pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
 
 __version__ = "0.1.0"
+
+# A class-conditional MNIST TarFlow shipped inside the package (a pipeline folder): sampling works offline.
+BUNDLED_MODEL = str(Path(__file__).parent / "bundled" / "tarflow-mnist")
 
 AutoConfig.register(TarFlowConfig.model_type, TarFlowConfig, exist_ok=True)
 AutoModel.register(TarFlowConfig, TarFlowModel, exist_ok=True)
@@ -31,6 +35,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BUNDLED_MODEL",
     "JacobiStats",
     "TarFlowConfig",
     "TarFlowModel",

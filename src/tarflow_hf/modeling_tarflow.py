@@ -66,16 +66,26 @@ class TarFlowOutput(ModelOutput):
 
 @dataclass
 class JacobiStats:
-    """What the parallel (Jacobi) sampler did, per flow block in sampling order."""
+    """What the sampler did, per flow block in sampling order."""
 
     iterations: list[int]
+    """Parallel (Jacobi) iterations of each block; 0 for a block run sequentially from the start."""
+    sequential_steps: list[int]
+    """Patch-by-patch steps of each block: T - 1 for a sequential block, the rest of the sequence after the
+    converged prefix for a Jacobi block that fell back, 0 for one that converged."""
     residuals: list[float]
-    sequential_blocks: list[bool]
+    """Largest change in the last Jacobi iteration (0.0 where the block ended sequentially: exact)."""
+
+    @property
+    def sequential_blocks(self) -> list[bool]:
+        """Blocks that ended patch by patch (from the start or after a Jacobi fallback)."""
+        return [steps > 0 for steps in self.sequential_steps]
 
     @property
     def transformer_passes(self) -> int:
-        """Sequential transformer evaluations (one per Jacobi iteration or per patch of a sequential block)."""
-        return sum(self.iterations)
+        """Transformer evaluations that had to run one after another: one per Jacobi iteration plus one per
+        sequential step. The exact sampler needs num_blocks * (T - 1)."""
+        return sum(self.iterations) + sum(self.sequential_steps)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +115,10 @@ class KVCache:
             shape = (batch, heads, self.max_length, head_dim)
             self.keys = keys.new_empty(shape)
             self.values = values.new_empty(shape)
-        self.keys[:, :, position : position + 1] = keys
-        self.values[:, :, position : position + 1] = values
-        return self.keys[:, :, : position + 1], self.values[:, :, : position + 1]
+        end = position + keys.shape[2]
+        self.keys[:, :, position:end] = keys
+        self.values[:, :, position:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class TarFlowAttention(nn.Module):
@@ -126,8 +137,9 @@ class TarFlowAttention(nn.Module):
         position: int = 0,
         query_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal self-attention over `hidden` (B, L, W); with `cache`, `hidden` is the single token at
-        `position` and attends to every cached position before it. `query_scale` (B, 1, 1, 1) divides the
+        """Causal self-attention over `hidden` (B, L, W). With `cache`, `hidden` holds positions
+        `position .. position + L - 1` (L = 1, or L > 1 from position 0 to fill the cache) and also attends to
+        every cached position before them. `query_scale` (B, 1, 1, 1) divides the
         attention logits of selected rows by a temperature."""
         batch, length, width = hidden.shape
         qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
@@ -136,7 +148,7 @@ class TarFlowAttention(nn.Module):
             query = query * query_scale.to(query.dtype)
         if cache is not None:
             key, value = cache.update(key, value, position)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=cache is None and length > 1)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -407,7 +419,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         sampler: Literal["sequential", "jacobi"] = "sequential",
         jacobi_tolerance: float = 1e-4,
         jacobi_max_iterations: int | None = None,
-        jacobi_sequential_blocks: int = 1,
+        jacobi_sequential_blocks: int = 0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         return_stats: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, JacobiStats]:
@@ -425,11 +437,13 @@ class TarFlowModel(TarFlowPreTrainedModel):
             attention_temperature (`float`): divides the attention logits of the unconditional branch.
             sampler (`str`): `"sequential"` (exact, one patch at a time with a key/value cache) or `"jacobi"`
                 (parallel fixed-point iteration over all patches, to `jacobi_tolerance`).
-            jacobi_tolerance (`float`): stop a block's iteration once no value moves more than this.
-            jacobi_max_iterations (`int`, *optional*): cap per block (default: the number of patches, which
-                makes the iteration exact).
-            jacobi_sequential_blocks (`int`): how many of the first blocks in sampling order run sequentially
-                anyway (the first one sampled converges slowest under Jacobi).
+            jacobi_tolerance (`float`): a block's iteration has converged once no value moves more than this.
+            jacobi_max_iterations (`int`, *optional*): iteration budget per block (default: a quarter of the
+                number of patches, at least 4). A block that has not converged within it, or whose observed
+                contraction rate predicts it will not, finishes sequentially from its converged prefix (exact),
+                so slow blocks cost little more than the sequential sampler; the choice is measured per block.
+            jacobi_sequential_blocks (`int`): force this many of the first blocks in sampling order to run
+                sequentially from the start.
             callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
                 order) with its index and the current images.
             return_stats (`bool`): also return a [`JacobiStats`].
@@ -446,33 +460,29 @@ class TarFlowModel(TarFlowPreTrainedModel):
             raise ValueError(f"jacobi_tolerance must be > 0, got {jacobi_tolerance}")
         if jacobi_max_iterations is not None and jacobi_max_iterations < 1:
             raise ValueError(f"jacobi_max_iterations must be >= 1, got {jacobi_max_iterations}")
+        if jacobi_sequential_blocks < 0:
+            raise ValueError(f"jacobi_sequential_blocks must be >= 0, got {jacobi_sequential_blocks}")
+        num_patches = self.config.num_patches
+        budget = jacobi_max_iterations or max(4, math.ceil(num_patches / 4))
         batch = latents.shape[0]
         labels = self.prepare_class_labels(class_labels, batch)
-        stats = JacobiStats(iterations=[], residuals=[], sequential_blocks=[])
+        stats = JacobiStats(iterations=[], sequential_steps=[], residuals=[])
 
         x = latents.to(self.prior_variance.device) * self.prior_variance.sqrt()
         for step, block in enumerate(reversed(self.blocks)):
             offsets, query_scale = self._branch_offsets(block, labels, batch, guidance)
-            sequential = sampler == "sequential" or step < jacobi_sequential_blocks
-            if sequential:
-                x = block.permute(
-                    self._invert_block_sequential(block, block.permute(x), offsets, query_scale, guidance)
-                )
-                iterations, residual = x.shape[1] - 1, 0.0
+            z = block.permute(x)
+            if sampler == "sequential" or step < jacobi_sequential_blocks:
+                inverted = self._invert_block_sequential(block, z, offsets, query_scale, guidance)
+                iterations, steps, residual = 0, num_patches - 1, 0.0
             else:
-                inverted, iterations, residual = self._invert_block_jacobi(
-                    block,
-                    block.permute(x),
-                    offsets,
-                    query_scale,
-                    guidance,
-                    jacobi_tolerance,
-                    jacobi_max_iterations or x.shape[1],
+                inverted, iterations, steps, residual = self._invert_block_jacobi(
+                    block, z, offsets, query_scale, guidance, jacobi_tolerance, budget
                 )
-                x = block.permute(inverted)
+            x = block.permute(inverted)
             stats.iterations.append(iterations)
+            stats.sequential_steps.append(steps)
             stats.residuals.append(residual)
-            stats.sequential_blocks.append(sequential)
             if callback is not None:
                 callback(step, self.unpatchify(x))
         if not torch.isfinite(x).all():
@@ -547,14 +557,19 @@ class TarFlowModel(TarFlowPreTrainedModel):
         offsets: torch.Tensor,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Exact inverse of one block, z in the block's order: patch t+1 from patches 0..t, one at a time, each
-        step reading the keys and values of the earlier ones from a pre-allocated cache."""
+        step reading the keys and values of the earlier ones from a pre-allocated cache. Patches 0..start are
+        taken as already inverted (a Jacobi prefix): one parallel pass puts them in the cache."""
         x = z.clone()
         num_patches = x.shape[1]
         caches = [KVCache(num_patches) for _ in block.layers]
+        if start > 0:
+            prefix = (offsets[:, :, :start] + block.proj_in(x[:, :start])).flatten(0, 1)
+            block.transformer(prefix, caches, 0, query_scale)
         weight = 0.0 if guidance is None else guidance["weight"]
-        for t in range(num_patches - 1):
+        for t in range(start, num_patches - 1):
             hidden = (offsets[:, :, t : t + 1] + block.proj_in(x[:, t : t + 1])).flatten(0, 1)
             hidden = block.transformer(hidden, caches, t, query_scale)
             if guidance is not None and guidance["linear"]:
@@ -572,11 +587,13 @@ class TarFlowModel(TarFlowPreTrainedModel):
         query_scale: torch.Tensor | None,
         guidance: dict | None,
         tolerance: float,
-        max_iterations: int,
-    ) -> tuple[torch.Tensor, int, float]:
+        budget: int,
+    ) -> tuple[torch.Tensor, int, int, float]:
         """Inverse of one block by fixed-point iteration x <- z * exp(a(x)) + b(x) over all patches at once.
-        Patch t's (a, b) depend on patches < t only, so after k iterations the first k+1 patches are exact and
-        T - 1 iterations reproduce the sequential result; in practice it settles much sooner."""
+        Patch t's (a, b) depend on patches < t only, so after k iterations the first k+1 patches are exact; in
+        practice most blocks settle in far fewer than T iterations. A block that does not settle within
+        `budget` iterations, or whose residual shrinks too slowly to, is finished sequentially from its
+        converged prefix. Returns (x, iterations, sequential steps, last residual)."""
         num_patches = z.shape[1]
         weight: torch.Tensor | float = 0.0
         if guidance is not None:
@@ -586,19 +603,39 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 steps = torch.arange(1, num_patches + 1, device=z.device, dtype=torch.float32)
                 weight = (weight * steps / max(num_patches - 1, 1)).view(1, -1, 1)
         x = z.clone()
-        residual = float("inf")
-        iterations = 0
-        while iterations < max_iterations:
+        residuals: list[float] = []
+        for iteration in range(1, min(budget, num_patches - 1) + 1):
             hidden = block.transformer((offsets + block.proj_in(x)).flatten(0, 1), query_scale=query_scale)
             log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
             scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
             updated = torch.cat([z[:, :1], torch.addcmul(shift[:, :-1], z[:, 1:], scale[:, :-1])], dim=1)
-            residual = (updated - x).abs().max().item()
+            change = (updated - x).abs().amax(dim=(0, 2))  # per patch
             x = updated
-            iterations += 1
-            if residual <= tolerance:
+            residuals.append(change.max().item())
+            if residuals[-1] <= tolerance or iteration == num_patches - 1:  # T - 1 iterations are exact
+                return x, iteration, 0, residuals[-1]
+            if self._jacobi_too_slow(residuals, tolerance, budget):
                 break
-        return x, iterations, residual
+        # Patches before the first one still moving are settled (and the first `iteration + 1` are exact).
+        moving = (change > tolerance).nonzero()
+        prefix = max(iteration + 1, int(moving[0]) if len(moving) else num_patches)
+        mixed = torch.cat([x[:, :prefix], z[:, prefix:]], dim=1)
+        start = prefix - 1
+        x = self._invert_block_sequential(block, mixed, offsets, query_scale, guidance, start=start)
+        return x, iteration, num_patches - 1 - start, 0.0
+
+    @staticmethod
+    def _jacobi_too_slow(residuals: list[float], tolerance: float, budget: int) -> bool:
+        """Give up on Jacobi when the last contraction rate predicts the budget will not suffice."""
+        if len(residuals) >= budget:
+            return True
+        if len(residuals) < 3:
+            return False
+        rate = residuals[-1] / max(residuals[-2], 1e-30)
+        if rate >= 1.0:
+            return True
+        remaining = math.log(tolerance / residuals[-1]) / math.log(rate)
+        return len(residuals) + remaining > budget
 
     # ------------------------------------------------------------------------------------------- denoising
     def denoise(

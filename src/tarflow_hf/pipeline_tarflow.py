@@ -337,7 +337,7 @@ class TarFlowPipeline(DiffusionPipeline):
         sampler: str = "sequential",
         jacobi_tolerance: float = 1e-4,
         jacobi_max_iterations: int | None = None,
-        jacobi_sequential_blocks: int = 1,
+        jacobi_sequential_blocks: int = 0,
         denoise: bool = True,
         noise_std: float | None = None,
         denoise_strength: float = 1.0,
