@@ -138,9 +138,9 @@ def test_cache_prefill_continues_exactly():
     model = random_model(layers_per_block=2)
     block = model.blocks[1]
     z = torch.randn(2, 16, 4)
-    offsets, query_scale = model._branch_offsets(block, torch.tensor([1, 2]), 2, None)
+    conditions, query_scale = model._branch_conditions(block, torch.tensor([1, 2]), 2, None)
     with torch.no_grad():
-        full = model._invert_block_sequential(block, z, offsets, query_scale, None)
+        full = model._invert_block_sequential(block, z, conditions, query_scale, None)
         mixed = torch.cat([full[:, :6], z[:, 6:]], dim=1)
-        resumed = model._invert_block_sequential(block, mixed, offsets, query_scale, None, start=5)
+        resumed = model._invert_block_sequential(block, mixed, conditions, query_scale, None, start=5)
     torch.testing.assert_close(resumed, full, atol=1e-6, rtol=0)

@@ -212,11 +212,17 @@ class TarFlowBlock(nn.Module):
         embedding = torch.where(dropped, mean, self.class_embedding[class_labels.clamp(min=0)])
         return embedding.unsqueeze(1)
 
-    def offsets(self, condition: torch.Tensor | None) -> torch.Tensor:
-        """What is added to the projected patches: position embeddings in this block's order, plus the class
-        condition. (T, W) broadcast against (B, 1, W) conditions gives (B, T, W)."""
-        positions = self.permute(self.position_embedding.unsqueeze(0))
-        return positions if condition is None else positions + condition
+    def position_table(self) -> torch.Tensor:
+        """Position embeddings (1, T, W) in this block's order."""
+        return self.permute(self.position_embedding.unsqueeze(0))
+
+    def embed(self, patches: torch.Tensor, positions: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """Transformer input for `patches` (B, L, D) with their rows of the position table (1, L, W). The additions
+        run in Apple's order (projection + position, then + class), so half-precision results match too."""
+        hidden = self.proj_in(patches) + positions
+        if condition is not None and condition.shape[0] != hidden.shape[0]:  # guidance: both branches' rows
+            hidden = hidden.repeat(condition.shape[0] // hidden.shape[0], 1, 1)
+        return hidden if condition is None else hidden + condition
 
     def transformer(
         self,
@@ -239,7 +245,7 @@ class TarFlowBlock(nn.Module):
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D) in image order -> (z in image order, log|det| (B,) summed over dimensions)."""
         x = self.permute(x)
-        out = self.proj_out(self.transformer(self.proj_in(x) + self.offsets(condition)))
+        out = self.proj_out(self.transformer(self.embed(x, self.position_table(), condition)))
         # Patch t is transformed by what the transformer read up to t-1; the first patch only by zeros.
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
         log_scale, shift = self.scale_shift(out)
@@ -470,14 +476,14 @@ class TarFlowModel(TarFlowPreTrainedModel):
 
         x = latents.to(self.prior_variance.device) * self.prior_variance.sqrt()
         for step, block in enumerate(reversed(self.blocks)):
-            offsets, query_scale = self._branch_offsets(block, labels, batch, guidance)
+            conditions, query_scale = self._branch_conditions(block, labels, batch, guidance)
             z = block.permute(x)
             if sampler == "sequential" or step < jacobi_sequential_blocks:
-                inverted = self._invert_block_sequential(block, z, offsets, query_scale, guidance)
+                inverted = self._invert_block_sequential(block, z, conditions, query_scale, guidance)
                 iterations, steps, residual = 0, num_patches - 1, 0.0
             else:
                 inverted, iterations, steps, residual = self._invert_block_jacobi(
-                    block, z, offsets, query_scale, guidance, jacobi_tolerance, budget
+                    block, z, conditions, query_scale, guidance, jacobi_tolerance, budget
                 )
             x = block.permute(inverted)
             stats.iterations.append(iterations)
@@ -515,22 +521,25 @@ class TarFlowModel(TarFlowPreTrainedModel):
         }
 
     @staticmethod
-    def _branch_offsets(
+    def _branch_conditions(
         block: TarFlowBlock, labels: torch.Tensor | None, batch: int, guidance: dict | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Position + class offsets for the rows the transformer sees, shaped (branches, B or 1, T, W): with
-        guidance the conditional batch and its unconditional twin run as one batch of 2B rows. Also the
-        per-row query scale (2B, 1, 1, 1) that applies the attention temperature to the unconditional rows."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Class conditions (rows, 1, W) for the rows the transformer sees: the batch, or with guidance the batch
+        followed by its unconditional twin (one batched pass for both branches). Also the per-row query scale
+        (2B, 1, 1, 1) that applies the attention temperature to the unconditional rows only."""
         conditional = block.class_condition(labels, batch)
         if guidance is None:
-            return block.offsets(conditional).unsqueeze(0), None
+            return conditional, None
         unconditional = block.class_condition(None, batch)
-        offsets = torch.stack([block.offsets(conditional), block.offsets(unconditional)]).expand(2, batch, -1, -1)
+        if conditional is None:  # unconditional model: the branches differ only by attention temperature
+            conditions = torch.zeros(2 * batch, 1, 1, device=block.position_embedding.device)
+        else:
+            conditions = torch.cat([conditional, unconditional])
         query_scale = None
         if guidance["temperature"] != 1.0:
-            query_scale = torch.ones(2 * batch, 1, 1, 1, device=offsets.device)
+            query_scale = torch.ones(2 * batch, 1, 1, 1, device=conditions.device)
             query_scale[batch:] = 1.0 / guidance["temperature"]
-        return offsets, query_scale
+        return conditions, query_scale
 
     @staticmethod
     def _guided_scale_shift(
@@ -538,23 +547,23 @@ class TarFlowModel(TarFlowPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) from the last hidden states; with guidance, hidden is [conditional; unconditional] rows and
         the result is cond + weight * (cond - uncond) on the guided parts."""
+        log_scale, shift = block.scale_shift(block.proj_out(hidden))
         if guidance is None:
-            return block.scale_shift(block.proj_out(hidden))
-        cond, uncond = hidden.chunk(2)
-        if guidance["scale"] and guidance["shift"]:
-            # proj_out is affine, so guiding its input guides both outputs: half the rows to project.
-            return block.scale_shift(block.proj_out(torch.lerp(uncond, cond, 1.0 + weight)))
-        a_cond, b_cond = block.scale_shift(block.proj_out(cond))
-        a_uncond, b_uncond = block.scale_shift(block.proj_out(uncond))
+            return log_scale, shift
+        a_cond, a_uncond = log_scale.chunk(2)
+        b_cond, b_uncond = shift.chunk(2)
+        # Combined in the projection's dtype, as Apple does, so that half-precision samples match too.
         if guidance["scale"]:
-            return a_cond + weight * (a_cond - a_uncond), b_cond
-        return a_cond, b_cond + weight * (b_cond - b_uncond)
+            a_cond = a_cond + weight * (a_cond - a_uncond)
+        if guidance["shift"]:
+            b_cond = b_cond + weight * (b_cond - b_uncond)
+        return a_cond, b_cond
 
     def _invert_block_sequential(
         self,
         block: TarFlowBlock,
         z: torch.Tensor,
-        offsets: torch.Tensor,
+        conditions: torch.Tensor | None,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
         start: int = 0,
@@ -565,12 +574,12 @@ class TarFlowModel(TarFlowPreTrainedModel):
         x = z.clone()
         num_patches = x.shape[1]
         caches = [KVCache(num_patches) for _ in block.layers]
+        positions = block.position_table()
         if start > 0:
-            prefix = (offsets[:, :, :start] + block.proj_in(x[:, :start])).flatten(0, 1)
-            block.transformer(prefix, caches, 0, query_scale)
+            block.transformer(block.embed(x[:, :start], positions[:, :start], conditions), caches, 0, query_scale)
         weight = 0.0 if guidance is None else guidance["weight"]
         for t in range(start, num_patches - 1):
-            hidden = (offsets[:, :, t : t + 1] + block.proj_in(x[:, t : t + 1])).flatten(0, 1)
+            hidden = block.embed(x[:, t : t + 1], positions[:, t : t + 1], conditions)
             hidden = block.transformer(hidden, caches, t, query_scale)
             if guidance is not None and guidance["linear"]:
                 weight = guidance["weight"] * (t + 1) / (num_patches - 1)
@@ -583,7 +592,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         self,
         block: TarFlowBlock,
         z: torch.Tensor,
-        offsets: torch.Tensor,
+        conditions: torch.Tensor | None,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
         tolerance: float,
@@ -603,9 +612,10 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 steps = torch.arange(1, num_patches + 1, device=z.device, dtype=torch.float32)
                 weight = (weight * steps / max(num_patches - 1, 1)).view(1, -1, 1)
         x = z.clone()
+        positions = block.position_table()
         residuals: list[float] = []
         for iteration in range(1, min(budget, num_patches - 1) + 1):
-            hidden = block.transformer((offsets + block.proj_in(x)).flatten(0, 1), query_scale=query_scale)
+            hidden = block.transformer(block.embed(x, positions, conditions), query_scale=query_scale)
             log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
             scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
             updated = torch.cat([z[:, :1], torch.addcmul(shift[:, :-1], z[:, 1:], scale[:, :-1])], dim=1)
@@ -621,7 +631,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         prefix = max(iteration + 1, int(moving[0]) if len(moving) else num_patches)
         mixed = torch.cat([x[:, :prefix], z[:, prefix:]], dim=1)
         start = prefix - 1
-        x = self._invert_block_sequential(block, mixed, offsets, query_scale, guidance, start=start)
+        x = self._invert_block_sequential(block, mixed, conditions, query_scale, guidance, start=start)
         return x, iteration, num_patches - 1 - start, 0.0
 
     @staticmethod

@@ -38,7 +38,14 @@ PADDING = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a pipeline folder (save_pretrained / convert) or a Hub repo id")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default="bundled",
+        help="a pipeline folder (save_pretrained / convert), a Hub repo id, or 'bundled' (default): the MNIST model "
+        "shipped with the package",
+    )
     parser.add_argument(
         "--class-label",
         action="append",
@@ -196,8 +203,13 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load(model: str, revision: str | None, dtype: torch.dtype) -> Any:
+    from . import BUNDLED_MODEL
     from .pipeline_tarflow import TarFlowPipeline
 
+    if model == "bundled":
+        model = BUNDLED_MODEL
+        if not Path(model).is_dir():
+            raise CommandError(f"the bundled model is missing from this installation ({model}); reinstall tarflow-hf")
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").is_file():
