@@ -65,6 +65,15 @@ def load_reference(name: str) -> tuple[dict, TarFlowModel, dict[str, torch.Tenso
     return meta, model, expected
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # Tiny models: starting threads costs more than it saves, and far more on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=REFERENCE_CASES)
 def reference(request):
     return load_reference(request.param)

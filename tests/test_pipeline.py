@@ -28,15 +28,6 @@ from tarflow_hf.pipeline_tarflow import CARD_MARKER, TarFlowPipeline, TarFlowPip
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: thread start-up costs more than it saves, and on a shared machine it costs a lot more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_pipe(model: TarFlowModel, **kwargs) -> TarFlowPipeline:
     pipe = TarFlowPipeline(transformer=model, **kwargs)
     pipe.set_progress_bar_config(disable=True)
