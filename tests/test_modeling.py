@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,49 @@ def test_trust_remote_code_loads_without_the_package(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}
     )
     assert "remote-ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_push_to_hub_uploads_a_loadable_folder(tmp_path, monkeypatch):
+    """transformers' push_to_hub with the Hub client's calls intercepted: the committed files must form a folder
+    that loads back to the same model."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, RepoUrl
+
+    uploaded = tmp_path / "uploaded"
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls.append(("create_commit", repo_id))
+        for operation in operations:
+            target = uploaded / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(operation.path_or_fileobj).read_bytes())
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0",
+            commit_message="",
+            commit_description="",
+            oid="0" * 40,
+        )
+
+    def no_card(*args, **kwargs):
+        raise huggingface_hub.errors.EntryNotFoundError("no card on the Hub yet")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", no_card)
+    model = random_model()
+    model.push_to_hub("someone/tiny-tarflow")
+    assert calls == [("create_repo", "someone/tiny-tarflow"), ("create_commit", "someone/tiny-tarflow")]
+    assert {"config.json", "model.safetensors", "modeling_tarflow.py", "configuration_tarflow.py"} <= {
+        p.name for p in uploaded.iterdir()
+    }
+    loaded = TarFlowModel.from_pretrained(uploaded)
+    noise = torch.randn(1, 16, 4)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    torch.testing.assert_close(loaded.inverse(noise, [1]), model.inverse(noise, [1]), atol=1e-6, rtol=0)
