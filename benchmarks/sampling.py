@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", help="a pipeline or model folder to benchmark instead of random weights")
     parser.add_argument("--ml-tarflow", type=Path, help="checkout of apple/ml-tarflow to compare against")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument(
+        "--noise-scale", type=float, help="prior noise scale (default: 1 with --model, 0.5 for random weights)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -107,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
                 block.proj_out.weight.normal_(0.0, 0.02)
     model = model.to(device).eval()
     cfg = model.config
-    noise = torch.randn(args.batch_size, cfg.num_patches, cfg.patch_dim, device=device) * 0.5
+    # Random weights are not trained to map N(0, 1) back into range: halve the noise so samples stay finite.
+    noise_scale = args.noise_scale or (1.0 if args.model else 0.5)
+    noise = torch.randn(args.batch_size, cfg.num_patches, cfg.patch_dim, device=device) * noise_scale
     labels = torch.arange(args.batch_size, device=device) % cfg.num_classes if cfg.num_classes else None
     guidance = args.guidance_scale if cfg.num_classes else 1.0
 

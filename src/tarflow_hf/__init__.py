@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 # A class-conditional MNIST TarFlow shipped inside the package (a pipeline folder): sampling works offline.
 BUNDLED_MODEL = str(Path(__file__).parent / "bundled" / "tarflow-mnist")
+# The independent MNIST classifier used to score the bundled model's samples (tarflow_hf.classifier).
+BUNDLED_CLASSIFIER = str(Path(__file__).parent / "bundled" / "mnist-classifier")
 
 AutoConfig.register(TarFlowConfig.model_type, TarFlowConfig, exist_ok=True)
 AutoModel.register(TarFlowConfig, TarFlowModel, exist_ok=True)
@@ -35,6 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BUNDLED_CLASSIFIER",
     "BUNDLED_MODEL",
     "JacobiStats",
     "TarFlowConfig",

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 # Each entry: (name, module path, help). The module provides `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("train", "tarflow_hf.train", "train or fine-tune a TarFlow model with accelerate (single or multi-process)"),
+    ("evaluate", "tarflow_hf.evaluate", "bits/dim, FID and class-consistency accuracy of a pipeline folder, as JSON"),
     ("convert", "tarflow_hf.convert", "convert an apple/ml-tarflow .pth checkpoint to a pipeline folder (or back)"),
     ("sample", "tarflow_hf.sample", "sample images from a TarFlow pipeline (folder or Hub id) into a captioned grid"),
 ]

@@ -1,0 +1,107 @@
+"""TarFlow model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+@strict(accept_kwargs=True)
+class TarFlowConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`TarFlowModel`]: a stack of causal-transformer affine flow blocks over image patches
+    ("Normalizing Flows are Capable Generative Models", Zhai et al. 2024).
+
+    Args:
+        image_size (`int`, defaults to 64): height and width of the (square) images.
+        num_channels (`int`, defaults to 3): image channels.
+        patch_size (`int`, defaults to 4): side of the square patches the image is cut into.
+        hidden_size (`int`, defaults to 256): transformer width (`channels` in Apple's code).
+        num_blocks (`int`, defaults to 4): number of flow blocks; consecutive blocks reverse the patch order.
+        layers_per_block (`int`, defaults to 2): transformer layers inside each flow block.
+        head_dim (`int`, defaults to 64): width of one attention head.
+        mlp_ratio (`int`, defaults to 4): MLP expansion factor.
+        nvp (`bool`, defaults to `True`): predict a log-scale as well as a shift (non volume preserving).
+        num_classes (`int`, defaults to 0): number of classes for conditioning; 0 means unconditional.
+        noise_std (`float`, defaults to 0.05): std of the Gaussian noise the model was trained with; the
+            denoising step uses it.
+        default_guidance_scale (`float`, defaults to 1.0): guidance scale a pipeline uses when none is given
+            (diffusers convention, 1.0 is no guidance).
+
+    Example:
+
+    ```python
+    >>> from tarflow_hf import TarFlowConfig, TarFlowModel
+    >>> config = TarFlowConfig(image_size=32, num_channels=3, patch_size=4, hidden_size=128, num_classes=10)
+    >>> model = TarFlowModel(config)
+    ```"""
+
+    model_type = "tarflow"
+
+    image_size: int = 64
+    num_channels: int = 3
+    patch_size: int = 4
+    hidden_size: int = 256
+    num_blocks: int = 4
+    layers_per_block: int = 2
+    head_dim: int = 64
+    mlp_ratio: int = 4
+    nvp: bool = True
+    num_classes: int = 0
+    noise_std: float = 0.05
+    default_guidance_scale: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.noise_std, int):
+            self.noise_std = float(self.noise_std)
+        if isinstance(self.default_guidance_scale, int):
+            self.default_guidance_scale = float(self.default_guidance_scale)
+        self._check_sizes()
+        has_labels = self.id2label is not None
+        super().__post_init__(**kwargs)
+        if self.num_classes > 0 and (not has_labels or len(self.id2label) != self.num_classes):
+            if has_labels:
+                raise ValueError(
+                    f"id2label has {len(self.id2label)} entries but num_classes={self.num_classes}; "
+                    "give one name per class"
+                )
+            self.id2label = {i: f"class_{i}" for i in range(self.num_classes)}
+        if self.num_classes == 0 and not has_labels:
+            self.id2label = {}
+        self.label2id = {name: i for i, name in self.id2label.items()}
+
+    def _check_sizes(self) -> None:
+        # Plain ValueError (rather than a `validate_*` hook, which `@strict` wraps) so callers can catch it.
+        sizes = ("image_size", "num_channels", "patch_size", "hidden_size", "num_blocks", "layers_per_block")
+        for name in (*sizes, "head_dim", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be 0 (unconditional) or positive, got {self.num_classes}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
+                f"allowed patch sizes divide the image size"
+            )
+        if self.hidden_size % self.head_dim:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by head_dim={self.head_dim}; "
+                "the width must be a whole number of attention heads"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Length of the patch sequence, T."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch, D = channels * patch_size**2."""
+        return self.num_channels * self.patch_size**2
+
+    @property
+    def num_heads(self) -> int:
+        return self.hidden_size // self.head_dim
+
+
+__all__ = ["TarFlowConfig"]

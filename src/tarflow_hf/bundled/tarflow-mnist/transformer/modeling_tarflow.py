@@ -1,0 +1,684 @@
+"""TarFlow: a normalizing flow of causal-transformer affine blocks over image patches.
+
+Each block reads the patch sequence (in its own order: blocks alternate between the identity and the reversed
+order) and maps every patch x_t to z_t = (x_t - b_t) * exp(-a_t), where (a_t, b_t) come from a causal
+transformer over the patches before t. The forward direction is one parallel pass per block and gives an exact
+log-likelihood; the inverse is autoregressive over patches, done here with a pre-allocated key/value cache.
+
+The arithmetic follows apple/ml-tarflow (`transformer_flow.py`) operation for operation, including where it
+computes in float32 under autocast (LayerNorm, exp), so converted checkpoints give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_tarflow import TarFlowConfig
+
+GuidanceTarget = Literal["both", "scale", "shift"]
+GuidanceSchedule = Literal["constant", "linear"]
+GUIDANCE_TARGETS = ("both", "scale", "shift")
+GUIDANCE_SCHEDULES = ("constant", "linear")
+SAMPLERS = ("sequential", "jacobi")
+# Apple's evaluate_bpd.py: pixels in [-1, 1] are 256 levels of width 2/256, so p(level) = p(x) / 128 per dim.
+LOG_PIXEL_SCALE = math.log(128.0)
+LOG_TWO_PI = math.log(2 * math.pi)
+
+
+@dataclass
+class TarFlowOutput(ModelOutput):
+    r"""
+    Output of [`TarFlowModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Apple's training objective `0.5 * mean(z**2) - mean(logdet / (T * D))`.
+        latents (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_dim)`):
+            The flow's output `z`, as a patch sequence.
+        logdet (`torch.FloatTensor` of shape `(batch_size,)`):
+            The exact log |det dz/dx|, summed over all dimensions.
+        log_likelihood (`torch.FloatTensor` of shape `(batch_size,)`):
+            log p(x) in nats under the standard normal prior, summed over all dimensions.
+        bits_per_dim (`torch.FloatTensor` of shape `(batch_size,)`):
+            Negative log-likelihood in bits per dimension of 8-bit images scaled to [-1, 1], as Apple's
+            `evaluate_bpd.py` computes it (dequantize the input beforehand for a proper discrete likelihood).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The patch sequence after each flow block, returned when `output_hidden_states=True`.
+    """
+
+    loss: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    logdet: torch.Tensor | None = None
+    log_likelihood: torch.Tensor | None = None
+    bits_per_dim: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class JacobiStats:
+    """What the sampler did, per flow block in sampling order."""
+
+    iterations: list[int]
+    """Parallel (Jacobi) iterations of each block; 0 for a block run sequentially from the start."""
+    sequential_steps: list[int]
+    """Patch-by-patch steps of each block: T - 1 for a sequential block, the rest of the sequence after the
+    converged prefix for a Jacobi block that fell back, 0 for one that converged."""
+    residuals: list[float]
+    """Largest change in the last Jacobi iteration (0.0 where the block ended sequentially: exact)."""
+
+    @property
+    def sequential_blocks(self) -> list[bool]:
+        """Blocks that ended patch by patch (from the start or after a Jacobi fallback)."""
+        return [steps > 0 for steps in self.sequential_steps]
+
+    @property
+    def transformer_passes(self) -> int:
+        """Transformer evaluations that had to run one after another: one per Jacobi iteration plus one per
+        sequential step. The exact sampler needs num_blocks * (T - 1)."""
+        return sum(self.iterations) + sum(self.sequential_steps)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # Apple computes LayerNorm, exp and the log-determinant in float32 whatever the autocast dtype (we also
+    # leave float64 alone, for exact checks).
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # The affine parameters go up to float32 too, so that half-precision weights work on every device.
+    weight, bias = _at_least_fp32(norm.weight), _at_least_fp32(norm.bias)
+    return F.layer_norm(_at_least_fp32(x), norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one attention layer, written in place one position at a time."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            # Allocated on first use so the cache takes whatever dtype autocast gives the projections.
+            batch, heads, _, head_dim = keys.shape
+            shape = (batch, heads, self.max_length, head_dim)
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        end = position + keys.shape[2]
+        self.keys[:, :, position:end] = keys
+        self.values[:, :, position:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class TarFlowAttention(nn.Module):
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None = None,
+        position: int = 0,
+        query_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal self-attention over `hidden` (B, L, W). With `cache`, `hidden` holds positions
+        `position .. position + L - 1` (L = 1, or L > 1 from position 0 to fill the cache) and also attends to
+        every cached position before them. `query_scale` (B, 1, 1, 1) divides the
+        attention logits of selected rows by a temperature."""
+        batch, length, width = hidden.shape
+        qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
+        query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        if query_scale is not None:
+            query = query * query_scale.to(query.dtype)
+        if cache is not None:
+            key, value = cache.update(key, value, position)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class TarFlowMLP(nn.Module):
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_ratio * config.hidden_size)
+        self.fc2 = nn.Linear(config.mlp_ratio * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(_layer_norm_fp32(self.norm, hidden))))
+
+
+class TarFlowLayer(nn.Module):
+    """Pre-norm transformer layer."""
+
+    def __init__(self, config: TarFlowConfig):
+        super().__init__()
+        self.attention = TarFlowAttention(config)
+        self.mlp = TarFlowMLP(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: KVCache | None = None,
+        position: int = 0,
+        query_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = hidden + self.attention(hidden, cache, position, query_scale)
+        return hidden + self.mlp(hidden)
+
+
+class TarFlowBlock(nn.Module):
+    """One autoregressive affine flow step over the patch sequence, read in reversed order when `reverse_order`."""
+
+    def __init__(self, config: TarFlowConfig, reverse_order: bool):
+        super().__init__()
+        self.reverse_order = reverse_order
+        self.nvp = config.nvp
+        self.proj_in = nn.Linear(config.patch_dim, config.hidden_size)
+        self.position_embedding = nn.Parameter(torch.empty(config.num_patches, config.hidden_size))
+        self.class_embedding = (
+            nn.Parameter(torch.empty(config.num_classes, config.hidden_size)) if config.num_classes else None
+        )
+        self.layers = nn.ModuleList(TarFlowLayer(config) for _ in range(config.layers_per_block))
+        self.proj_out = nn.Linear(config.hidden_size, 2 * config.patch_dim if config.nvp else config.patch_dim)
+
+    def permute(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Into (and, being an involution, out of) this block's patch order along dim 1."""
+        return sequence.flip(1) if self.reverse_order else sequence
+
+    def class_condition(self, class_labels: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """(B, 1, W) class embedding; label -1 (or no labels) takes the mean embedding, the unconditional branch."""
+        if self.class_embedding is None:
+            return None
+        mean = self.class_embedding.mean(dim=0)
+        if class_labels is None:
+            return mean.expand(batch_size, 1, -1)
+        dropped = (class_labels < 0).view(-1, 1)
+        embedding = torch.where(dropped, mean, self.class_embedding[class_labels.clamp(min=0)])
+        return embedding.unsqueeze(1)
+
+    def position_table(self) -> torch.Tensor:
+        """Position embeddings (1, T, W) in this block's order."""
+        return self.permute(self.position_embedding.unsqueeze(0))
+
+    def embed(self, patches: torch.Tensor, positions: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """Transformer input for `patches` (B, L, D) with their rows of the position table (1, L, W). The additions
+        run in Apple's order (projection + position, then + class), so half-precision results match too."""
+        hidden = self.proj_in(patches) + positions
+        if condition is not None and condition.shape[0] != hidden.shape[0]:  # guidance: both branches' rows
+            hidden = hidden.repeat(condition.shape[0] // hidden.shape[0], 1, 1)
+        return hidden if condition is None else hidden + condition
+
+    def transformer(
+        self,
+        hidden: torch.Tensor,
+        caches: Sequence[KVCache] | None = None,
+        position: int = 0,
+        query_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, None if caches is None else caches[i], position, query_scale)
+        return hidden
+
+    def scale_shift(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split the output projection into log-scale a and shift b."""
+        if self.nvp:
+            log_scale, shift = out.chunk(2, dim=-1)
+            return log_scale, shift
+        return torch.zeros_like(out), out
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) in image order -> (z in image order, log|det| (B,) summed over dimensions)."""
+        x = self.permute(x)
+        out = self.proj_out(self.transformer(self.embed(x, self.position_table(), condition)))
+        # Patch t is transformed by what the transformer read up to t-1; the first patch only by zeros.
+        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+        log_scale, shift = self.scale_shift(out)
+        z = (x - shift) * (-_at_least_fp32(log_scale)).exp().type(log_scale.dtype)
+        return self.permute(z), -_at_least_fp32(log_scale).sum(dim=(1, 2))
+
+
+class TarFlowPreTrainedModel(PreTrainedModel):
+    config: TarFlowConfig
+    config_class = TarFlowConfig
+    base_model_prefix = "tarflow"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules: ClassVar[list[str]] = ["TarFlowBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Apple's initialisation: PyTorch's defaults, small Gaussian embeddings, and a zero output projection
+        # weight so that every block starts as (nearly) the identity.
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, TarFlowBlock):
+            init.normal_(module.position_embedding, std=0.01)
+            if module.class_embedding is not None:
+                init.normal_(module.class_embedding, std=0.01)
+            init.zeros_(module.proj_out.weight)
+        elif isinstance(module, TarFlowModel):
+            init.ones_(module.prior_variance)
+
+
+class TarFlowModel(TarFlowPreTrainedModel):
+    r"""
+    TarFlow normalizing flow. `forward` maps images to latents with an exact log-likelihood; `inverse` maps
+    latents back to images (sampling), with classifier-free guidance.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from tarflow_hf import TarFlowConfig, TarFlowModel
+    >>> model = TarFlowModel(TarFlowConfig(image_size=16, num_channels=1, patch_size=4, hidden_size=64))
+    >>> out = model(torch.rand(2, 1, 16, 16) * 2 - 1)
+    >>> out.bits_per_dim.shape
+    torch.Size([2])
+    >>> images = model.inverse(torch.randn(2, 16, 16))  # (2, 1, 16, 16), model space [-1, 1]
+    ```
+    """
+
+    prior_variance: torch.Tensor
+
+    def __init__(self, config: TarFlowConfig):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(TarFlowBlock(config, reverse_order=i % 2 == 1) for i in range(config.num_blocks))
+        # Variance of the Gaussian prior per latent dimension; all ones for nvp models (Apple's `var`).
+        self.register_buffer("prior_variance", torch.ones(config.num_patches, config.patch_dim))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- shapes & inputs
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, C * p * p), patches in row-major order, channel-major within a patch
+        (the layout of `torch.nn.functional.unfold`)."""
+        b, c, h, w = images.shape
+        p = self.config.patch_size
+        patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """Inverse of `patchify`."""
+        b = patches.shape[0]
+        c, p, side = self.config.num_channels, self.config.patch_size, self.config.image_size // self.config.patch_size
+        images = patches.reshape(b, side, side, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return images.reshape(b, c, side * p, side * p)
+
+    def _check_images(self, pixel_values: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != expected:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}), got {got}")
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        expected = (self.config.num_patches, self.config.patch_dim)
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 3 or latents.shape[1:] != expected:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must have shape (batch, {expected[0]}, {expected[1]}), got {got}")
+
+    def prepare_class_labels(
+        self, class_labels: torch.Tensor | Sequence[int] | int | None, batch_size: int
+    ) -> torch.Tensor | None:
+        """Check labels and return a (B,) long tensor on the model's device, or None for the mean class."""
+        num_classes = self.config.num_classes
+        if class_labels is None:
+            return None
+        if num_classes == 0:
+            raise ValueError("this model is unconditional (num_classes=0); pass class_labels=None")
+        labels = torch.as_tensor(class_labels, device=self.device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        labels = labels.long().reshape(-1)
+        if labels.numel() == 1 and batch_size != 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"got {labels.numel()} class labels for a batch of {batch_size}")
+        bad = labels[(labels < -1) | (labels >= num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"class label {bad[0].item()} is out of range; allowed are 0..{num_classes - 1}, or -1 for the "
+                "unconditional (mean-class) branch"
+            )
+        return labels
+
+    # ---------------------------------------------------------------------------------------------- density
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TarFlowOutput | tuple:
+        r"""
+        Map images to latents with the exact log-likelihood.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, image_size, image_size)`):
+                Images in model space, [-1, 1] (plus whatever noise the model was trained with).
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class per image; -1 or `None` selects the unconditional (mean class embedding) branch.
+            output_hidden_states (`bool`, *optional*): return the patch sequence after every block.
+            return_dict (`bool`, *optional*): return a [`TarFlowOutput`] rather than a tuple.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_images(pixel_values)
+        labels = self.prepare_class_labels(class_labels, pixel_values.shape[0])
+
+        x = self.patchify(pixel_values)
+        logdet = _at_least_fp32(x.new_zeros(x.shape[0]))
+        hidden_states = []
+        for block in self.blocks:
+            x, block_logdet = block(x, block.class_condition(labels, x.shape[0]))
+            logdet = logdet + block_logdet
+            hidden_states.append(x)
+
+        num_dims = x.shape[1] * x.shape[2]
+        loss = 0.5 * x.pow(2).mean() - (logdet / num_dims).mean()
+        prior_log_likelihood = -0.5 * _at_least_fp32(x).pow(2).flatten(1).sum(1) - 0.5 * num_dims * LOG_TWO_PI
+        log_likelihood = prior_log_likelihood + logdet
+        bits_per_dim = (-log_likelihood / num_dims + LOG_PIXEL_SCALE) / math.log(2)
+        output = TarFlowOutput(
+            loss=loss,
+            latents=x,
+            logdet=logdet,
+            log_likelihood=log_likelihood,
+            bits_per_dim=bits_per_dim,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def inverse(
+        self,
+        latents: torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | None = None,
+        guidance_scale: float = 1.0,
+        guidance_target: GuidanceTarget = "both",
+        guidance_schedule: GuidanceSchedule = "constant",
+        attention_temperature: float = 1.0,
+        sampler: Literal["sequential", "jacobi"] = "sequential",
+        jacobi_tolerance: float = 1e-4,
+        jacobi_max_iterations: int | None = None,
+        jacobi_sequential_blocks: int = 0,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, JacobiStats]:
+        r"""
+        Map prior samples back to images: the flow run backwards, block by block, patch by patch.
+
+        Args:
+            latents (`torch.Tensor` of shape `(batch_size, num_patches, patch_dim)`): standard normal samples.
+            class_labels: labels (B,) or one label for all; `None`/-1 is the unconditional branch.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention,
+                `uncond + w * (cond - uncond)`; 1.0 is no guidance. Apple's `guidance=g` is `w = 1 + g`.
+            guidance_target (`str`): guide the log-scale (`"scale"`), the shift (`"shift"`) or `"both"`.
+            guidance_schedule (`str`): `"constant"`, or `"linear"`: Apple's annealed guidance, whose strength
+                grows with the patch index, `w_t = 1 + (w - 1) * (t + 1) / (T - 1)`.
+            attention_temperature (`float`): divides the attention logits of the unconditional branch.
+            sampler (`str`): `"sequential"` (exact, one patch at a time with a key/value cache) or `"jacobi"`
+                (parallel fixed-point iteration over all patches, to `jacobi_tolerance`).
+            jacobi_tolerance (`float`): a block's iteration has converged once no value moves more than this.
+            jacobi_max_iterations (`int`, *optional*): iteration budget per block (default: a quarter of the
+                number of patches, at least 4). A block that has not converged within it, or whose observed
+                contraction rate predicts it will not, finishes sequentially from its converged prefix (exact),
+                so slow blocks cost little more than the sequential sampler; the choice is measured per block.
+            jacobi_sequential_blocks (`int`): force this many of the first blocks in sampling order to run
+                sequentially from the start.
+            callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
+                order) with its index and the current images.
+            return_stats (`bool`): also return a [`JacobiStats`].
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, num_channels, image_size, image_size)`: images in model space,
+            nominally [-1, 1], not clipped.
+        """
+        self._check_latents(latents)
+        guidance = self._guidance_plan(guidance_scale, guidance_target, guidance_schedule, attention_temperature)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if jacobi_tolerance <= 0:
+            raise ValueError(f"jacobi_tolerance must be > 0, got {jacobi_tolerance}")
+        if jacobi_max_iterations is not None and jacobi_max_iterations < 1:
+            raise ValueError(f"jacobi_max_iterations must be >= 1, got {jacobi_max_iterations}")
+        if jacobi_sequential_blocks < 0:
+            raise ValueError(f"jacobi_sequential_blocks must be >= 0, got {jacobi_sequential_blocks}")
+        num_patches = self.config.num_patches
+        budget = jacobi_max_iterations or max(4, math.ceil(num_patches / 4))
+        batch = latents.shape[0]
+        labels = self.prepare_class_labels(class_labels, batch)
+        stats = JacobiStats(iterations=[], sequential_steps=[], residuals=[])
+
+        x = latents.to(self.prior_variance.device) * self.prior_variance.sqrt()
+        for step, block in enumerate(reversed(self.blocks)):
+            conditions, query_scale = self._branch_conditions(block, labels, batch, guidance)
+            z = block.permute(x)
+            if sampler == "sequential" or step < jacobi_sequential_blocks:
+                inverted = self._invert_block_sequential(block, z, conditions, query_scale, guidance)
+                iterations, steps, residual = 0, num_patches - 1, 0.0
+            else:
+                inverted, iterations, steps, residual = self._invert_block_jacobi(
+                    block, z, conditions, query_scale, guidance, jacobi_tolerance, budget
+                )
+            x = block.permute(inverted)
+            stats.iterations.append(iterations)
+            stats.sequential_steps.append(steps)
+            stats.residuals.append(residual)
+            if callback is not None:
+                callback(step, self.unpatchify(x))
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(
+                "sampling produced non-finite values (exp overflow of the log-scale); with float16 or bfloat16 "
+                "try float32, a lower guidance_scale, or smaller latents"
+            )
+        images = self.unpatchify(x)
+        return (images, stats) if return_stats else images
+
+    def _guidance_plan(
+        self, guidance_scale: float, target: str, schedule: str, attention_temperature: float
+    ) -> dict | None:
+        if target not in GUIDANCE_TARGETS:
+            raise ValueError(f"guidance_target must be one of {GUIDANCE_TARGETS}, got {target!r}")
+        if schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        if not attention_temperature > 0:
+            raise ValueError(f"attention_temperature must be > 0, got {attention_temperature}")
+        if guidance_scale == 1.0:
+            return None
+        return {
+            "weight": guidance_scale - 1.0,
+            "scale": target in ("both", "scale"),
+            "shift": target in ("both", "shift"),
+            "linear": schedule == "linear",
+            "temperature": attention_temperature,
+        }
+
+    @staticmethod
+    def _branch_conditions(
+        block: TarFlowBlock, labels: torch.Tensor | None, batch: int, guidance: dict | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Class conditions (rows, 1, W) for the rows the transformer sees: the batch, or with guidance the batch
+        followed by its unconditional twin (one batched pass for both branches). Also the per-row query scale
+        (2B, 1, 1, 1) that applies the attention temperature to the unconditional rows only."""
+        conditional = block.class_condition(labels, batch)
+        if guidance is None:
+            return conditional, None
+        unconditional = block.class_condition(None, batch)
+        if conditional is None:  # unconditional model: the branches differ only by attention temperature
+            conditions = torch.zeros(2 * batch, 1, 1, device=block.position_embedding.device)
+        else:
+            conditions = torch.cat([conditional, unconditional])
+        query_scale = None
+        if guidance["temperature"] != 1.0:
+            query_scale = torch.ones(2 * batch, 1, 1, 1, device=conditions.device)
+            query_scale[batch:] = 1.0 / guidance["temperature"]
+        return conditions, query_scale
+
+    @staticmethod
+    def _guided_scale_shift(
+        block: TarFlowBlock, hidden: torch.Tensor, guidance: dict | None, weight: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) from the last hidden states; with guidance, hidden is [conditional; unconditional] rows and
+        the result is cond + weight * (cond - uncond) on the guided parts."""
+        log_scale, shift = block.scale_shift(block.proj_out(hidden))
+        if guidance is None:
+            return log_scale, shift
+        a_cond, a_uncond = log_scale.chunk(2)
+        b_cond, b_uncond = shift.chunk(2)
+        # Combined in the projection's dtype, as Apple does, so that half-precision samples match too.
+        if guidance["scale"]:
+            a_cond = a_cond + weight * (a_cond - a_uncond)
+        if guidance["shift"]:
+            b_cond = b_cond + weight * (b_cond - b_uncond)
+        return a_cond, b_cond
+
+    def _invert_block_sequential(
+        self,
+        block: TarFlowBlock,
+        z: torch.Tensor,
+        conditions: torch.Tensor | None,
+        query_scale: torch.Tensor | None,
+        guidance: dict | None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Exact inverse of one block, z in the block's order: patch t+1 from patches 0..t, one at a time, each
+        step reading the keys and values of the earlier ones from a pre-allocated cache. Patches 0..start are
+        taken as already inverted (a Jacobi prefix): one parallel pass puts them in the cache."""
+        x = z.clone()
+        num_patches = x.shape[1]
+        caches = [KVCache(num_patches) for _ in block.layers]
+        positions = block.position_table()
+        if start > 0:
+            block.transformer(block.embed(x[:, :start], positions[:, :start], conditions), caches, 0, query_scale)
+        weight = 0.0 if guidance is None else guidance["weight"]
+        for t in range(start, num_patches - 1):
+            hidden = block.embed(x[:, t : t + 1], positions[:, t : t + 1], conditions)
+            hidden = block.transformer(hidden, caches, t, query_scale)
+            if guidance is not None and guidance["linear"]:
+                weight = guidance["weight"] * (t + 1) / (num_patches - 1)
+            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
+            scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
+            x[:, t + 1 : t + 2] = torch.addcmul(shift, x[:, t + 1 : t + 2], scale)
+        return x
+
+    def _invert_block_jacobi(
+        self,
+        block: TarFlowBlock,
+        z: torch.Tensor,
+        conditions: torch.Tensor | None,
+        query_scale: torch.Tensor | None,
+        guidance: dict | None,
+        tolerance: float,
+        budget: int,
+    ) -> tuple[torch.Tensor, int, int, float]:
+        """Inverse of one block by fixed-point iteration x <- z * exp(a(x)) + b(x) over all patches at once.
+        Patch t's (a, b) depend on patches < t only, so after k iterations the first k+1 patches are exact; in
+        practice most blocks settle in far fewer than T iterations. A block that does not settle within
+        `budget` iterations, or whose residual shrinks too slowly to, is finished sequentially from its
+        converged prefix. Returns (x, iterations, sequential steps, last residual)."""
+        num_patches = z.shape[1]
+        weight: torch.Tensor | float = 0.0
+        if guidance is not None:
+            weight = guidance["weight"]
+            if guidance["linear"]:
+                # Hidden row t predicts patch t + 1, which the sequential loop reaches at step t.
+                steps = torch.arange(1, num_patches + 1, device=z.device, dtype=torch.float32)
+                weight = (weight * steps / max(num_patches - 1, 1)).view(1, -1, 1)
+        x = z.clone()
+        positions = block.position_table()
+        residuals: list[float] = []
+        for iteration in range(1, min(budget, num_patches - 1) + 1):
+            hidden = block.transformer(block.embed(x, positions, conditions), query_scale=query_scale)
+            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
+            scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
+            updated = torch.cat([z[:, :1], torch.addcmul(shift[:, :-1], z[:, 1:], scale[:, :-1])], dim=1)
+            change = (updated - x).abs().amax(dim=(0, 2))  # per patch
+            x = updated
+            residuals.append(change.max().item())
+            if residuals[-1] <= tolerance or iteration == num_patches - 1:  # T - 1 iterations are exact
+                return x, iteration, 0, residuals[-1]
+            if self._jacobi_too_slow(residuals, tolerance, budget):
+                break
+        # Patches before the first one still moving are settled (and the first `iteration + 1` are exact).
+        moving = (change > tolerance).nonzero()
+        prefix = max(iteration + 1, int(moving[0]) if len(moving) else num_patches)
+        mixed = torch.cat([x[:, :prefix], z[:, prefix:]], dim=1)
+        start = prefix - 1
+        x = self._invert_block_sequential(block, mixed, conditions, query_scale, guidance, start=start)
+        return x, iteration, num_patches - 1 - start, 0.0
+
+    @staticmethod
+    def _jacobi_too_slow(residuals: list[float], tolerance: float, budget: int) -> bool:
+        """Give up on Jacobi when the last contraction rate predicts the budget will not suffice."""
+        if len(residuals) >= budget:
+            return True
+        if len(residuals) < 3:
+            return False
+        rate = residuals[-1] / max(residuals[-2], 1e-30)
+        if rate >= 1.0:
+            return True
+        remaining = math.log(tolerance / residuals[-1]) / math.log(rate)
+        return len(residuals) + remaining > budget
+
+    # ------------------------------------------------------------------------------------------- denoising
+    def denoise(
+        self,
+        images: torch.Tensor,
+        class_labels: torch.Tensor | Sequence[int] | None = None,
+        noise_std: float | None = None,
+        strength: float = 1.0,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        r"""
+        One Tweedie score step `x + strength * sigma**2 * grad_x log p(x)`, with the model's own likelihood.
+
+        Samples of a model trained on noisy images carry that noise; this removes it. Computed image by image
+        (the gradient of a sum of per-image log-likelihoods), in chunks of `batch_size` to bound memory, so the
+        result does not depend on how images are batched.
+        """
+        sigma = self.config.noise_std if noise_std is None else noise_std
+        if sigma < 0 or not math.isfinite(sigma):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_images(images)
+        labels = self.prepare_class_labels(class_labels, images.shape[0])
+        outputs = []
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start : start + batch_size].detach().clone().requires_grad_(True)
+            chunk_labels = None if labels is None else labels[start : start + batch_size]
+            with torch.enable_grad():
+                log_likelihood = self(chunk, chunk_labels).log_likelihood
+                (score,) = torch.autograd.grad(log_likelihood.sum(), chunk)
+            outputs.append((chunk + strength * sigma**2 * score).detach())
+        return torch.cat(outputs)
+
+
+__all__ = ["JacobiStats", "TarFlowConfig", "TarFlowModel", "TarFlowOutput", "TarFlowPreTrainedModel"]

