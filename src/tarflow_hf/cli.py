@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,9 +20,10 @@ class CommandError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, FileExistsError)
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tarflow-hf", description="TarFlow normalizing flows for Hugging Face")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_path, help_text in COMMANDS:
@@ -32,15 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
+def _execute(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return run(args) or 0
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"tarflow-hf {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _execute(f"tarflow-hf {args.command}", args.run, args)
+
+
+def run_command(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """One sub-command on its own, for `python -m tarflow_hf.<module>` and the conversion script."""
+    module_path, help_text = next((path, text) for command, path, text in COMMANDS if command == name)
+    module = importlib.import_module(module_path)
+    parser = argparse.ArgumentParser(prog=prog or f"python -m {module_path}", description=help_text)
+    module.add_arguments(parser)
+    return _execute(parser.prog, module.run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

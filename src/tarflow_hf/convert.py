@@ -34,7 +34,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -861,16 +860,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point of `conversion/convert_ml_tarflow.py`: the `tarflow-hf convert` command on its own."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Convert an apple/ml-tarflow .pth checkpoint to a TarFlowPipeline folder, or back."
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (CommandError, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    from .cli import run_command
+
+    return run_command("convert", argv, prog)
 
 
 __all__ = [

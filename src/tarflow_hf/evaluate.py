@@ -490,26 +490,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tarflow_hf.evaluate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"tarflow_hf.evaluate: error: {error}", file=sys.stderr)
-        return 2
+    from .cli import run_command
 
+    return run_command("evaluate", argv)
 
-__all__ = [
-    "InceptionFeatures",
-    "bits_per_dim",
-    "class_consistency",
-    "dequantize",
-    "fid",
-    "frechet_distance",
-    "generate",
-    "reference_statistics",
-]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -677,14 +677,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tarflow_hf.train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"tarflow_hf.train: error: {error}", file=sys.stderr)
-        return 2
+    from .cli import run_command
+
+    return run_command("train", argv)
 
 
 if __name__ == "__main__":
