@@ -765,3 +765,10 @@ def test_save_pretrained_push_to_hub(fake_hub, pipe, tmp_path):
     assert upload[1] == "me/from-save" and upload[2]["commit_message"] == "first"
     assert (fake_hub.uploaded / "transformer" / "model.safetensors").exists()
     assert 'from_pretrained("me/from-save")' in (tmp_path / "local" / "README.md").read_text()
+
+
+def test_saved_folder_has_ordinary_permissions(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o777 & ~mask

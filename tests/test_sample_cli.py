@@ -56,6 +56,9 @@ def test_sample_writes_the_captioned_grid(folders, tmp_path, capsys):
     assert written.size == expected.size
     np.testing.assert_array_equal(np.asarray(written), np.asarray(expected))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.png"]  # no temporary files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file, not the temp file's private mode
 
 
 def test_sample_options_reach_the_pipeline(folders, tmp_path):

@@ -248,6 +248,9 @@ def _save_atomic(image: PIL.Image.Image, output: Path) -> None:
     os.close(handle)
     try:
         image.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)  # mkstemp makes the file private; the grid is an ordinary file
         os.replace(temporary, output)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

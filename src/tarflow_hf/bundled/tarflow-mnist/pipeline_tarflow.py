@@ -804,6 +804,7 @@ class TarFlowPipeline(DiffusionPipeline):
             raise ValueError(f"unexpected arguments to save_pretrained: {sorted(kwargs)}")
         save_directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the saved folder should be an ordinary one
         try:
             super().save_pretrained(staging, safe_serialization=True, variant=variant, max_shard_size=max_shard_size)
             self._write_hub_files(staging)
@@ -1068,6 +1069,12 @@ def _is_generated_card(path: Path) -> bool:
     if not path.exists():
         return True
     return CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _move_into(staging: Path, target: Path) -> None:
