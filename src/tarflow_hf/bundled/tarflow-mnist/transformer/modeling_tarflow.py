@@ -389,7 +389,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         self._check_images(pixel_values)
         labels = self.prepare_class_labels(class_labels, pixel_values.shape[0])
 
-        x = self.patchify(pixel_values)
+        x = self.patchify(pixel_values.to(self.prior_variance))  # the model's device and dtype
         logdet = _at_least_fp32(x.new_zeros(x.shape[0]))
         hidden_states = []
         for block in self.blocks:
@@ -474,7 +474,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         labels = self.prepare_class_labels(class_labels, batch)
         stats = JacobiStats(iterations=[], sequential_steps=[], residuals=[])
 
-        x = latents.to(self.prior_variance.device) * self.prior_variance.sqrt()
+        x = latents.to(self.prior_variance) * self.prior_variance.sqrt()  # the model's device and dtype
         for step, block in enumerate(reversed(self.blocks)):
             conditions, query_scale = self._branch_conditions(block, labels, batch, guidance)
             z = block.permute(x)
