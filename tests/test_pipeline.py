@@ -565,17 +565,24 @@ def saved(tmp_path_factory, model) -> Path:
     return folder
 
 
+# What a saved pipeline folder holds (and what push_to_hub uploads).
+SAVED_FILES = [
+    "README.md",
+    "model_index.json",
+    "pipeline_tarflow.py",
+    "transformer/config.json",
+    "transformer/configuration_tarflow.py",
+    "transformer/model.safetensors",
+    "transformer/modeling_tarflow.py",
+]
+
+
+def files_under(folder) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
 def test_saved_folder_layout(saved, model):
-    files = sorted(str(path.relative_to(saved)) for path in saved.rglob("*") if path.is_file())
-    assert files == [
-        "README.md",
-        "model_index.json",
-        "pipeline_tarflow.py",
-        "transformer/config.json",
-        "transformer/configuration_tarflow.py",
-        "transformer/model.safetensors",
-        "transformer/modeling_tarflow.py",
-    ]
+    assert files_under(saved) == SAVED_FILES
     index = json.loads((saved / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_tarflow", "TarFlowPipeline"]
     assert index["transformer"] == ["modeling_tarflow", "TarFlowModel"]
@@ -725,16 +732,7 @@ def test_push_to_hub(fake_hub, pipe, noise):
     assert pipe.push_to_hub("me/tiny-tarflow", private=True, model_card={"license": "mit"}) == "commit-info"
     assert fake_hub.calls[0] == ("create_repo", "me/tiny-tarflow", {"private": True, "exist_ok": True})
     assert fake_hub.calls[-1][0] == "upload_folder" and fake_hub.calls[-1][2]["commit_message"]
-    files = sorted(str(path.relative_to(fake_hub.uploaded)) for path in fake_hub.uploaded.rglob("*") if path.is_file())
-    assert files == [
-        "README.md",
-        "model_index.json",
-        "pipeline_tarflow.py",
-        "transformer/config.json",
-        "transformer/configuration_tarflow.py",
-        "transformer/model.safetensors",
-        "transformer/modeling_tarflow.py",
-    ]
+    assert files_under(fake_hub.uploaded) == SAVED_FILES
     card = ModelCard.load(fake_hub.uploaded / "README.md")
     assert card.data.license == "mit" and 'from_pretrained("me/tiny-tarflow")' in card.text
     # What was uploaded is a working pipeline.
