@@ -209,6 +209,7 @@ def test_labels_on_unconditional_model_are_refused():
         ({"sampler": "euler"}, "sampler must be one of ('sequential', 'jacobi'), got 'euler'"),
         ({"jacobi_tolerance": 0}, "jacobi_tolerance must be > 0"),
         ({"jacobi_max_iterations": 0}, "jacobi_max_iterations must be >= 1, got 0"),
+        ({"jacobi_window": 0}, "jacobi_window must be >= 1 (or None for all patches), got 0"),
         ({"jacobi_sequential_blocks": -1}, "jacobi_sequential_blocks must be >= 0, got -1"),
     ],
 )

@@ -264,6 +264,13 @@ def test_jacobi_sampler_and_stats(pipe, noise, model):
     torch.testing.assert_close(jacobi.images, exact.images, atol=1e-5, rtol=0)
     assert jacobi.stats.sequential_blocks[0] and jacobi.stats.iterations[0] == 0
     assert len(jacobi.stats.iterations) == model.config.num_blocks
+    steps = model.config.num_patches - 1
+    one_patch = pipe(
+        class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", sampler="jacobi", jacobi_window=1,
+        return_stats=True,
+    )  # fmt: skip
+    assert one_patch.stats.iterations == one_patch.stats.rows_computed == [steps] * model.config.num_blocks
+    torch.testing.assert_close(one_patch.images, exact.images, atol=1e-6, rtol=0)
     assert pipe(class_labels=[0], denoise=False).stats is None  # only when asked for
     with pytest.raises(ValueError, match=r"sampler must be one of"):
         pipe(sampler="euler")

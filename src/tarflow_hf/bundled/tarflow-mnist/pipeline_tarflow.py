@@ -92,7 +92,7 @@ class TarFlowPipelineOutput(BaseOutput):
             With `return_trajectory=True`: the images after each flow block in sampling order (before denoising),
             each in the format of `images`.
         stats (`JacobiStats`, *optional*):
-            With `return_stats=True`: what the sampler did per block (iterations, final residuals).
+            With `return_stats=True`: what the sampler did per block (passes, rows computed, residuals).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -336,6 +336,7 @@ class TarFlowPipeline(DiffusionPipeline):
         attention_temperature: float = 1.0,
         sampler: str = "sequential",
         jacobi_tolerance: float = 1e-4,
+        jacobi_window: int | None = None,
         jacobi_max_iterations: int | None = None,
         jacobi_sequential_blocks: int = 0,
         denoise: bool = True,
@@ -374,9 +375,9 @@ class TarFlowPipeline(DiffusionPipeline):
             attention_temperature (`float`, defaults to 1.0):
                 Divides the attention logits of the unconditional branch only (Apple's `attn_temp`).
             sampler (`str`, defaults to `"sequential"`):
-                `"sequential"` inverts each block patch by patch (exact); `"jacobi"` iterates all patches in parallel
-                to a fixed point (fewer sequential steps, equal up to `jacobi_tolerance`).
-            jacobi_tolerance, jacobi_max_iterations, jacobi_sequential_blocks:
+                `"sequential"` inverts each block patch by patch (exact); `"jacobi"` iterates many patches in parallel
+                to a fixed point (fewer sequential transformer passes, never more; equal up to `jacobi_tolerance`).
+            jacobi_tolerance, jacobi_window, jacobi_max_iterations, jacobi_sequential_blocks:
                 Jacobi options, see [`TarFlowModel.inverse`].
             denoise (`bool`, defaults to `True`):
                 Models trained on noisy images sample noisy images; one Tweedie step
@@ -479,6 +480,7 @@ class TarFlowPipeline(DiffusionPipeline):
                 attention_temperature=attention_temperature,
                 sampler=sampler,
                 jacobi_tolerance=jacobi_tolerance,
+                jacobi_window=jacobi_window,
                 jacobi_max_iterations=jacobi_max_iterations,
                 jacobi_sequential_blocks=jacobi_sequential_blocks,
                 callback=on_block,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -30,6 +30,9 @@ GuidanceSchedule = Literal["constant", "linear"]
 GUIDANCE_TARGETS = ("both", "scale", "shift")
 GUIDANCE_SCHEDULES = ("constant", "linear")
 SAMPLERS = ("sequential", "jacobi")
+# Jacobi window while the iteration stagnates: wide enough to catch a stretch that converges at once.
+JACOBI_PROBE_WINDOW = 16
+JACOBI_STAGNATION_PASSES = 5
 # Apple's evaluate_bpd.py: pixels in [-1, 1] are 256 levels of width 2/256, so p(level) = p(x) / 128 per dim.
 LOG_PIXEL_SCALE = math.log(128.0)
 LOG_TWO_PI = math.log(2 * math.pi)
@@ -68,24 +71,36 @@ class TarFlowOutput(ModelOutput):
 class JacobiStats:
     """What the sampler did, per flow block in sampling order."""
 
-    iterations: list[int]
-    """Parallel (Jacobi) iterations of each block; 0 for a block run sequentially from the start."""
-    sequential_steps: list[int]
-    """Patch-by-patch steps of each block: T - 1 for a sequential block, the rest of the sequence after the
-    converged prefix for a Jacobi block that fell back, 0 for one that converged."""
-    residuals: list[float]
-    """Largest change in the last Jacobi iteration (0.0 where the block ended sequentially: exact)."""
+    iterations: list[int] = field(default_factory=list)
+    """Transformer passes of each block run by Jacobi (each settles one patch or more); 0 for a block run
+    sequentially."""
+    sequential_steps: list[int] = field(default_factory=list)
+    """One-patch steps: T - 1 for a sequential block; for a Jacobi block, the steps taken after its
+    `jacobi_max_iterations` budget ran out (these are included in `iterations`)."""
+    residuals: list[float] = field(default_factory=list)
+    """Largest movement of a patch that a Jacobi block accepted as settled (at most the tolerance; 0.0 where every
+    patch was settled exactly)."""
+    rows_computed: list[int] = field(default_factory=list)
+    """Transformer rows (patch positions) computed per image and branch: T - 1 for a sequential block; more for
+    a Jacobi block, which recomputes its window each pass. The compute cost, where passes are the latency."""
+
+    def add_block(self, iterations: int, sequential_steps: int, residual: float, rows_computed: int) -> None:
+        self.iterations.append(iterations)
+        self.sequential_steps.append(sequential_steps)
+        self.residuals.append(residual)
+        self.rows_computed.append(rows_computed)
 
     @property
     def sequential_blocks(self) -> list[bool]:
-        """Blocks that ended patch by patch (from the start or after a Jacobi fallback)."""
-        return [steps > 0 for steps in self.sequential_steps]
+        """Blocks that ran patch by patch from the start."""
+        return [iterations == 0 for iterations in self.iterations]
 
     @property
     def transformer_passes(self) -> int:
-        """Transformer evaluations that had to run one after another: one per Jacobi iteration plus one per
-        sequential step. The exact sampler needs num_blocks * (T - 1)."""
-        return sum(self.iterations) + sum(self.sequential_steps)
+        """Transformer evaluations that had to run one after another. The sequential sampler needs
+        num_blocks * (T - 1)."""
+        pairs = zip(self.iterations, self.sequential_steps, strict=True)
+        return sum(steps if iterations == 0 else iterations for iterations, steps in pairs)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +153,8 @@ class TarFlowAttention(nn.Module):
         query_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal self-attention over `hidden` (B, L, W). With `cache`, `hidden` holds positions
-        `position .. position + L - 1` (L = 1, or L > 1 from position 0 to fill the cache) and also attends to
-        every cached position before them. `query_scale` (B, 1, 1, 1) divides the
+        `position .. position + L - 1`, which also attend to every cached position before them (their own keys
+        and values overwrite the cache there). `query_scale` (B, 1, 1, 1) divides the
         attention logits of selected rows by a temperature."""
         batch, length, width = hidden.shape
         qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
@@ -148,7 +163,10 @@ class TarFlowAttention(nn.Module):
             query = query * query_scale.to(query.dtype)
         if cache is not None:
             key, value = cache.update(key, value, position)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1)
+        mask = None
+        if length > 1 and position > 0:  # a window after cached positions: causal, aligned to the last key
+            mask = torch.ones(length, position + length, dtype=torch.bool, device=hidden.device).tril(position)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=length > 1 and position == 0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -424,6 +442,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         attention_temperature: float = 1.0,
         sampler: Literal["sequential", "jacobi"] = "sequential",
         jacobi_tolerance: float = 1e-4,
+        jacobi_window: int | None = None,
         jacobi_max_iterations: int | None = None,
         jacobi_sequential_blocks: int = 0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -442,14 +461,16 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 grows with the patch index, `w_t = 1 + (w - 1) * (t + 1) / (T - 1)`.
             attention_temperature (`float`): divides the attention logits of the unconditional branch.
             sampler (`str`): `"sequential"` (exact, one patch at a time with a key/value cache) or `"jacobi"`
-                (parallel fixed-point iteration over all patches, to `jacobi_tolerance`).
-            jacobi_tolerance (`float`): a block's iteration has converged once no value moves more than this.
-            jacobi_max_iterations (`int`, *optional*): iteration budget per block (default: a quarter of the
-                number of patches, at least 4). A block that has not converged within it, or whose observed
-                contraction rate predicts it will not, finishes sequentially from its converged prefix (exact),
-                so slow blocks cost little more than the sequential sampler; the choice is measured per block.
+                (parallel fixed-point iteration over many patches at once, to `jacobi_tolerance`; it never takes
+                more sequential transformer passes than `"sequential"`).
+            jacobi_tolerance (`float`): a patch counts as settled once the patches before it moved by at most
+                this in a pass (model space, [-1, 1]).
+            jacobi_window (`int`, *optional*): patches iterated together after the settled prefix; default all of
+                them (fewest passes). A smaller window (Gauss-Seidel-Jacobi segments) computes less per pass.
+            jacobi_max_iterations (`int`, *optional*): passes per block after which the rest of the block goes one
+                patch at a time (exact). Default: no limit.
             jacobi_sequential_blocks (`int`): force this many of the first blocks in sampling order to run
-                sequentially from the start.
+                sequentially.
             callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
                 order) with its index and the current images.
             return_stats (`bool`): also return a [`JacobiStats`].
@@ -464,15 +485,16 @@ class TarFlowModel(TarFlowPreTrainedModel):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if jacobi_tolerance <= 0:
             raise ValueError(f"jacobi_tolerance must be > 0, got {jacobi_tolerance}")
+        if jacobi_window is not None and jacobi_window < 1:
+            raise ValueError(f"jacobi_window must be >= 1 (or None for all patches), got {jacobi_window}")
         if jacobi_max_iterations is not None and jacobi_max_iterations < 1:
             raise ValueError(f"jacobi_max_iterations must be >= 1, got {jacobi_max_iterations}")
         if jacobi_sequential_blocks < 0:
             raise ValueError(f"jacobi_sequential_blocks must be >= 0, got {jacobi_sequential_blocks}")
         num_patches = self.config.num_patches
-        budget = jacobi_max_iterations or max(4, math.ceil(num_patches / 4))
         batch = latents.shape[0]
         labels = self.prepare_class_labels(class_labels, batch)
-        stats = JacobiStats(iterations=[], sequential_steps=[], residuals=[])
+        stats = JacobiStats()
 
         x = latents.to(self.prior_variance) * self.prior_variance.sqrt()  # the model's device and dtype
         for step, block in enumerate(reversed(self.blocks)):
@@ -480,15 +502,13 @@ class TarFlowModel(TarFlowPreTrainedModel):
             z = block.permute(x)
             if sampler == "sequential" or step < jacobi_sequential_blocks:
                 inverted = self._invert_block_sequential(block, z, conditions, query_scale, guidance)
-                iterations, steps, residual = 0, num_patches - 1, 0.0
+                record = (0, num_patches - 1, 0.0, num_patches - 1)
             else:
-                inverted, iterations, steps, residual = self._invert_block_jacobi(
-                    block, z, conditions, query_scale, guidance, jacobi_tolerance, budget
+                inverted, *record = self._invert_block_jacobi(
+                    block, z, conditions, query_scale, guidance, jacobi_tolerance, jacobi_window, jacobi_max_iterations
                 )
+            stats.add_block(*record)
             x = block.permute(inverted)
-            stats.iterations.append(iterations)
-            stats.sequential_steps.append(steps)
-            stats.residuals.append(residual)
             if callback is not None:
                 callback(step, self.unpatchify(x))
         if not torch.isfinite(x).all():
@@ -566,19 +586,15 @@ class TarFlowModel(TarFlowPreTrainedModel):
         conditions: torch.Tensor | None,
         query_scale: torch.Tensor | None,
         guidance: dict | None,
-        start: int = 0,
     ) -> torch.Tensor:
         """Exact inverse of one block, z in the block's order: patch t+1 from patches 0..t, one at a time, each
-        step reading the keys and values of the earlier ones from a pre-allocated cache. Patches 0..start are
-        taken as already inverted (a Jacobi prefix): one parallel pass puts them in the cache."""
+        step reading the keys and values of the earlier ones from a pre-allocated cache."""
         x = z.clone()
         num_patches = x.shape[1]
         caches = [KVCache(num_patches) for _ in block.layers]
         positions = block.position_table()
-        if start > 0:
-            block.transformer(block.embed(x[:, :start], positions[:, :start], conditions), caches, 0, query_scale)
         weight = 0.0 if guidance is None else guidance["weight"]
-        for t in range(start, num_patches - 1):
+        for t in range(num_patches - 1):
             hidden = block.embed(x[:, t : t + 1], positions[:, t : t + 1], conditions)
             hidden = block.transformer(hidden, caches, t, query_scale)
             if guidance is not None and guidance["linear"]:
@@ -596,56 +612,77 @@ class TarFlowModel(TarFlowPreTrainedModel):
         query_scale: torch.Tensor | None,
         guidance: dict | None,
         tolerance: float,
-        budget: int,
-    ) -> tuple[torch.Tensor, int, int, float]:
-        """Inverse of one block by fixed-point iteration x <- z * exp(a(x)) + b(x) over all patches at once.
-        Patch t's (a, b) depend on patches < t only, so after k iterations the first k+1 patches are exact; in
-        practice most blocks settle in far fewer than T iterations. A block that does not settle within
-        `budget` iterations, or whose residual shrinks too slowly to, is finished sequentially from its
-        converged prefix. Returns (x, iterations, sequential steps, last residual)."""
+        window: int | None,
+        budget: int | None,
+    ) -> tuple[torch.Tensor, int, int, float, int]:
+        """Inverse of one block by fixed-point iteration x <- z * exp(a(x)) + b(x) on a window of patches after a
+        settled prefix: Jacobi inside the window, Gauss-Seidel from one window to the next.
+
+        The settled prefix lives in a key/value cache, so a pass computes only the window. Window row t predicts
+        patch t + 1. The first row reads settled patches only, so each pass settles at least one patch exactly;
+        it settles the following ones too while the rows before them were fed patches that moved by at most
+        `tolerance`. So Jacobi never needs more passes than the sequential sampler. The window starts at `window`
+        patches (default: all), doubles whenever a pass settles all of it, and drops to a small probe while the
+        iteration stagnates (one patch per pass, the largest movement not shrinking: a stretch of strong
+        dependence where a wide window only wastes compute). After `budget` passes, the rest goes one patch at a
+        time. Returns (x, passes, of which one-patch passes after the budget, largest accepted movement, rows
+        computed)."""
         num_patches = z.shape[1]
-        weight: torch.Tensor | float = 0.0
-        if guidance is not None:
-            weight = guidance["weight"]
-            if guidance["linear"]:
-                # Hidden row t predicts patch t + 1, which the sequential loop reaches at step t.
-                steps = torch.arange(1, num_patches + 1, device=z.device, dtype=torch.float32)
-                weight = (weight * steps / max(num_patches - 1, 1)).view(1, -1, 1)
+        widest = num_patches - 1 if window is None else min(window, num_patches - 1)
+        width = widest
+        weight = self._guidance_weight(guidance, num_patches, z.device)
         x = z.clone()
+        caches = [KVCache(num_patches) for _ in block.layers]
         positions = block.position_table()
-        residuals: list[float] = []
-        for iteration in range(1, min(budget, num_patches - 1) + 1):
-            hidden = block.transformer(block.embed(x, positions, conditions), query_scale=query_scale)
-            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, weight)
+        frontier = passes = after_budget = rows_computed = 0  # patches 0..frontier are settled
+        residual, movements = 0.0, []
+        while frontier < num_patches - 1:
+            if budget is not None and passes >= budget:
+                width, after_budget = 1, after_budget + 1
+            end = min(frontier + width, num_patches - 1)
+            hidden = block.embed(x[:, frontier:end], positions[:, frontier:end], conditions)
+            hidden = block.transformer(hidden, caches, frontier, query_scale)
+            row_weight = weight[:, frontier:end] if isinstance(weight, torch.Tensor) else weight
+            log_scale, shift = self._guided_scale_shift(block, hidden, guidance, row_weight)
             scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
-            updated = torch.cat([z[:, :1], torch.addcmul(shift[:, :-1], z[:, 1:], scale[:, :-1])], dim=1)
-            change = (updated - x).abs().amax(dim=(0, 2))  # per patch
-            x = updated
-            residuals.append(change.max().item())
-            if residuals[-1] <= tolerance or iteration == num_patches - 1:  # T - 1 iterations are exact
-                return x, iteration, 0, residuals[-1]
-            if self._jacobi_too_slow(residuals, tolerance, budget):
-                break
-        # Patches before the first one still moving are settled (and the first `iteration + 1` are exact).
-        moving = (change > tolerance).nonzero()
-        prefix = max(iteration + 1, int(moving[0]) if len(moving) else num_patches)
-        mixed = torch.cat([x[:, :prefix], z[:, prefix:]], dim=1)
-        start = prefix - 1
-        x = self._invert_block_sequential(block, mixed, conditions, query_scale, guidance, start=start)
-        return x, iteration, num_patches - 1 - start, 0.0
+            updated = torch.addcmul(shift, z[:, frontier + 1 : end + 1], scale)
+            # Guesses ahead of the first (exact) patch can overflow while the iteration is far off; they restart
+            # from the latents rather than poison the window with NaN (an exact overflow is kept and reported).
+            ahead = updated[:, 1:]
+            ahead.copy_(torch.where(torch.isfinite(ahead), ahead, z[:, frontier + 2 : end + 1]))
+            movement = (updated - x[:, frontier + 1 : end + 1]).abs().amax(dim=(0, 2))  # per patch
+            x[:, frontier + 1 : end + 1] = updated
+            passes, rows_computed = passes + 1, rows_computed + end - frontier
+            # Rows up to the first patch that moved more than the tolerance had (nearly) final inputs.
+            moving = (~(movement <= tolerance)).nonzero()  # NaN counts as moving
+            settled = min(int(moving[0]) + 1 if len(moving) else end - frontier, end - frontier)
+            if settled > 1:
+                residual = max(residual, movement[: settled - 1].max().item())
+            movements.append(movement.max().item())
+            whole_window = settled == end - frontier
+            frontier += settled
+            if whole_window:  # a new stretch starts from the latents: its history says nothing
+                width, movements = min(2 * width, widest), []
+            elif settled == 1 and self._jacobi_stagnates(movements):
+                width, movements = min(width, JACOBI_PROBE_WINDOW), []
+        return x, passes, after_budget, residual, rows_computed
 
     @staticmethod
-    def _jacobi_too_slow(residuals: list[float], tolerance: float, budget: int) -> bool:
-        """Give up on Jacobi when the last contraction rate predicts the budget will not suffice."""
-        if len(residuals) >= budget:
-            return True
-        if len(residuals) < 3:
-            return False
-        rate = residuals[-1] / max(residuals[-2], 1e-30)
-        if rate >= 1.0:
-            return True
-        remaining = math.log(tolerance / residuals[-1]) / math.log(rate)
-        return len(residuals) + remaining > budget
+    def _jacobi_stagnates(movements: list[float]) -> bool:
+        """The largest movement has not halved over the last `JACOBI_STAGNATION_PASSES` passes."""
+        n = JACOBI_STAGNATION_PASSES
+        return len(movements) > n and movements[-1] > 0.5 * movements[-1 - n]
+
+    @staticmethod
+    def _guidance_weight(guidance: dict | None, num_patches: int, device: torch.device) -> torch.Tensor | float:
+        """Guidance weight per transformer row: a number, or (1, T, 1) for the linear schedule, where row t
+        (which predicts patch t + 1) gets weight * (t + 1) / (T - 1), as in the sequential loop."""
+        if guidance is None:
+            return 0.0
+        if not guidance["linear"]:
+            return guidance["weight"]
+        steps = torch.arange(1, num_patches + 1, device=device, dtype=torch.float32)
+        return (guidance["weight"] * steps / max(num_patches - 1, 1)).view(1, -1, 1)
 
     # ------------------------------------------------------------------------------------------- denoising
     def denoise(
