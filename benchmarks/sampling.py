@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jacobi-tolerance", type=float, default=1e-4)
+    parser.add_argument("--jacobi-window", type=int, help="patches per Jacobi window (default: all)")
     parser.add_argument("--model", help="a pipeline or model folder to benchmark instead of random weights")
     parser.add_argument("--ml-tarflow", type=Path, help="checkout of apple/ml-tarflow to compare against")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                 guidance_scale=guidance,
                 sampler="jacobi",
                 jacobi_tolerance=args.jacobi_tolerance,
+                jacobi_window=args.jacobi_window,
                 return_stats=True,
             )
         jacobi_stats["stats"] = stats
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {
         "preset": args.model or args.preset,
+        "jacobi_tolerance": args.jacobi_tolerance,
+        "jacobi_window": args.jacobi_window or "all",
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "dtype": args.dtype,
         "batch_size": args.batch_size,
@@ -153,8 +157,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["exact_images_per_s"] = args.batch_size / exact_time
     jacobi_time, jacobi = timed(ours_jacobi, args.repeats, device)
     results["jacobi_images_per_s"] = args.batch_size / jacobi_time
-    results["jacobi_sequential_passes"] = jacobi_stats["stats"].transformer_passes
-    results["jacobi_iterations_per_block"] = jacobi_stats["stats"].iterations
+    stats = jacobi_stats["stats"]
+    results["jacobi_sequential_passes"] = stats.transformer_passes
+    results["jacobi_fewer_passes"] = results["sequential_passes_exact"] / stats.transformer_passes
+    results["jacobi_passes_per_block"] = stats.iterations
+    # Compute: transformer rows per image and branch, relative to the exact sampler's one row per patch.
+    results["jacobi_rows_vs_exact"] = sum(stats.rows_computed) / results["sequential_passes_exact"]
+    results["jacobi_rows_per_patch_per_block"] = [
+        round(rows / (cfg.num_patches - 1), 1) for rows in stats.rows_computed
+    ]
     results["jacobi_max_abs_deviation_01"] = ((jacobi - exact).abs().max() / 2).item()  # on the [0, 1] scale
     results["jacobi_speedup_over_exact"] = exact_time / jacobi_time
 

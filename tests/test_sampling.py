@@ -4,6 +4,7 @@
 import pytest
 import torch
 from conftest import random_model
+from transformers.testing_utils import CaptureLogger
 
 from tarflow_hf import BUNDLED_MODEL, TarFlowModel, modeling_tarflow
 from tarflow_hf.modeling_tarflow import KVCache, TarFlowBlock
@@ -186,3 +187,14 @@ def test_a_window_after_cached_positions_attends_causally():
             for s, e in [(0, 5), (5, 6), (6, 13), (13, 16)]
         ]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=0)
+
+
+def test_jacobi_warns_when_the_tolerance_is_below_half_precision():
+    model = random_model()
+    noise = torch.randn(2, 16, 4)
+    with CaptureLogger(modeling_tarflow.logger) as float32_log:
+        model.inverse(noise, [0, 1], sampler="jacobi", jacobi_tolerance=1.2345e-4)
+    with CaptureLogger(modeling_tarflow.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
+        model.inverse(noise, [0, 1], sampler="jacobi", jacobi_tolerance=1.2345e-4)
+    assert float32_log.out == ""
+    assert "jacobi_tolerance=0.00012345 is below the resolution of torch.bfloat16" in bfloat16_log.out

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_tarflow import TarFlowConfig
+
+logger = logging.get_logger(__name__)
 
 GuidanceTarget = Literal["both", "scale", "shift"]
 GuidanceSchedule = Literal["constant", "linear"]
@@ -645,6 +647,8 @@ class TarFlowModel(TarFlowPreTrainedModel):
             row_weight = weight[:, frontier:end] if isinstance(weight, torch.Tensor) else weight
             log_scale, shift = self._guided_scale_shift(block, hidden, guidance, row_weight)
             scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
+            if passes == 0:
+                self._warn_if_tolerance_below_resolution(tolerance, shift.dtype)
             updated = torch.addcmul(shift, z[:, frontier + 1 : end + 1], scale)
             # Guesses ahead of the first (exact) patch can overflow while the iteration is far off; they restart
             # from the latents rather than poison the window with NaN (an exact overflow is kept and reported).
@@ -666,6 +670,18 @@ class TarFlowModel(TarFlowPreTrainedModel):
             elif settled == 1 and self._jacobi_stagnates(movements):
                 width, movements = min(width, JACOBI_PROBE_WINDOW), []
         return x, passes, after_budget, residual, rows_computed
+
+    @staticmethod
+    def _warn_if_tolerance_below_resolution(tolerance: float, dtype: torch.dtype) -> None:
+        # Half-precision rounding moves every patch by about eps * |value| each pass, so a finer tolerance is never
+        # met and Jacobi settles one patch per pass: correct, but slower than the sequential sampler.
+        resolution = torch.finfo(dtype).eps
+        if tolerance < resolution:
+            logger.warning_once(
+                f"jacobi_tolerance={tolerance:g} is below the resolution of {dtype} arithmetic ({resolution:.1e}): "
+                "Jacobi will settle about one patch per pass. Use a tolerance of about 1e-2 in half precision, or "
+                "sample in float32."
+            )
 
     @staticmethod
     def _jacobi_stagnates(movements: list[float]) -> bool:
