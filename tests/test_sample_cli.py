@@ -15,6 +15,7 @@ import torch
 from conftest import random_model
 
 from tarflow_hf.cli import main
+from tarflow_hf.modeling_tarflow import TarFlowModel
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
 from tarflow_hf.sample import PADDING, make_grid
 
@@ -64,8 +65,11 @@ def test_sample_writes_the_captioned_grid(folders, tmp_path, capsys):
 def test_sample_options_reach_the_pipeline(folders, tmp_path):
     out = tmp_path / "plain.png"
     assert sample(folders["uncond"], "--num-images", "3", "--no-denoise", "--seed", "0", "--columns", "3",
-                  "--sampler", "jacobi", "--output", out) == 0  # fmt: skip
-    images = expected_images(folders["uncond"], None, 3, 0, denoise=False, sampler="jacobi")
+                  "--sampler", "jacobi", "--jacobi-tolerance", "1e-3", "--jacobi-window", "5",
+                  "--output", out) == 0  # fmt: skip
+    images = expected_images(
+        folders["uncond"], None, 3, 0, denoise=False, sampler="jacobi", jacobi_tolerance=1e-3, jacobi_window=5
+    )
     expected = make_grid(images, columns=3)  # unconditional: no captions
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
     # Without --no-denoise the images differ; --no-captions on a conditional model gives a caption-free grid.
@@ -74,6 +78,20 @@ def test_sample_options_reach_the_pipeline(folders, tmp_path):
     assert sample(folders["cond"], "--class-label", "0", "--num-images", "1", "--no-captions", "--seed", "1",
                   "--output", out) == 0  # fmt: skip
     assert PIL.Image.open(out).size == (8 + 2 * PADDING, 8 + 2 * PADDING)
+
+
+def test_jacobi_options_reach_the_sampler(folders, tmp_path, monkeypatch):
+    seen = {}
+    original = TarFlowModel.inverse
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TarFlowModel, "inverse", spy)
+    assert sample(folders["uncond"], "--num-images", "1", "--sampler", "jacobi", "--jacobi-tolerance", "0.02",
+                  "--jacobi-window", "3", "--output", tmp_path / "grid.png") == 0  # fmt: skip
+    assert (seen["sampler"], seen["jacobi_tolerance"], seen["jacobi_window"]) == ("jacobi", 0.02, 3)
 
 
 def test_unseeded_run_prints_its_seed(folders, tmp_path, capsys):
@@ -112,6 +130,8 @@ def test_make_grid_geometry():
         (["{cond}", "--guidance-scale", "nan"], r"--guidance-scale must be a finite number, got nan"),
         (["{cond}", "--noise-std", "-1"], r"noise_std must be a finite number >= 0, got -1.0"),
         (["{cond}", "--attention-temperature", "0"], r"attention_temperature must be > 0, got 0.0"),
+        (["{cond}", "--sampler", "jacobi", "--jacobi-window", "0"], r"jacobi_window must be >= 1 \(or None"),
+        (["{cond}", "--sampler", "jacobi", "--jacobi-tolerance", "-1"], r"jacobi_tolerance must be > 0, got -1.0"),
         (["{cond}", "--output", "{tmp}/grid.txt"], r"--output '.*grid.txt' has no image extension PIL can write"),
         (["{cond}", "--output", "{tmp}"], r"--output '.*' is a folder; give an image file name"),
         (["{tmp}/missing"], r"MODEL '.*missing' is neither an existing folder nor a Hub repo id"),

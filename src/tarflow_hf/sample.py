@@ -68,7 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
     )
-    parser.add_argument("--sampler", choices=("sequential", "jacobi"), default="sequential")
+    parser.add_argument(
+        "--sampler", choices=("sequential", "jacobi"), default="sequential", help="jacobi: fewer sequential passes"
+    )
+    parser.add_argument(
+        "--jacobi-tolerance", metavar="TOL", type=float, default=1e-4, help="Jacobi's tolerance (about 1e-2 in bf16)"
+    )
+    parser.add_argument(
+        "--jacobi-window", metavar="N", type=int, default=None, help="patches per Jacobi window (default: all)"
+    )
     parser.add_argument("--no-denoise", dest="denoise", action="store_false", help="skip the final denoising step")
     parser.add_argument(
         "--noise-std", metavar="SIGMA", type=float, default=None, help="sigma of the denoising step (default: model's)"
@@ -124,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             guidance_schedule=args.guidance_schedule,
             attention_temperature=args.attention_temperature,
             sampler=args.sampler,
+            jacobi_tolerance=args.jacobi_tolerance,
+            jacobi_window=args.jacobi_window,
             denoise=args.denoise,
             noise_std=args.noise_std,
             generator=generator,
