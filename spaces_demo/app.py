@@ -431,6 +431,7 @@ class Generation:
     images: list[PIL.Image.Image]
     frames: list[tuple[str, PIL.Image.Image]]  # (caption, all images enlarged and tiled) per sampling step
     seconds: float
+    transformer_passes: int  # transformer evaluations that ran one after another
 
 
 def generate_images(
@@ -487,11 +488,12 @@ def generate_images(
         denoise_strength=denoise_strength,
         latents=latents,
         callback_on_step_end=on_step,
+        return_stats=True,
     )
     images = list(output.images)
     if denoise:
         frames.append(("denoised (final)", _frame(images)))
-    return Generation(images=images, frames=frames, seconds=time.perf_counter() - start)
+    return Generation(images, frames, time.perf_counter() - start, output.stats.transformer_passes)
 
 
 @dataclass
@@ -791,10 +793,12 @@ def build_demo(
             ]
             last = len(result.frames) - 1
             per_image = result.seconds / len(result.images)
+            config = pipe.transformer.config
             summary = (
                 f"{len(result.images)} image(s) in **{result.seconds:.2f} s** ({per_image:.2f} s each) on "
-                f"{pipe.device.type}: {sampler_name} sampler, {pipe.transformer.config.num_blocks} flow blocks"
-                f"{', denoised' if do_denoise else ''}."
+                f"{pipe.device.type}: {sampler_name} sampler, {config.num_blocks} flow blocks, "
+                f"{result.transformer_passes} sequential transformer passes (patch by patch: "
+                f"{config.num_blocks * (config.num_patches - 1)}){', denoised' if do_denoise else ''}."
             )
             caption, frame = result.frames[last]
             return (

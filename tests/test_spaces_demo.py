@@ -180,6 +180,7 @@ def test_generate_returns_the_requested_images_with_timing(client, app):
             assert image.mode == "L" and image.size == (side, side)
         seconds = re.search(rf"^{count} image\(s\) in \*\*(\d+\.\d+) s\*\*", timing)
         assert seconds and 0 < float(seconds.group(1)) < 60, timing
+        assert "30 sequential transformer passes (patch by patch: 30)" in timing  # 2 blocks x 15 steps
         # Trajectory: prior noise, after each of the 2 blocks, denoised; the slider ends on the last frame.
         assert slider["maximum"] == 3 and slider["value"] == 3
         assert Path(step_image).is_file()
@@ -284,6 +285,16 @@ def test_generate_images_checks_bounds_itself(app, pipe, overrides, message):
     args = dict(class_id=1, num_images=1, guidance_scale=1.0, seed=0, sampler="sequential") | overrides
     with pytest.raises(ValueError, match=re.escape(message)):
         app.generate_images(pipe, **args)
+
+
+def test_jacobi_sampler_reports_its_passes(app, pipe):
+    args = dict(class_id=1, num_images=2, guidance_scale=2.0, seed=3, denoise=False)
+    exact = app.generate_images(pipe, **args, sampler="sequential")
+    jacobi = app.generate_images(pipe, **args, sampler="jacobi")
+    assert exact.transformer_passes == 30
+    assert 2 <= jacobi.transformer_passes < 30
+    for a, b in zip(exact.images, jacobi.images, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # same up to rounding
 
 
 def test_bad_uploads_give_readable_errors(client, tmp_path):
