@@ -198,3 +198,16 @@ def test_jacobi_warns_when_the_tolerance_is_below_half_precision():
         model.inverse(noise, [0, 1], sampler="jacobi", jacobi_tolerance=1.2345e-4)
     assert float32_log.out == ""
     assert "jacobi_tolerance=0.00012345 is below the resolution of torch.bfloat16" in bfloat16_log.out
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_jacobi_reports_a_real_overflow_like_the_sequential_sampler(window):
+    model = random_model(num_blocks=2, seed=0)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0.0, 0.3)
+    noise = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.inverse(noise, [0, 1], guidance_scale=3.0)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.inverse(noise, [0, 1], guidance_scale=3.0, sampler="jacobi", jacobi_window=window)

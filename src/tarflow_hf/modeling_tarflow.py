@@ -649,12 +649,16 @@ class TarFlowModel(TarFlowPreTrainedModel):
             scale = _at_least_fp32(log_scale).exp().type(log_scale.dtype)
             if passes == 0:
                 self._warn_if_tolerance_below_resolution(tolerance, shift.dtype)
-            updated = torch.addcmul(shift, z[:, frontier + 1 : end + 1], scale)
-            # Guesses ahead of the first (exact) patch can overflow while the iteration is far off; they restart
-            # from the latents rather than poison the window with NaN (an exact overflow is kept and reported).
-            ahead = updated[:, 1:]
-            ahead.copy_(torch.where(torch.isfinite(ahead), ahead, z[:, frontier + 2 : end + 1]))
+            targets = z[:, frontier + 1 : end + 1]
+            updated = torch.addcmul(shift, targets, scale)
+            # Guesses after the first (exact) patch can overflow while the iteration is far off: they restart from
+            # the latents, count as moving, and do not poison the window with NaN. An exact overflow is kept, and
+            # reported at the end.
+            overflow = ~torch.isfinite(updated)
+            overflow[:, 0] = False
+            updated = torch.where(overflow, targets, updated)
             movement = (updated - x[:, frontier + 1 : end + 1]).abs().amax(dim=(0, 2))  # per patch
+            movement = movement.masked_fill(overflow.any(dim=2).any(dim=0), math.inf)
             x[:, frontier + 1 : end + 1] = updated
             passes, rows_computed = passes + 1, rows_computed + end - frontier
             # Rows up to the first patch that moved more than the tolerance had (nearly) final inputs.
@@ -673,10 +677,11 @@ class TarFlowModel(TarFlowPreTrainedModel):
 
     @staticmethod
     def _warn_if_tolerance_below_resolution(tolerance: float, dtype: torch.dtype) -> None:
-        # Half-precision rounding moves every patch by about eps * |value| each pass, so a finer tolerance is never
-        # met and Jacobi settles one patch per pass: correct, but slower than the sequential sampler.
+        # In float32 a tiny tolerance is a legitimate request for the exact result. In half precision, rounding
+        # moves every patch by about eps * |value| each pass, so a finer tolerance is never met and Jacobi settles
+        # one patch per pass: correct, but slower than the sequential sampler.
         resolution = torch.finfo(dtype).eps
-        if tolerance < resolution:
+        if dtype.itemsize < 4 and tolerance < resolution:
             logger.warning_once(
                 f"jacobi_tolerance={tolerance:g} is below the resolution of {dtype} arithmetic ({resolution:.1e}): "
                 "Jacobi will settle about one patch per pass. Use a tolerance of about 1e-2 in half precision, or "
