@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default 1: sequential sampling runs many small ops, and on a busy machine a second "
         "thread waiting for a core can make a request 50x slower)",
     )
-    parser.add_argument("--sampler", choices=("sequential", "jacobi"), default="sequential")
+    parser.add_argument("--sampler", choices=("sequential", "jacobi", "newton"), default="sequential")
     parser.add_argument("--guidance-scale", type=float, help="default: the model's default_guidance_scale")
     parser.add_argument("--through-server", action="store_true", help="also time requests over HTTP on loopback")
     args = parser.parse_args(argv)

@@ -80,14 +80,30 @@ def test_sequential_sampler_equals_the_straightforward_algorithm(target, schedul
         jacobi_tolerance=1e-7,
     )
     torch.testing.assert_close(jacobi, expected, atol=1e-5, rtol=0)
+    newton = model.inverse(
+        noise,
+        labels,
+        guidance_scale=2.5,
+        guidance_target=target,
+        guidance_schedule=schedule,
+        attention_temperature=temperature,
+        sampler="newton",
+        jacobi_tolerance=1e-7,
+    )
+    torch.testing.assert_close(newton, expected, atol=1e-5, rtol=0)
 
 
-def test_unguided_and_unconditional_match_the_straightforward_algorithm():
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "newton"])
+def test_unconditional_models_match_the_straightforward_algorithm(sampler, guidance_scale):
     model = random_model(num_classes=0, nvp=False)
     noise = torch.randn(2, 16, 4)
     with torch.no_grad():
-        expected = naive_inverse(model, noise)
-    torch.testing.assert_close(model.inverse(noise), expected, atol=1e-5, rtol=0)
+        expected = naive_inverse(model, noise, guidance_scale=guidance_scale, temperature=0.8)
+    ours = model.inverse(
+        noise, guidance_scale=guidance_scale, attention_temperature=0.8, sampler=sampler, jacobi_tolerance=1e-7
+    )
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
 def test_jacobi_reports_what_it_did():
@@ -125,12 +141,13 @@ def strongly_coupled_model():
     return model, torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("window", [None, 1, 3, 8])
-def test_jacobi_never_needs_more_passes_than_the_sequential_sampler(window):
+@pytest.mark.parametrize(("sampler", "window"), [("jacobi", None), ("jacobi", 1), ("jacobi", 3), ("jacobi", 8),
+                                                 ("newton", None)])  # fmt: skip
+def test_parallel_samplers_never_need_more_passes_than_the_sequential_one(sampler, window):
     model, noise = strongly_coupled_model()
     exact = model.inverse(noise, [0, 1], guidance_scale=3.0)
     images, stats = model.inverse(
-        noise, [0, 1], guidance_scale=3.0, sampler="jacobi", jacobi_window=window, jacobi_tolerance=1e-9,
+        noise, [0, 1], guidance_scale=3.0, sampler=sampler, jacobi_window=window, jacobi_tolerance=1e-9,
         return_stats=True,
     )  # fmt: skip
     torch.testing.assert_close(images, exact, atol=1e-5, rtol=0)
@@ -200,8 +217,8 @@ def test_jacobi_warns_when_the_tolerance_is_below_half_precision():
     assert "jacobi_tolerance=0.00012345 is below the resolution of torch.bfloat16" in bfloat16_log.out
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_jacobi_reports_a_real_overflow_like_the_sequential_sampler(window):
+@pytest.mark.parametrize(("sampler", "window"), [("jacobi", None), ("jacobi", 4), ("newton", None)])
+def test_parallel_samplers_report_a_real_overflow_like_the_sequential_one(sampler, window):
     model = random_model(num_blocks=2, seed=0)
     with torch.no_grad():
         for block in model.blocks:
@@ -210,4 +227,26 @@ def test_jacobi_reports_a_real_overflow_like_the_sequential_sampler(window):
     with pytest.raises(FloatingPointError, match="non-finite"):
         model.inverse(noise, [0, 1], guidance_scale=3.0)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        model.inverse(noise, [0, 1], guidance_scale=3.0, sampler="jacobi", jacobi_window=window)
+        model.inverse(noise, [0, 1], guidance_scale=3.0, sampler=sampler, jacobi_window=window)
+
+
+def test_newton_takes_fewer_passes_than_jacobi_where_patches_depend_strongly():
+    """The bundled model's first block: Jacobi settles one patch per pass for half of it; the quasi-Newton
+    steps follow the dependence on the previous patch, at the price of 2 * patch_dim + 1 copies of the batch."""
+    model = TarFlowModel.from_pretrained(BUNDLED_MODEL, subfolder="transformer").eval()
+    config = model.config
+    noise = torch.randn(4, config.num_patches, config.patch_dim, generator=torch.Generator().manual_seed(0))
+    labels = [1, 4, 7, 9]
+    exact = model.inverse(noise, labels, guidance_scale=3.0)
+    _, jacobi = model.inverse(noise, labels, guidance_scale=3.0, sampler="jacobi", return_stats=True)
+    images, newton = model.inverse(noise, labels, guidance_scale=3.0, sampler="newton", return_stats=True)
+    assert newton.iterations[0] < 0.75 * jacobi.iterations[0]
+    assert newton.transformer_passes < jacobi.transformer_passes
+    copies = 2 * config.patch_dim + 1
+    assert newton.rows_computed == [copies * (config.num_patches - 1) * n for n in newton.iterations]
+    assert (images - exact).abs().max() / 2 < 1e-3  # the issue's bound, on the [0, 1] scale
+
+
+def test_newton_rejects_jacobi_only_options():
+    with pytest.raises(ValueError, match="jacobi_window and jacobi_max_iterations apply to sampler='jacobi' only"):
+        random_model().inverse(torch.randn(1, 16, 4), [0], sampler="newton", jacobi_window=4)

@@ -277,7 +277,7 @@ def test_bad_generate_inputs_give_readable_errors(client, overrides, message):
         ({"num_images": 2.5}, "number of images must be a whole number"),
         ({"num_images": True}, "number of images must be a number"),
         ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
-        ({"sampler": "euler"}, "sampler must be one of sequential, jacobi"),
+        ({"sampler": "euler"}, "sampler must be one of sequential, jacobi, newton"),
     ],
 )
 def test_generate_images_checks_bounds_itself(app, pipe, overrides, message):
@@ -287,13 +287,14 @@ def test_generate_images_checks_bounds_itself(app, pipe, overrides, message):
         app.generate_images(pipe, **args)
 
 
-def test_jacobi_sampler_reports_its_passes(app, pipe):
+@pytest.mark.parametrize("sampler", ["jacobi", "newton"])
+def test_parallel_samplers_report_their_passes(app, pipe, sampler):
     args = dict(class_id=1, num_images=2, guidance_scale=2.0, seed=3, denoise=False)
     exact = app.generate_images(pipe, **args, sampler="sequential")
-    jacobi = app.generate_images(pipe, **args, sampler="jacobi")
+    parallel = app.generate_images(pipe, **args, sampler=sampler)
     assert exact.transformer_passes == 30
-    assert 2 <= jacobi.transformer_passes < 30
-    for a, b in zip(exact.images, jacobi.images, strict=True):
+    assert 2 <= parallel.transformer_passes < 30
+    for a, b in zip(exact.images, parallel.images, strict=True):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # same up to rounding
 
 

@@ -69,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
     )
     parser.add_argument(
-        "--sampler", choices=("sequential", "jacobi"), default="sequential", help="jacobi: fewer sequential passes"
+        "--sampler",
+        choices=("sequential", "jacobi", "newton"),
+        default="sequential",
+        help="jacobi / newton: fewer sequential transformer passes (newton: far more compute per pass)",
     )
     parser.add_argument(
         "--jacobi-tolerance", metavar="TOL", type=float, default=1e-4, help="Jacobi's tolerance (about 1e-2 in bf16)"

@@ -376,7 +376,9 @@ class TarFlowPipeline(DiffusionPipeline):
                 Divides the attention logits of the unconditional branch only (Apple's `attn_temp`).
             sampler (`str`, defaults to `"sequential"`):
                 `"sequential"` inverts each block patch by patch (exact); `"jacobi"` iterates many patches in parallel
-                to a fixed point (fewer sequential transformer passes, never more; equal up to `jacobi_tolerance`).
+                to a fixed point (fewer sequential transformer passes, never more; equal up to `jacobi_tolerance`);
+                `"newton"` takes quasi-Newton steps to the same fixed point (fewer passes still where patches depend
+                strongly on the previous one, for 2 * patch_dim + 1 times the compute per pass; float32).
             jacobi_tolerance, jacobi_window, jacobi_max_iterations, jacobi_sequential_blocks:
                 Jacobi options, see [`TarFlowModel.inverse`].
             denoise (`bool`, defaults to `True`):
