@@ -4,6 +4,7 @@ all on the same weights and the same noise, in one run.
     python benchmarks/sampling.py                                   # ours only
     python benchmarks/sampling.py --ml-tarflow /path/to/ml-tarflow  # plus Apple's code, imported at run time
     python benchmarks/sampling.py --preset imagenet64 --device cuda --dtype bfloat16 --ml-tarflow ...
+    python benchmarks/sampling.py --model src/tarflow_hf/bundled/tarflow-mnist --guidance-scale 3 --newton
 
 Apple's code is never copied: `--ml-tarflow` points at a checkout of apple/ml-tarflow whose `transformer_flow.py`
 is imported from there. The weights go to it through our reverse conversion (`hf_to_apple_state_dict`).
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jacobi-tolerance", type=float, default=1e-4)
     parser.add_argument("--jacobi-window", type=int, help="patches per Jacobi window (default: all)")
+    parser.add_argument(
+        "--newton", action="store_true", help="also the quasi-Newton sampler (2 * patch_dim + 1 times the compute)"
+    )
     parser.add_argument("--model", help="a pipeline or model folder to benchmark instead of random weights")
     parser.add_argument("--ml-tarflow", type=Path, help="checkout of apple/ml-tarflow to compare against")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
@@ -168,6 +172,31 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     results["jacobi_max_abs_deviation_01"] = ((jacobi - exact).abs().max() / 2).item()  # on the [0, 1] scale
     results["jacobi_speedup_over_exact"] = exact_time / jacobi_time
+
+    if args.newton:
+        newton_stats = {}
+
+        def ours_newton():
+            with autocast():
+                images, newton_stats["stats"] = model.inverse(
+                    noise,
+                    labels,
+                    guidance_scale=guidance,
+                    sampler="newton",
+                    jacobi_tolerance=args.jacobi_tolerance,
+                    return_stats=True,
+                )
+            return images
+
+        newton_time, newton = timed(ours_newton, args.repeats, device)
+        stats = newton_stats["stats"]
+        results["newton_images_per_s"] = args.batch_size / newton_time
+        results["newton_sequential_passes"] = stats.transformer_passes
+        results["newton_fewer_passes"] = results["sequential_passes_exact"] / stats.transformer_passes
+        results["newton_passes_per_block"] = stats.iterations
+        results["newton_rows_vs_exact"] = sum(stats.rows_computed) / results["sequential_passes_exact"]
+        results["newton_max_abs_deviation_01"] = ((newton - exact).abs().max() / 2).item()
+        results["newton_speedup_over_exact"] = exact_time / newton_time
 
     if args.ml_tarflow:
         module = load_apple_module(args.ml_tarflow)
