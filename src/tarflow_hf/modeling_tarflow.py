@@ -76,17 +76,18 @@ class JacobiStats:
     """What the sampler did, per flow block in sampling order."""
 
     iterations: list[int] = field(default_factory=list)
-    """Transformer passes of each block run by Jacobi (each settles one patch or more); 0 for a block run
-    sequentially."""
+    """Transformer passes of each block run by a parallel sampler (Jacobi or Newton; each pass settles one patch
+    or more); 0 for a block run sequentially."""
     sequential_steps: list[int] = field(default_factory=list)
     """One-patch steps: T - 1 for a sequential block; for a Jacobi block, the steps taken after its
     `jacobi_max_iterations` budget ran out (these are included in `iterations`)."""
     residuals: list[float] = field(default_factory=list)
-    """Largest movement of a patch that a Jacobi block accepted as settled (at most the tolerance; 0.0 where every
-    patch was settled exactly)."""
+    """Largest movement of a patch that a parallel block accepted as settled (at most the tolerance; 0.0 where
+    every patch was settled exactly)."""
     rows_computed: list[int] = field(default_factory=list)
-    """Transformer rows (patch positions) computed per image and branch: T - 1 for a sequential block; more for
-    a Jacobi block, which recomputes its window each pass. The compute cost, where passes are the latency."""
+    """Transformer rows (patch positions) computed per image and branch: T - 1 for a sequential block; more for a
+    parallel one, which recomputes unsettled patches each pass (Newton: on 2 * patch_dim + 1 copies). The compute
+    cost, where passes are the latency."""
 
     def add_block(self, iterations: int, sequential_steps: int, residual: float, rows_computed: int) -> None:
         self.iterations.append(iterations)
