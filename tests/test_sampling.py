@@ -206,15 +206,41 @@ def test_a_window_after_cached_positions_attends_causally():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=0)
 
 
-def test_jacobi_warns_when_the_tolerance_is_below_half_precision():
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_jacobi_warns_when_the_tolerance_is_below_half_precision(schedule):
     model = random_model()
     noise = torch.randn(2, 16, 4)
+    tolerance = 1.2345e-4 if schedule == "constant" else 2.3456e-4  # warnings are given once per message
+    options = dict(guidance_scale=2.0, guidance_schedule=schedule, sampler="jacobi", jacobi_tolerance=tolerance)
     with CaptureLogger(modeling_tarflow.logger) as float32_log:
-        model.inverse(noise, [0, 1], sampler="jacobi", jacobi_tolerance=1.2345e-4)
+        model.inverse(noise, [0, 1], **options)
     with CaptureLogger(modeling_tarflow.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
-        model.inverse(noise, [0, 1], sampler="jacobi", jacobi_tolerance=1.2345e-4)
+        model.inverse(noise, [0, 1], **options)
     assert float32_log.out == ""
-    assert "jacobi_tolerance=0.00012345 is below the resolution of torch.bfloat16" in bfloat16_log.out
+    assert f"jacobi_tolerance={tolerance:g} is below the resolution of torch.bfloat16" in bfloat16_log.out
+
+
+def test_a_large_patch_settled_by_its_exact_row_is_kept():
+    """A guess far outside the latents' range restarts from its latent, unless the pass settles it: computed from
+    settled patches, it is right however large it is."""
+    model = random_model(num_blocks=1, num_classes=0)
+    dim = model.config.patch_dim
+    with torch.no_grad():  # constant log-scale 3: x_t = e^3 * z_t, whatever came before
+        model.blocks[0].proj_out.weight.zero_()
+        model.blocks[0].proj_out.bias.zero_()
+        model.blocks[0].proj_out.bias[:dim] = 3.0
+    latents = torch.full((1, 16, dim), 0.1)
+    latents[0, 9, 0] = 3.0  # x = 60: beyond ten times every latent and settled value
+    exact = model.inverse(latents)
+    for sampler in ("jacobi", "newton"):
+        torch.testing.assert_close(model.inverse(latents, sampler=sampler), exact, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi"])
+def test_unconditional_half_precision_model_samples_with_guidance(sampler):
+    model = random_model(num_classes=0).to(torch.bfloat16)
+    images = model.inverse(torch.randn(2, 16, 4), guidance_scale=2.0, sampler=sampler, jacobi_tolerance=3e-2)
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize(("sampler", "window"), [("jacobi", None), ("jacobi", 4), ("newton", None)])

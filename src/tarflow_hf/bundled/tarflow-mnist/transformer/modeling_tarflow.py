@@ -82,8 +82,8 @@ class JacobiStats:
     """One-patch steps: T - 1 for a sequential block; for a Jacobi block, the steps taken after its
     `jacobi_max_iterations` budget ran out (these are included in `iterations`)."""
     residuals: list[float] = field(default_factory=list)
-    """Largest movement of a patch that a parallel block accepted as settled (at most the tolerance; 0.0 where
-    every patch was settled exactly)."""
+    """Largest movement, in its last pass, of a patch feeding one that a parallel block accepted (at most the
+    tolerance; 0.0 where every patch was settled exactly)."""
     rows_computed: list[int] = field(default_factory=list)
     """Transformer rows (patch positions) computed per image and branch: T - 1 for a sequential block; more for a
     parallel one, which recomputes unsettled patches each pass (Newton: on 2 * patch_dim + 1 copies). The compute
@@ -129,21 +129,31 @@ def _repeat_rows(rows: torch.Tensor | None, copies: int, branches: int) -> torch
     return grouped.repeat_interleave(copies, dim=1).flatten(0, 1)
 
 
-def _guess_bound(z: torch.Tensor, x: torch.Tensor, frontier: int) -> float:
-    """A generous range for the iterates of a parallel sampler: ten times the largest latent or settled value."""
-    settled = x[:, : frontier + 1].abs().amax().item()
-    return 10.0 * max(1.0, z.abs().amax().item(), settled)
-
-
-def _tame_guesses(guesses: torch.Tensor, latents: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Guesses (B, L, D) of a parallel sampler for the patches after the settled prefix; the first is exact.
-    Far from the fixed point the others can overflow, or grow large enough to overflow inside the transformer,
-    where a single non-finite key or value would turn every row of the pass into NaN. Such patches restart from
-    their latents; the returned (L,) mask marks them, so that they count as still moving. The exact patch is
-    kept even when it overflows: that is a real overflow, reported when sampling ends."""
+def _accept_patches(
+    guesses: torch.Tensor, previous: torch.Tensor, latents: torch.Tensor, bound: torch.Tensor, tolerance: float
+) -> tuple[torch.Tensor, int, float]:
+    """One pass of a parallel sampler over the patches after the settled prefix: `guesses` (B, L, D) computed
+    from `previous`, whose first patch is exact (it reads settled patches only). The leading patches are accepted
+    up to and including the first one whose input row was fed a patch that moved by more than `tolerance` (it
+    was still computed from settled inputs); that is at least one patch, so a block never takes more passes than
+    patch by patch. Far from the fixed point, a later guess can overflow, or grow past `bound` and overflow inside
+    the transformer, where one non-finite key or value turns every row of the next pass into NaN: such guesses
+    count as moving and restart from their latents, unless accepted (an accepted overflow is real, and reported
+    when sampling ends). Returns (the patches for the next pass, number accepted, largest movement of an
+    accepted patch's inputs)."""
     wild = ~(guesses.abs() <= bound)  # NaN too
-    wild[:, 0] = False
-    return torch.where(wild, latents, guesses), wild.any(dim=2).any(dim=0)
+    movement = (guesses - previous).abs().amax(dim=(0, 2)).masked_fill(wild.any(dim=2).any(dim=0), math.inf)
+    moving = (~(movement <= tolerance)).nonzero()
+    accepted = min(int(moving[0]) + 1 if len(moving) else len(movement), len(movement))
+    wild[:, :accepted] = False
+    residual = movement[: accepted - 1].max().item() if accepted > 1 else 0.0
+    return torch.where(wild, latents, guesses), accepted, residual
+
+
+def _guess_bound(latents: torch.Tensor, settled: torch.Tensor) -> torch.Tensor:
+    """A generous range for a parallel sampler's guesses: ten times the largest latent or settled value (a 0-d
+    tensor, so no device sync)."""
+    return 10.0 * torch.maximum(latents.abs().amax(), settled.abs().amax()).clamp(min=1.0)
 
 
 class KVCache:
@@ -497,7 +507,8 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 same fixed point: fewer passes than Jacobi where patches depend strongly on the previous one, for
                 about 2 * patch_dim + 1 times Jacobi's compute per pass; float32).
             jacobi_tolerance (`float`): a patch counts as settled once the patches before it moved by at most
-                this in a pass (model space, [-1, 1]).
+                this in a pass (model space, [-1, 1]). The sequence amplifies what is left, so the images' error is
+                a few times this (bundled model: 1e-4 gives 3e-4 to 1e-3; see `benchmarks/sampling.py`).
             jacobi_window (`int`, *optional*): patches iterated together after the settled prefix; default all of
                 them (fewest passes). A smaller window (Gauss-Seidel-Jacobi segments) computes less per pass.
             jacobi_max_iterations (`int`, *optional*): passes per block after which the rest of the block goes one
@@ -594,7 +605,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
             return conditional, None
         unconditional = block.class_condition(None, batch)
         if conditional is None:  # unconditional model: the branches differ only by attention temperature
-            conditions = torch.zeros(2 * batch, 1, 1, device=block.position_embedding.device)
+            conditions = block.position_embedding.new_zeros(2 * batch, 1, 1)
         else:
             conditions = torch.cat([conditional, unconditional])
         query_scale = None
@@ -615,6 +626,8 @@ class TarFlowModel(TarFlowPreTrainedModel):
         a_cond, a_uncond = log_scale.chunk(2)
         b_cond, b_uncond = shift.chunk(2)
         # Combined in the projection's dtype, as Apple does, so that half-precision samples match too.
+        if isinstance(weight, torch.Tensor):  # per-row weights of the linear schedule
+            weight = weight.to(log_scale.dtype)
         if guidance["scale"]:
             a_cond = a_cond + weight * (a_cond - a_uncond)
         if guidance["shift"]:
@@ -690,17 +703,14 @@ class TarFlowModel(TarFlowPreTrainedModel):
             if passes == 0:
                 self._warn_if_tolerance_below_resolution(tolerance, shift.dtype)
             targets = z[:, frontier + 1 : end + 1]
-            updated, wild = _tame_guesses(torch.addcmul(shift, targets, scale), targets, _guess_bound(z, x, frontier))
-            movement = (updated - x[:, frontier + 1 : end + 1]).abs().amax(dim=(0, 2))  # per patch
-            movement = movement.masked_fill(wild, math.inf)
-            x[:, frontier + 1 : end + 1] = updated
+            guesses = torch.addcmul(shift, targets, scale)
+            movements.append((guesses - x[:, frontier + 1 : end + 1]).abs().amax().item())
+            bound = _guess_bound(z, x[:, : frontier + 1])
+            x[:, frontier + 1 : end + 1], settled, accepted_movement = _accept_patches(
+                guesses, x[:, frontier + 1 : end + 1], targets, bound, tolerance
+            )
             passes, rows_computed = passes + 1, rows_computed + end - frontier
-            # Rows up to the first patch that moved more than the tolerance had (nearly) final inputs.
-            moving = (~(movement <= tolerance)).nonzero()  # NaN counts as moving
-            settled = min(int(moving[0]) + 1 if len(moving) else end - frontier, end - frontier)
-            if settled > 1:
-                residual = max(residual, movement[: settled - 1].max().item())
-            movements.append(movement.max().item())
+            residual = max(residual, accepted_movement)
             whole_window = settled == end - frontier
             frontier += settled
             if whole_window:  # a new stretch starts from the latents: its history says nothing
@@ -768,18 +778,15 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 coupling = derivative[:, (t - 1) % 2, :, t, :]
                 step[:, t] = jacobi[:, t] - x[:, t] + torch.einsum("bi,bio->bo", step[:, t - 1], coupling)
             # Far from the fixed point a step can overshoot wildly: such patches take their Jacobi value instead.
-            bound = _guess_bound(z, x, frontier)
+            bound = _guess_bound(z, x[:, : frontier + 1])
             proposal = (x + step)[:, frontier + 1 :]
             proposal = torch.where(proposal.abs() <= bound, proposal, jacobi[:, frontier + 1 :])
             proposal[:, 0] = jacobi[:, frontier + 1]  # exact: read settled patches only
-            proposal, wild = _tame_guesses(proposal, z[:, frontier + 1 :], bound)
-            movement = (proposal - x[:, frontier + 1 :]).abs().amax(dim=(0, 2)).masked_fill(wild, math.inf)
-            x[:, frontier + 1 :] = proposal
+            x[:, frontier + 1 :], settled, accepted_movement = _accept_patches(
+                proposal, x[:, frontier + 1 :], z[:, frontier + 1 :], bound, tolerance
+            )
             passes, rows_computed = passes + 1, rows_computed + copies * (num_patches - 1)
-            moving = (~(movement <= tolerance)).nonzero()
-            settled = min(int(moving[0]) + 1 if len(moving) else len(movement), len(movement))
-            if settled > 1:
-                residual = max(residual, movement[: settled - 1].max().item())
+            residual = max(residual, accepted_movement)
             frontier += settled
         return x, passes, 0, residual, rows_computed
 
@@ -792,8 +799,8 @@ class TarFlowModel(TarFlowPreTrainedModel):
         if dtype.itemsize < 4 and tolerance < resolution:
             logger.warning_once(
                 f"jacobi_tolerance={tolerance:g} is below the resolution of {dtype} arithmetic ({resolution:.1e}): "
-                "Jacobi will settle about one patch per pass. Use a tolerance of about 1e-2 in half precision, or "
-                "sample in float32."
+                "Jacobi will settle about one patch per pass. Use a tolerance near that resolution (the images' "
+                "error will be a few times it), or sample in float32."
             )
 
     @staticmethod
