@@ -19,6 +19,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
@@ -206,7 +207,7 @@ class TarFlowAttention(nn.Module):
             key, value = cache.update(key, value, position)
         mask = None
         if length > 1 and position > 0:  # a window after cached positions: causal, aligned to the last key
-            mask = torch.ones(length, position + length, dtype=torch.bool, device=hidden.device).tril(position)
+            mask = causal_lower_right(length, position + length)  # keeps the fused kernels usable on GPU
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=length > 1 and position == 0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
