@@ -60,37 +60,18 @@ def test_sequential_sampler_equals_the_straightforward_algorithm(target, schedul
     noise, labels = torch.randn(3, 16, 4), torch.tensor([0, 2, -1])
     with torch.no_grad():
         expected = naive_inverse(model, noise, labels, 2.5, target, schedule, temperature)
-    ours = model.inverse(
-        noise,
-        labels,
-        guidance_scale=2.5,
-        guidance_target=target,
-        guidance_schedule=schedule,
-        attention_temperature=temperature,
-    )
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
-    jacobi = model.inverse(
-        noise,
-        labels,
-        guidance_scale=2.5,
-        guidance_target=target,
-        guidance_schedule=schedule,
-        attention_temperature=temperature,
-        sampler="jacobi",
-        jacobi_tolerance=1e-7,
-    )
-    torch.testing.assert_close(jacobi, expected, atol=1e-5, rtol=0)
-    newton = model.inverse(
-        noise,
-        labels,
-        guidance_scale=2.5,
-        guidance_target=target,
-        guidance_schedule=schedule,
-        attention_temperature=temperature,
-        sampler="newton",
-        jacobi_tolerance=1e-7,
-    )
-    torch.testing.assert_close(newton, expected, atol=1e-5, rtol=0)
+    for sampler in ("sequential", "jacobi", "newton"):
+        ours = model.inverse(
+            noise,
+            labels,
+            guidance_scale=2.5,
+            guidance_target=target,
+            guidance_schedule=schedule,
+            attention_temperature=temperature,
+            sampler=sampler,
+            jacobi_tolerance=1e-7,
+        )
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=sampler)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])

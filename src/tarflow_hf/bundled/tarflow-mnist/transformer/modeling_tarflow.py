@@ -132,7 +132,7 @@ def _repeat_rows(rows: torch.Tensor | None, copies: int, branches: int) -> torch
 
 def _accept_patches(
     guesses: torch.Tensor, previous: torch.Tensor, latents: torch.Tensor, bound: torch.Tensor, tolerance: float
-) -> tuple[torch.Tensor, int, float]:
+) -> tuple[torch.Tensor, int, float, torch.Tensor]:
     """One pass of a parallel sampler over the patches after the settled prefix: `guesses` (B, L, D) computed
     from `previous`, whose first patch is exact (it reads settled patches only). The leading patches are accepted
     up to and including the first one whose input row was fed a patch that moved by more than `tolerance` (it
@@ -141,20 +141,20 @@ def _accept_patches(
     the transformer, where one non-finite key or value turns every row of the next pass into NaN: such guesses
     count as moving and restart from their latents, unless accepted (an accepted overflow is real, and reported
     when sampling ends). Returns (the patches for the next pass, number accepted, largest movement of an
-    accepted patch's inputs)."""
+    accepted patch's inputs, movement per patch)."""
     wild = ~(guesses.abs() <= bound)  # NaN too
     movement = (guesses - previous).abs().amax(dim=(0, 2)).masked_fill(wild.any(dim=2).any(dim=0), math.inf)
     moving = (~(movement <= tolerance)).nonzero()
     accepted = min(int(moving[0]) + 1 if len(moving) else len(movement), len(movement))
     wild[:, :accepted] = False
     residual = movement[: accepted - 1].max().item() if accepted > 1 else 0.0
-    return torch.where(wild, latents, guesses), accepted, residual
+    return torch.where(wild, latents, guesses), accepted, residual, movement
 
 
-def _guess_bound(latents: torch.Tensor, settled: torch.Tensor) -> torch.Tensor:
-    """A generous range for a parallel sampler's guesses: ten times the largest latent or settled value (a 0-d
-    tensor, so no device sync)."""
-    return 10.0 * torch.maximum(latents.abs().amax(), settled.abs().amax()).clamp(min=1.0)
+def _guess_bound(latent_range: torch.Tensor, settled: torch.Tensor) -> torch.Tensor:
+    """A generous range for a parallel sampler's guesses: ten times the largest latent (`latent_range`) or settled
+    value (a 0-d tensor, so no device sync)."""
+    return 10.0 * torch.maximum(latent_range, settled.abs().amax()).clamp(min=1.0)
 
 
 class KVCache:
@@ -693,6 +693,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         positions = block.position_table()
         frontier = passes = after_budget = rows_computed = 0  # patches 0..frontier are settled
         residual, movements = 0.0, []
+        latent_range = z.abs().amax()
         while frontier < num_patches - 1:
             if budget is not None and passes >= budget:
                 width, after_budget = 1, after_budget + 1
@@ -706,11 +707,11 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 self._warn_if_tolerance_below_resolution(tolerance, shift.dtype)
             targets = z[:, frontier + 1 : end + 1]
             guesses = torch.addcmul(shift, targets, scale)
-            movements.append((guesses - x[:, frontier + 1 : end + 1]).abs().amax().item())
-            bound = _guess_bound(z, x[:, : frontier + 1])
-            x[:, frontier + 1 : end + 1], settled, accepted_movement = _accept_patches(
+            bound = _guess_bound(latent_range, x[:, : frontier + 1])
+            x[:, frontier + 1 : end + 1], settled, accepted_movement, movement = _accept_patches(
                 guesses, x[:, frontier + 1 : end + 1], targets, bound, tolerance
             )
+            movements.append(movement.max().item())
             passes, rows_computed = passes + 1, rows_computed + end - frontier
             residual = max(residual, accepted_movement)
             whole_window = settled == end - frontier
@@ -756,6 +757,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         probe_z = z.repeat_interleave(copies, dim=0)
         x = z.clone()
         frontier = passes = rows_computed = 0
+        latent_range = z.abs().amax()
         residual = 0.0
         while frontier < num_patches - 1:
             rows = (x.unsqueeze(1) + probes).flatten(0, 1)[:, :-1]  # (batch * copies, T - 1, D)
@@ -780,11 +782,11 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 coupling = derivative[:, (t - 1) % 2, :, t, :]
                 step[:, t] = jacobi[:, t] - x[:, t] + torch.einsum("bi,bio->bo", step[:, t - 1], coupling)
             # Far from the fixed point a step can overshoot wildly: such patches take their Jacobi value instead.
-            bound = _guess_bound(z, x[:, : frontier + 1])
+            bound = _guess_bound(latent_range, x[:, : frontier + 1])
             proposal = (x + step)[:, frontier + 1 :]
             proposal = torch.where(proposal.abs() <= bound, proposal, jacobi[:, frontier + 1 :])
             proposal[:, 0] = jacobi[:, frontier + 1]  # exact: read settled patches only
-            x[:, frontier + 1 :], settled, accepted_movement = _accept_patches(
+            x[:, frontier + 1 :], settled, accepted_movement, _ = _accept_patches(
                 proposal, x[:, frontier + 1 :], z[:, frontier + 1 :], bound, tolerance
             )
             passes, rows_computed = passes + 1, rows_computed + copies * (num_patches - 1)
