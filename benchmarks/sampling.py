@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
-from tarflow_hf.convert import hf_to_apple_state_dict
+from tarflow_hf.convert import _atomic_file, hf_to_apple_state_dict
 
 PRESETS = {
     # The mid-size CPU configuration.
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        with _atomic_file(args.json) as tmp:  # never a half-written results file
+            tmp.write_text(json.dumps(results, indent=2))
     return results
 
 
