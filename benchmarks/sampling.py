@@ -77,6 +77,20 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) ->
     return statistics.median(times), result
 
 
+def print_profile(fn: Callable[[], torch.Tensor]) -> None:
+    """Share of one run's operator time: matrix products, attention, the rest."""
+    with torch.profiler.profile() as profile:
+        fn()
+    events = [event for event in profile.key_averages() if event.self_cpu_time_total > 0]
+    total = sum(event.self_cpu_time_total for event in events)
+    groups = {"matrix products": ("aten::addmm", "aten::mm", "aten::bmm"), "attention": ("attention",)}
+    shares = {name: 0.0 for name in [*groups, "everything else"]}
+    for event in events:
+        group = next((name for name, keys in groups.items() if any(key in event.key for key in keys)), None)
+        shares[group or "everything else"] += event.self_cpu_time_total / total
+    print("exact sampler, share of operator time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mid")
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--noise-scale", type=float, help="prior noise scale (default: 1 with --model, 0.5 for random weights)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", action="store_true", help="also print where one exact sampling run spends time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     results["jacobi_max_abs_deviation_01"] = ((jacobi - exact).abs().max() / 2).item()  # on the [0, 1] scale
     results["jacobi_speedup_over_exact"] = exact_time / jacobi_time
+
+    if args.profile:
+        print_profile(ours_exact)
 
     if args.newton:
         newton_stats = {}
