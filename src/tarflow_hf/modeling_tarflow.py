@@ -510,7 +510,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 AFHQ-256's 8x8x3 patches; float32).
             jacobi_tolerance (`float`): a patch counts as settled once the patches before it moved by at most
                 this in a pass (model space, [-1, 1]). The sequence amplifies what is left, so the images' error is
-                a few times this (bundled model: 1e-4 gives 3e-4 to 1e-3; see `benchmarks/sampling.py`).
+                a few times this (bundled model: 1e-4 gives about 3e-4 in model space; `benchmarks/sampling.py`).
             jacobi_window (`int`, *optional*): patches iterated together after the settled prefix; default all of
                 them (fewest passes). A smaller window (Gauss-Seidel-Jacobi segments) computes less per pass.
             jacobi_max_iterations (`int`, *optional*): passes per block after which the rest of the block goes one
