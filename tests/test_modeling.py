@@ -206,7 +206,10 @@ def test_labels_on_unconditional_model_are_refused():
         ({"guidance_schedule": "cosine"}, "guidance_schedule must be one of ('constant', 'linear'), got 'cosine'"),
         ({"attention_temperature": 0.0}, "attention_temperature must be > 0, got 0.0"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
-        ({"sampler": "euler"}, "sampler must be one of ('sequential', 'jacobi', 'newton'), got 'euler'"),
+        (
+            {"sampler": "euler"},
+            "sampler must be one of ('sequential', 'jacobi', 'newton', 'block_jacobi'), got 'euler'",
+        ),
         ({"jacobi_tolerance": 0}, "jacobi_tolerance must be > 0"),
         ({"jacobi_max_iterations": 0}, "jacobi_max_iterations must be >= 1, got 0"),
         ({"jacobi_window": 0}, "jacobi_window must be >= 1 (or None for all patches), got 0"),

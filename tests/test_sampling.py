@@ -6,8 +6,9 @@ import torch
 from conftest import random_model
 from transformers.testing_utils import CaptureLogger
 
-from tarflow_hf import BUNDLED_MODEL, TarFlowModel, modeling_tarflow
-from tarflow_hf.modeling_tarflow import KVCache, TarFlowBlock
+from tarflow_hf import BUNDLED_MODEL, TarFlowModel, sampling
+from tarflow_hf.attention import KVCache
+from tarflow_hf.modeling_tarflow import TarFlowBlock
 
 
 def naive_block_inverse(
@@ -26,7 +27,7 @@ def naive_block_inverse(
             hidden = hidden + condition
         scale = None if temp == 1.0 else torch.full((x.shape[0], 1, 1, 1), 1.0 / temp)
         for layer in block.layers:
-            hidden = layer(hidden, query_scale=scale)
+            hidden, _ = layer(hidden, query_scale=scale)
         return block.scale_shift(block.proj_out(hidden[:, t : t + 1]))
 
     for t in range(num_patches - 1):
@@ -162,7 +163,7 @@ def test_jacobi_shrinks_its_window_where_it_stagnates(monkeypatch):
         return model.inverse(noise, [1, 4, 7, 9], guidance_scale=3.0, sampler="jacobi", return_stats=True)
 
     images, stats = sample()
-    monkeypatch.setattr(modeling_tarflow, "JACOBI_STAGNATION_PASSES", 10**6)  # never shrink
+    monkeypatch.setattr(sampling, "JACOBI_STAGNATION_PASSES", 10**6)  # never shrink
     wide_images, wide = sample()
     assert stats.iterations[0] <= wide.iterations[0] + 2
     assert stats.rows_computed[0] < 0.8 * wide.rows_computed[0]
@@ -175,13 +176,13 @@ def test_a_window_after_cached_positions_attends_causally():
     model = random_model(layers_per_block=2)
     block = model.blocks[1]
     x = torch.randn(2, 16, 4)
-    conditions, query_scale = model._branch_conditions(block, torch.tensor([1, 2]), 2, None)
+    condition = block.sampling_condition(torch.tensor([1, 2]), 2, None)
     positions = block.position_table()
     with torch.no_grad():
-        full = block.transformer(block.embed(x, positions, conditions))
+        full = block.transformer(block.embed(x, positions, condition.class_rows))
         caches = [KVCache(16) for _ in block.layers]
         pieces = [
-            block.transformer(block.embed(x[:, s:e], positions[:, s:e], conditions), caches, s, query_scale)
+            block.transformer(block.embed(x[:, s:e], positions[:, s:e], condition.class_rows), caches, s)
             for s, e in [(0, 5), (5, 6), (6, 13), (13, 16)]
         ]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=0)
@@ -193,9 +194,9 @@ def test_jacobi_warns_when_the_tolerance_is_below_half_precision(schedule):
     noise = torch.randn(2, 16, 4)
     tolerance = 1.2345e-4 if schedule == "constant" else 2.3456e-4  # warnings are given once per message
     options = dict(guidance_scale=2.0, guidance_schedule=schedule, sampler="jacobi", jacobi_tolerance=tolerance)
-    with CaptureLogger(modeling_tarflow.logger) as float32_log:
+    with CaptureLogger(sampling.logger) as float32_log:
         model.inverse(noise, [0, 1], **options)
-    with CaptureLogger(modeling_tarflow.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
+    with CaptureLogger(sampling.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
         model.inverse(noise, [0, 1], **options)
     assert float32_log.out == ""
     assert f"jacobi_tolerance={tolerance:g} is below the resolution of torch.bfloat16" in bfloat16_log.out
@@ -257,3 +258,99 @@ def test_newton_takes_fewer_passes_than_jacobi_where_patches_depend_strongly():
 def test_newton_rejects_jacobi_only_options():
     with pytest.raises(ValueError, match="jacobi_window and jacobi_max_iterations apply to sampler='jacobi' only"):
         random_model().inverse(torch.randn(1, 16, 4), [0], sampler="newton", jacobi_window=4)
+
+
+class ToyCondition:
+    """No embeddings at all: the toy block depends on its tokens only."""
+
+    guidance = None
+
+    def repeat_interleave(self, copies: int) -> "ToyCondition":
+        return self
+
+
+class ToyBlock:
+    """A minimal affine autoregressive block that is not TarFlow: a_t, b_t are fixed smooth functions of the
+    running mean of the tokens before t (a "cache" is just the running sum)."""
+
+    def __init__(self, dim: int):
+        generator = torch.Generator().manual_seed(3)
+        self.w_a = 0.3 * torch.randn(dim, dim, generator=generator)
+        self.w_b = 0.5 * torch.randn(dim, dim, generator=generator)
+
+    def new_cache(self, condition, batch_size, num_tokens):
+        return {"tokens": torch.zeros(batch_size, num_tokens, self.w_a.shape[0])}
+
+    def affine_span(self, tokens, position, cache, condition, weight):
+        if cache is None:
+            cache = self.new_cache(condition, tokens.shape[0], position + tokens.shape[1])
+        cache["tokens"][:, position : position + tokens.shape[1]] = tokens
+        seen = cache["tokens"][:, : position + tokens.shape[1]]
+        counts = torch.arange(1, seen.shape[1] + 1, dtype=seen.dtype).view(1, -1, 1)
+        mean = (seen.cumsum(dim=1) / counts)[:, position:]
+        return torch.tanh(mean @ self.w_a), torch.sin(mean @ self.w_b)
+
+    def forward(self, x):
+        """z from x the direct way, to check the samplers' inverses."""
+        counts = torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1)
+        mean = x.cumsum(dim=1) / counts
+        a, b = torch.tanh(mean @ self.w_a), torch.sin(mean @ self.w_b)
+        z = x.clone()
+        z[:, 1:] = (x[:, 1:] - b[:, :-1]) * torch.exp(-a[:, :-1])
+        return z
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "newton", "block_jacobi"])
+def test_samplers_invert_a_block_that_is_not_tarflow(sampler):
+    block = ToyBlock(dim=3)
+    x = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
+    z = block.forward(x)
+    options = sampling.SamplerOptions(sampler, jacobi_tolerance=1e-7, jacobi_block_size=5, jacobi_threshold=1e-14)
+    inverted, record = sampling.invert_block(block, z, ToyCondition(), options)
+    torch.testing.assert_close(inverted, x, atol=1e-5, rtol=0)
+    if sampler == "block_jacobi":
+        assert len(record.chunk_iterations) == 3  # chunks of 5, 5 and 1 tokens after token 0
+    else:  # never more sequential passes than the 11 of the exact sampler
+        assert (record.sequential_steps if sampler == "sequential" else record.iterations) <= 11
+
+
+def test_gaussian_product_rule_is_the_product_of_the_two_gaussians():
+    """p_c^(1+w) / p_u^w of N(b_c, s_c^2) and N(b_u, s_u^2), by completing the square by hand, where the
+    conditional is the narrower one (no clipping needed)."""
+    w = 1.7
+    a_c, b_c, a_u, b_u = torch.tensor([-0.4]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([-1.1])
+    precision = (1 + w) / a_c.exp() ** 2 - w / a_u.exp() ** 2
+    mean = ((1 + w) * b_c / a_c.exp() ** 2 - w * b_u / a_u.exp() ** 2) / precision
+    log_scale, shift = sampling.gaussian_product((a_c, b_c), (a_u, b_u), w)
+    torch.testing.assert_close(log_scale, -0.5 * precision.log(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(shift, mean, atol=1e-6, rtol=0)
+    # A wider conditional is clipped to the unconditional's width: the ratio is 1 and the result is the
+    # conditional, its mean pushed away from the unconditional one.
+    log_scale, shift = sampling.gaussian_product((a_u, b_c), (a_c, b_u), w)
+    torch.testing.assert_close(log_scale, a_u)
+    torch.testing.assert_close(shift, (1 + w) * b_c - w * b_u)
+
+
+def test_both_guidance_rules_serve_tarflow():
+    model = random_model(num_blocks=2)
+    noise, labels = torch.randn(2, 16, 4), [0, 1]
+    extrapolated = model.inverse(noise, labels, guidance_scale=2.0)
+    product = model.inverse(noise, labels, guidance_scale=2.0, guidance_rule="gaussian_product")
+    unguided = model.inverse(noise, labels)
+    assert (product - extrapolated).abs().max() > 1e-3 and (product - unguided).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rule must be one of"):
+        model.inverse(noise, labels, guidance_scale=2.0, guidance_rule="average")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"rule": "gaussian_product", "target": "shift"}, "guidance_target applies to guidance_rule='extrapolate'"),
+        ({"rule": "gaussian_product", "scale": 0.5}, "needs guidance_scale >= 1"),
+        ({"attention_temperature": 0.0}, "attention_temperature must be > 0"),
+    ],
+)
+def test_guidance_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sampling.Guidance(**kwargs)

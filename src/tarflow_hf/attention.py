@@ -1,0 +1,76 @@
+"""Causal attention shared by both flow families: a key/value cache written in place, and one attention function
+with transformers' two implementations ("eager": explicit softmax, can return the weights; "sdpa": torch's fused
+kernel).
+
+A flow's inverse runs its transformer over a span of positions after a cached prefix: one position at a time
+(sequential sampling) or many (parallel samplers). Both cases are causal and aligned to the last key, so one
+function covers the forward pass, a decoding step and a window after the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class KVCache:
+    """Keys and values of one attention layer, written in place at absolute positions."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, heads, L, head_dim) keys and values at `position .. position + L - 1` and return everything up
+        to there. Writing over a position replaces what was there (parallel samplers recompute a window)."""
+        if self.keys is None:
+            # Allocated on first use so the cache takes whatever dtype autocast gives the projections.
+            batch, heads, _, head_dim = keys.shape
+            shape = (batch, heads, self.max_length, head_dim)
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        end = position + keys.shape[2]
+        self.keys[:, :, position:end] = keys
+        self.values[:, :, position:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def check_attention_implementation(name: str | None) -> str:
+    """The implementation a model runs: `None` means "sdpa" (the fused kernel; same numbers as "eager")."""
+    name = name or "sdpa"
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    return name
+
+
+def causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    implementation: str = "sdpa",
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal attention of `query` (B, H, L, d) over `key`/`value` (B, H, S, d) with S >= L: the queries are the
+    last L positions, so query i sees keys 0 .. S - L + i. Returns (output, attention weights or None); the
+    weights need the eager implementation."""
+    length, keys = query.shape[2], key.shape[2]
+    if implementation == "sdpa" and not output_attentions:
+        mask, is_causal = None, False
+        if length > 1 and keys == length:
+            is_causal = True
+        elif length > 1:  # a window after cached positions: lower-right aligned keeps fused kernels usable on GPU
+            mask = causal_lower_right(length, keys)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal), None
+    scores = (query @ key.transpose(-2, -1)) * query.shape[-1] ** -0.5
+    if length > 1:
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = scores.float().softmax(dim=-1).type(query.dtype)
+    return weights @ value, weights if output_attentions else None
+
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "KVCache", "causal_attention", "check_attention_implementation"]
