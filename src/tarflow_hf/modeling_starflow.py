@@ -1,0 +1,743 @@
+"""STARFlow: a latent normalizing flow of causal-transformer affine blocks, the deepest of which reads text.
+
+The flow maps a (noisy) VAE latent x (B, C, H, W) to z of the same shape. The latent is cut into patches (tokens);
+each block reads the tokens in its own order (even blocks reversed, odd blocks as they are), starting from a
+learnt start-of-sequence token, and maps token s_t to z_t = (s_t - b_t) / scale_t, where (a_t, b_t) come from a
+causal transformer over the tokens before t and scale_t = softplus(a_t + log(e - 1)) after a soft clip. The last,
+"deep" block is wider and deeper and reads the text embeddings as a causal prefix. Positions enter only through a
+3-axis rotary embedding (image row, image column, text index), scaled so that any latent size works.
+
+The arithmetic follows apple/ml-starflow (`transformer_flow.py`, `misc/pe.py`) operation for operation, so
+converted checkpoints give Apple's numbers: see `tests/fixtures/starflow/README.md` for the step-by-step
+description this port was checked against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .attention import KVCache, causal_attention, check_attention_implementation
+from .configuration_starflow import StarFlowConfig
+from .sampling import Guidance, SamplerOptions, SamplingStats, guide, invert_block
+
+logger = logging.get_logger(__name__)
+
+# Apple's INV_SOFTPLUS_1 = log(e - 1): softplus(0 + INV_SOFTPLUS_1) = 1, so a zero output is the identity map.
+INV_SOFTPLUS_1 = 0.541324854612918
+LOG_TWO_PI = math.log(2 * math.pi)
+RMS_NORM_EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@dataclass
+class StarFlowOutput(ModelOutput):
+    r"""
+    Output of [`StarFlowModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Apple's training loss (`train.py`): the negative log-likelihood per dimension in nats without the
+            constant `0.5 * log(2 pi)`, averaged over the batch, plus `config.latent_norm_regularization` times
+            `latent_norm`.
+        latents (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`):
+            The flow's output z, in the input's layout.
+        logdet (`torch.FloatTensor` of shape `(batch_size,)`):
+            The exact log |det dz/dx|, summed over all dimensions and blocks.
+        log_likelihood (`torch.FloatTensor` of shape `(batch_size,)`):
+            log p(x) in nats under the standard normal prior, summed over all dimensions.
+        bits_per_dim (`torch.FloatTensor` of shape `(batch_size,)`):
+            Negative log-likelihood in bits per latent dimension (a continuous density: no dequantisation).
+        latent_norm (`torch.FloatTensor` of shape `()`):
+            Apple's latent-norm regulariser: the sum over the input and every shallow block's output (not the
+            deep block's) of the batch mean of the squared values.
+        block_logdets (`tuple(torch.FloatTensor)`):
+            log |det| of each block, (batch_size,) each, in forward order; they sum to `logdet`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Returned when `output_hidden_states=True`: the patch grid `(batch_size, height / p, width / p, p * p *
+            in_channels)` (Apple's `patchify` layout, tokens in raster order) of the input followed by the output
+            of every block: `num_blocks + 1` entries, Apple's `outputs`.
+        text_hidden_states (`torch.FloatTensor` of shape `(batch_size, text_length, deep_hidden_size)`, *optional*):
+            Returned when `output_hidden_states=True` for a text model: the deep block's text-token states after
+            its final norm (nothing uses them; they help to debug the text path).
+    """
+
+    loss: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    logdet: torch.Tensor | None = None
+    log_likelihood: torch.Tensor | None = None
+    bits_per_dim: torch.Tensor | None = None
+    latent_norm: torch.Tensor | None = None
+    block_logdets: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    text_hidden_states: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+def rope_angles(config: StarFlowConfig, height: int, width: int, text_length: int) -> torch.Tensor:
+    """Rotary angles (text_length + height * width, head_dim) in float32, text positions first.
+
+    Apple's `get_positions` + `VisionRotaryEmbeddingFast`: image token (i, j) of an h x w grid sits at
+    (i * P / sqrt(hw), j * P / sqrt(hw), 0) with P the training grid side, so the training size gives integer
+    positions and other sizes (also non-square) cover the same range; text token k sits at (0, 0, k * P / L). The
+    two image axes share `rope_spatial_frequencies` frequencies 1 / theta^(2k / d); the text axis has 8
+    frequencies 1 / theta^(k / 8) (step 1, not 2: Apple's choice). Each angle rotates one interleaved pair."""
+    spatial_dim = 2 * config.rope_spatial_frequencies
+    grid = config.grid_size
+    spatial = 1.0 / (config.rope_theta ** (torch.arange(0, spatial_dim, 2)[: spatial_dim // 2].float() / spatial_dim))
+    mean_length = math.sqrt(height * width)
+    rows = torch.arange(height) / mean_length * grid
+    cols = torch.arange(width) / mean_length * grid
+    rows, cols = (axis.reshape(-1) for axis in torch.meshgrid(rows, cols, indexing="ij"))
+    parts = []
+    if config.has_text:
+        text_dim = config.rope_text_frequencies
+        text_frequencies = 1.0 / (config.rope_theta ** (torch.arange(0, text_dim).float() / text_dim))
+        text = torch.arange(text_length) / max(text_length, 1) * grid
+        zeros = torch.zeros(text_length)
+        rows, cols = torch.cat([zeros, rows]), torch.cat([zeros, cols])
+        depth = torch.cat([text, torch.zeros(height * width)])
+        parts = [torch.outer(depth, text_frequencies)]
+    angles = torch.cat([torch.outer(rows, spatial), torch.outer(cols, spatial), *parts], dim=-1)
+    return angles.repeat_interleave(2, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x_2m, x_2m+1) of (B, heads, L, head_dim) by the angles of (L, head_dim)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class RotaryTable:
+    """cos and sin of the rotary angles of every sequence position of a block (text prefix first)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def build(cls, config: StarFlowConfig, height: int, width: int, text_length: int, device, dtype) -> RotaryTable:
+        angles = rope_angles(config, height, width, text_length).to(device)
+        return cls(angles.cos().to(dtype), angles.sin().to(dtype))
+
+    def rows(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start : start + length], self.sin[start : start + length]
+
+    def tail(self, length: int) -> RotaryTable:
+        """The last `length` positions: the image part, for a block without the text prefix."""
+        return RotaryTable(self.cos[-length:], self.sin[-length:])
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+class StarFlowBlockCache:
+    """The key/value caches of every layer of a block (`attention.KVCache`: keys stored already rotated, since a
+    key's rotation depends only on its own position; rewriting a position overwrites it, so a parallel sampler's
+    rewind is implicit). `offset` is the length of the text prefix: image sequence position t lives at
+    `offset + t`."""
+
+    def __init__(self, num_layers: int, max_length: int, offset: int = 0):
+        self.offset = offset
+        self.layers = [KVCache(max_length) for _ in range(num_layers)]
+
+
+# -------------------------------------------------------------------------------------------- layers
+class StarFlowRMSNorm(nn.Module):
+    """Apple's final RMSNorm, in float32, scaled by (1 + weight): a zero weight is the plain normalisation."""
+
+    def __init__(self, width: int, eps: float = RMS_NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(width))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden if hidden.dtype == torch.float64 else hidden.float()  # float64 left alone, for exact checks
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (1 + self.weight.to(x.dtype))).type_as(hidden)
+
+
+def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    # LayerNorm in float32 whatever the autocast dtype (float64 left alone for exact checks).
+    up = x if x.dtype == torch.float64 else x.float()
+    weight = norm.weight.to(up.dtype)
+    bias = norm.bias.to(up.dtype)
+    return F.layer_norm(up, norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
+
+
+class StarFlowAttention(nn.Module):
+    """Pre-norm causal self-attention with 3-axis RoPE on queries and keys."""
+
+    def __init__(self, config: StarFlowConfig, width: int):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.num_heads = width // config.head_dim
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        position: int = 0,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """`hidden` (B, n, W) holds sequence positions `position .. position + n - 1` with rotary `cos`, `sin` (n,
+        head_dim); with `cache` they also attend to every cached position before them. `temperature` divides the
+        attention logits (Apple's `attn_temp`)."""
+        batch, length, width = hidden.shape
+        qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
+        query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, position)
+        if temperature != 1.0:
+            query = query / temperature
+        implementation = check_attention_implementation(self.config._attn_implementation)
+        out, _ = causal_attention(query, key, value, implementation)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class StarFlowMLP(nn.Module):
+    def __init__(self, config: StarFlowConfig, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, config.mlp_ratio * width)
+        self.fc2 = nn.Linear(config.mlp_ratio * width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(_layer_norm_fp32(self.norm, hidden))))
+
+
+class StarFlowLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer; checkpointed in training when gradient checkpointing is enabled."""
+
+    def __init__(self, config: StarFlowConfig, width: int):
+        super().__init__()
+        self.attention = StarFlowAttention(config, width)
+        self.mlp = StarFlowMLP(config, width)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        position: int = 0,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        hidden = hidden + self.attention(hidden, cos, sin, cache, position, temperature)
+        return hidden + self.mlp(hidden)
+
+
+# ------------------------------------------------------------------------------------------- condition
+@dataclass
+class StarFlowCondition:
+    """Everything a block needs besides its tokens: the text rows the transformer reads (B rows, or
+    [conditional; unconditional] 2B rows when guided), the guidance (None: unguided), the attention temperature,
+    and the rotary table of the latent's grid."""
+
+    text: torch.Tensor | None
+    rope: RotaryTable
+    num_tokens: int
+    guidance: Guidance | None = None
+    attention_temperature: float = 1.0
+
+    @property
+    def branches(self) -> int:
+        return 2 if self.guidance is not None and self.guidance.active else 1
+
+    @property
+    def text_length(self) -> int:
+        return 0 if self.text is None else self.text.shape[1]
+
+    def repeat_interleave(self, copies: int) -> StarFlowCondition:
+        """The condition of a batch whose every row is repeated `copies` times in a row (branch by branch)."""
+        text = self.text
+        if text is not None:
+            grouped = text.view(self.branches, text.shape[0] // self.branches, *text.shape[1:])
+            text = grouped.repeat_interleave(copies, dim=1).flatten(0, 1)
+        return StarFlowCondition(text, self.rope, self.num_tokens, self.guidance, self.attention_temperature)
+
+
+# ----------------------------------------------------------------------------------------------- block
+class StarFlowBlock(nn.Module):
+    """One autoregressive affine flow step over the token sequence, read reversed when `reverse_order`. The deep
+    block (`reads_text`) runs its layers on [text prefix; image tokens]."""
+
+    def __init__(self, config: StarFlowConfig, width: int, num_layers: int, reverse_order: bool, reads_text: bool):
+        super().__init__()
+        self.config = config
+        self.reverse_order = reverse_order
+        self.soft_clip = config.soft_clip
+        patch_dim = config.patch_dim
+        self.sos_embed = nn.Parameter(torch.empty(1, 1, patch_dim))
+        self.proj_in = nn.Linear(patch_dim, width)
+        self.proj_txt = nn.Linear(config.text_hidden_size, width) if reads_text else None
+        self.layers = nn.ModuleList(StarFlowLayer(config, width) for _ in range(num_layers))
+        self.final_norm = StarFlowRMSNorm(width)
+        self.proj_out = nn.Linear(width, 2 * patch_dim)
+
+    @property
+    def reads_text(self) -> bool:
+        return self.proj_txt is not None
+
+    def permute(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Into (and, being an involution, out of) this block's token order along dim 1."""
+        return sequence.flip(1) if self.reverse_order else sequence
+
+    # -------------------------------------------------------------------------------------- transformer
+    def transformer(
+        self,
+        hidden: torch.Tensor,
+        rope: RotaryTable,
+        start: int,
+        cache: StarFlowBlockCache | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """All layers on rows at sequence positions `start ..` (text prefix included), then the final norm."""
+        cos, sin = rope.rows(start, hidden.shape[1])
+        for i, layer in enumerate(self.layers):
+            if cache is None and temperature == 1.0:
+                hidden = layer(hidden, cos, sin)  # the training path: checkpointed when enabled
+            else:
+                layer_cache = None if cache is None else cache.layers[i]
+                hidden = layer(hidden, cos, sin, cache=layer_cache, position=start, temperature=temperature)
+        return self.final_norm(hidden)
+
+    def affine(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) in float32 from final hidden states: soft clip, then scale = softplus(a + log(e - 1))."""
+        out = self.proj_out(hidden)
+        if self.soft_clip > 0:
+            out = self.soft_clip * torch.tanh(out / self.soft_clip)
+        log_scale_logit, shift = out.chunk(2, dim=-1)
+        up = torch.float64 if out.dtype == torch.float64 else torch.float32
+        return F.softplus(log_scale_logit.to(up) + INV_SOFTPLUS_1), shift.to(up)
+
+    def sequence_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Transformer inputs of a whole block: [sos, s_0, ..., s_{T-2}] for tokens s in block order."""
+        sos = self.sos_embed.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return torch.cat([sos, tokens[:, :-1]], dim=1)
+
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor | None, rope: RotaryTable
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, T, D) tokens in raster order -> (z in raster order, -log scale (B, T, D) in this block's order,
+        the text states after the final norm or None). `rope` covers [text; image] positions."""
+        s = self.permute(x)
+        hidden = self.proj_in(self.sequence_inputs(s))
+        text_length = 0
+        if self.reads_text:
+            text_length = text.shape[1]
+            hidden = torch.cat([self.proj_txt(text.to(hidden.dtype)), hidden], dim=1)
+        hidden = self.transformer(hidden, rope, 0)
+        text_states, hidden = hidden[:, :text_length], hidden[:, text_length:]
+        scale, shift = self.affine(hidden)
+        up = scale.dtype
+        z = ((s.to(up) - shift) / scale).to(x.dtype)
+        return self.permute(z), -torch.log(scale), text_states if self.reads_text else None
+
+    # --------------------------------------------------------------------------------- sampler interface
+    def new_cache(self, condition: StarFlowCondition, batch_size: int, num_tokens: int) -> StarFlowBlockCache:
+        """A key/value cache for `num_tokens` sequence positions of one inverse of this block; the deep block's
+        text prefix is run into it first (with the attention temperature, as Apple's sequential decoder does), so
+        sequence position t sits at L + t."""
+        text_length = condition.text_length if self.reads_text else 0
+        cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, offset=text_length)
+        if text_length:
+            hidden = self.proj_txt(condition.text.to(self.proj_txt.weight.dtype))
+            self.transformer(hidden, self._rope(condition), 0, cache, condition.attention_temperature)
+        return cache
+
+    def _rope(self, condition: StarFlowCondition) -> RotaryTable:
+        """The rotary table over this block's sequence: shallow blocks see image positions only."""
+        return condition.rope if self.reads_text else condition.rope.tail(condition.num_tokens)
+
+    def affine_span(
+        self,
+        tokens: torch.Tensor,
+        position: int,
+        cache: StarFlowBlockCache | None,
+        condition: StarFlowCondition,
+        weight: torch.Tensor | float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_scale, shift), each (B, n, D), predicting the tokens that follow `tokens` (B, n, D), which sit at
+        sequence positions `position .. position + n - 1` of [sos; z] (block order): the output at row t gives
+        x_{t+1} = z_{t+1} * exp(log_scale) + shift, with log_scale = log(scale) of Apple's soft-clipped softplus
+        scale. With guidance the rows are duplicated to [cond; uncond] internally and combined by the guidance's
+        rule (STARFlow: the Gaussian product) with `weight`."""
+        branches = condition.branches
+        if branches > 1:
+            tokens = tokens.repeat(branches, 1, 1)
+        hidden = self.proj_in(tokens.to(self.proj_in.weight.dtype))
+        rope = self._rope(condition)
+        offset = condition.text_length if self.reads_text else 0
+        if cache is None:
+            if position != 0:
+                raise ValueError("affine_span without a cache must start at position 0 (it cannot see earlier tokens)")
+            if offset:
+                hidden = torch.cat([self.proj_txt(condition.text.to(hidden.dtype)), hidden], dim=1)
+            hidden = self.transformer(hidden, rope, 0, None, condition.attention_temperature)[:, offset:]
+        else:
+            hidden = self.transformer(hidden, rope, cache.offset + position, cache, condition.attention_temperature)
+        scale, shift = self.affine(hidden)
+        return guide(condition.guidance, torch.log(scale), shift, weight)
+
+
+# ------------------------------------------------------------------------------------------------- text
+def encode_prompt_embeddings(
+    text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The text embeddings STARFlow reads (Apple's `utils.encode_text`): the T5 encoder's last hidden state for
+    `input_ids` and `attention_mask` (tokenised with `padding="max_length", truncation=True, max_length=
+    max_text_length`), multiplied by the mask so that padding rows are zero. The flow itself takes no mask: it
+    attends to the zeroed rows too, as Apple's does."""
+    hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden * attention_mask[..., None].to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- models
+class StarFlowPreTrainedModel(PreTrainedModel):
+    config: StarFlowConfig
+    config_class = StarFlowConfig
+    base_model_prefix = "starflow"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["StarFlowBlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # The attention layers read `config._attn_implementation` at every call, so `set_attn_implementation`
+        # takes effect at once (transformers' source heuristic looks for its AttentionInterface and would say no).
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Apple's initialisation: PyTorch's defaults, a standard normal start token, a zero output projection
+        # weight (every block starts as the identity map) and a zero RMSNorm weight (used as 1 + weight).
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, StarFlowRMSNorm):
+            init.zeros_(module.weight)
+        elif isinstance(module, StarFlowBlock):
+            init.normal_(module.sos_embed, std=1.0)
+            init.zeros_(module.proj_out.weight)
+
+
+class StarFlowModel(StarFlowPreTrainedModel):
+    r"""
+    STARFlow latent normalizing flow. `forward` maps (noisy) VAE latents to z with the exact log-likelihood;
+    `inverse` maps prior samples back to latents, with STARFlow's Gaussian-product classifier-free guidance in the
+    deep block; `denoise` takes the score step Apple applies to samples.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from tarflow_hf.configuration_starflow import StarFlowConfig
+    >>> from tarflow_hf.modeling_starflow import StarFlowModel
+    >>> config = StarFlowConfig(sample_size=8, hidden_size=64, layers_per_block=[1, 2], head_dim=32,
+    ...                         text_hidden_size=32, max_text_length=16)
+    >>> model = StarFlowModel(config)
+    >>> text = torch.randn(2, 16, 32)
+    >>> out = model(torch.randn(2, 4, 8, 8), text)  # .latents (2, 4, 8, 8), .logdet, .loss, .bits_per_dim
+    >>> latents = model.inverse(torch.randn(2, 4, 8, 8), text, negative_encoder_hidden_states=torch.zeros(2, 16, 32),
+    ...                         guidance_scale=4.6)
+    ```
+    """
+
+    def __init__(self, config: StarFlowConfig):
+        super().__init__(config)
+        blocks = []
+        for i in range(config.num_blocks):
+            deep = i == config.num_blocks - 1
+            width = config.deep_hidden_size if deep else config.hidden_size
+            # Apple's seq_order L2R: even blocks read the tokens reversed, odd blocks as they are.
+            layers = config.layers_per_block[i]
+            blocks.append(
+                StarFlowBlock(config, width, layers, reverse_order=i % 2 == 0, reads_text=deep and config.has_text)
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------- shapes & inputs
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> patch grid (B, H/p, W/p, p*p*C): Apple's `'b c (h p1) (w p2) -> b h w (p1 p2 c)'`,
+        channel fastest inside a patch."""
+        b, c, h, w = latents.shape
+        p = self.config.patch_size
+        grid = latents.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return grid.reshape(b, h // p, w // p, p * p * c)
+
+    def unpatchify(self, grid: torch.Tensor) -> torch.Tensor:
+        """Inverse of `patchify`."""
+        b, h, w, _ = grid.shape
+        p, c = self.config.patch_size, self.config.in_channels
+        return grid.reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
+
+    def _check_latents(self, latents: torch.Tensor, name: str) -> None:
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != cfg.in_channels:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"{name} must have shape (batch, {cfg.in_channels}, height, width), got {got}")
+        height, width = latents.shape[2:]
+        p = cfg.patch_size
+        if height < p or width < p or height % p or width % p:
+            raise ValueError(
+                f"{name} is {height}x{width}, which is not on the patch grid: height and width must be positive "
+                f"multiples of patch_size={p}"
+            )
+        if not latents.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {latents.dtype}")
+
+    def _check_text(self, text: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
+        """Text embeddings (B, L, text_hidden_size) on the model's device; one row is broadcast to the batch."""
+        cfg = self.config
+        if not cfg.has_text:
+            if text is not None:
+                raise ValueError(f"this model is unconditional (text_hidden_size=0); pass {name}=None")
+            return None
+        if text is None:
+            raise ValueError(
+                f"this model reads text: pass {name} of shape (batch, text_length, {cfg.text_hidden_size}), the "
+                "text encoder's masked last hidden state (for the unconditional branch, the empty prompt's)"
+            )
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != cfg.text_hidden_size:
+            got = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(
+                f"{name} must have shape (batch, text_length, {cfg.text_hidden_size}) (text_hidden_size), got {got}"
+            )
+        if text.shape[1] < 1:
+            raise ValueError(f"{name} must hold at least one text token, got length 0")
+        if text.shape[0] == 1 and batch != 1:
+            text = text.expand(batch, -1, -1)
+        if text.shape[0] != batch:
+            raise ValueError(f"{name} has {text.shape[0]} rows for a batch of {batch}")
+        return text.to(device=self.device)
+
+    def _rope_table(self, height: int, width: int, text_length: int, dtype: torch.dtype) -> RotaryTable:
+        p = self.config.patch_size
+        return RotaryTable.build(self.config, height // p, width // p, text_length, self.device, dtype)
+
+    # --------------------------------------------------------------------------------------------- density
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> StarFlowOutput | tuple:
+        r"""
+        Map latents to z with the exact log-likelihood.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+                VAE latents (scaled by the VAE's scaling factor, plus the training noise); height and width are
+                multiples of `patch_size`, not necessarily `sample_size` and not necessarily equal.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_hidden_size)`):
+                Text embeddings with padding rows zeroed (the flow itself takes no mask). Required for a text model.
+            output_hidden_states (`bool`, *optional*): return the patch grid after every block.
+            return_dict (`bool`, *optional*): return a [`StarFlowOutput`] rather than a tuple.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_latents(pixel_values, "pixel_values")
+        batch, _, height, width = pixel_values.shape
+        text = self._check_text(encoder_hidden_states, batch, "encoder_hidden_states")
+        dtype = self.blocks[0].proj_in.weight.dtype
+        grid = self.patchify(pixel_values.to(device=self.device, dtype=dtype))
+        grid_h, grid_w = grid.shape[1:3]
+        rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)
+
+        x = grid.flatten(1, 2)
+        outputs, block_logdets, text_states = [grid], [], None
+        for block in self.blocks:
+            block_rope = rope if block.reads_text else rope.tail(grid_h * grid_w)
+            x, logdet_tokens, block_text = block(x, text if block.reads_text else None, block_rope)
+            block_logdets.append(logdet_tokens.sum(dim=(1, 2)))
+            outputs.append(x.unflatten(1, (grid_h, grid_w)))
+            text_states = block_text if block_text is not None else text_states
+
+        latents = self.unpatchify(outputs[-1])
+        num_dims = latents[0].numel()
+        logdet = torch.stack(block_logdets).sum(0)
+        z = latents.to(logdet.dtype)
+        squared = z.pow(2).flatten(1).sum(1)
+        nll_per_dim = 0.5 * squared / num_dims - logdet / num_dims  # Apple's get_loss, per sample
+        latent_norm = sum(output.pow(2).mean() for output in outputs[:-1])
+        loss = nll_per_dim.mean() + self.config.latent_norm_regularization * latent_norm
+        log_likelihood = -0.5 * squared - 0.5 * num_dims * LOG_TWO_PI + logdet
+        output = StarFlowOutput(
+            loss=loss,
+            latents=latents,
+            logdet=logdet,
+            log_likelihood=log_likelihood,
+            bits_per_dim=-log_likelihood / (num_dims * math.log(2)),
+            latent_norm=latent_norm,
+            block_logdets=tuple(block_logdets),
+            hidden_states=tuple(outputs) if output_hidden_states else None,
+            text_hidden_states=text_states if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # -------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def inverse(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        sampler: Literal["sequential", "block_jacobi", "jacobi", "newton"] = "sequential",
+        attention_temperature: float = 1.0,
+        jacobi_block_size: int = 16,
+        jacobi_threshold: float = 1e-3,
+        jacobi_max_iterations: int | None = None,
+        jacobi_tolerance: float = 1e-4,
+        jacobi_window: int | None = None,
+        return_stats: bool = False,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
+        r"""
+        Map prior samples back to latents: the flow run backwards, deep block first, token by token.
+
+        Args:
+            latents (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`): standard normal samples
+                (Apple's `sample.py` draws them without temperature); any size on the patch grid.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_hidden_size)`): the
+                prompts' embeddings (padding rows zeroed); one row is used for the whole batch.
+            negative_encoder_hidden_states (`torch.Tensor`, same shape): the unconditional branch's embeddings,
+                needed when guiding; Apple uses the empty prompt's encoding.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention (1.0 is
+                none; Apple's `--cfg g` is `1 + g`), applied in the deep block only with STARFlow's Gaussian-product
+                rule; the shallow blocks never see text. Must be >= 1.
+            sampler (`str`): `"sequential"` (exact, Apple's default), `"block_jacobi"` (Apple's `--jacobi 1`:
+                chunks of `jacobi_block_size` tokens iterated to the relative change `jacobi_threshold`, at most
+                `jacobi_max_iterations` (default 32) passes each), `"jacobi"` or `"newton"` (this package's parallel
+                samplers, to `jacobi_tolerance`; see `tarflow_hf.sampling`).
+            attention_temperature (`float`): divides the attention logits of every layer of every block, both
+                guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi decoder, which
+                ignores it, every sampler here applies it.
+            jacobi_window (`int`, *optional*): `"jacobi"` only: tokens iterated together after the settled prefix.
+            return_stats (`bool`): also return the [`~sampling.SamplingStats`] (`chunk_iterations` holds the
+                block-Jacobi iterations of every chunk, deep block first, as Apple's `jacobi_iters`).
+            callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
+                order: step 0 is the deep block) with its step index and the current latents (B, C, H, W).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, in_channels, height, width)`: latents x (raw: neither clipped nor
+            denoised), and the statistics when `return_stats`.
+        """
+        self._check_latents(latents, "latents")
+        batch, _, height, width = latents.shape
+        guidance = Guidance(scale=guidance_scale, rule="gaussian_product")
+        if not attention_temperature > 0:
+            raise ValueError(f"attention_temperature must be > 0, got {attention_temperature}")
+        options = SamplerOptions(
+            sampler=sampler,
+            jacobi_tolerance=jacobi_tolerance,
+            jacobi_window=jacobi_window,
+            jacobi_max_iterations=jacobi_max_iterations,
+            jacobi_block_size=jacobi_block_size,
+            jacobi_threshold=jacobi_threshold,
+        )
+        text = self._check_text(encoder_hidden_states, batch, "encoder_hidden_states")
+        if guidance.active and not self.config.has_text:
+            raise ValueError("guidance_scale != 1 needs a text model: this one is unconditional (text_hidden_size=0)")
+        if guidance.active:
+            if negative_encoder_hidden_states is None:
+                raise ValueError(
+                    "guidance_scale != 1 needs negative_encoder_hidden_states (Apple's: the text encoder's embedding "
+                    "of the empty prompt)"
+                )
+            negative = self._check_text(negative_encoder_hidden_states, batch, "negative_encoder_hidden_states")
+            if negative.shape[1] != text.shape[1]:
+                raise ValueError(
+                    f"negative_encoder_hidden_states has {negative.shape[1]} text tokens but encoder_hidden_states "
+                    f"{text.shape[1]}; both branches run as one batch, so pad them to the same length"
+                )
+            text = torch.cat([text, negative.to(text.dtype)])
+        elif negative_encoder_hidden_states is not None:
+            raise ValueError("negative_encoder_hidden_states is only used with guidance_scale != 1")
+
+        dtype = self.blocks[0].proj_in.weight.dtype
+        grid = self.patchify(latents.to(device=self.device, dtype=torch.float32))
+        grid_h, grid_w = grid.shape[1:3]
+        num_tokens = grid_h * grid_w
+        rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)
+        stats = SamplingStats()
+        tokens = grid.flatten(1, 2)
+        for step, block in enumerate(reversed(self.blocks)):
+            # Guidance in the deep block only (Apple's cond_top_only): the shallow blocks never read text.
+            condition = StarFlowCondition(
+                text=text.to(dtype) if block.reads_text else None,
+                rope=rope,
+                num_tokens=num_tokens,
+                guidance=guidance if block.reads_text and guidance.active else None,
+                attention_temperature=attention_temperature,
+            )
+            sequence = torch.cat([block.sos_embed.float().expand(batch, -1, -1), block.permute(tokens)], dim=1)
+            inverted, record = invert_block(block, sequence, condition, options)
+            stats.add_block(record)
+            tokens = block.permute(inverted[:, 1:])
+            if callback is not None:
+                callback(step, self.unpatchify(tokens.unflatten(1, (grid_h, grid_w))))
+        if not torch.isfinite(tokens).all():
+            raise FloatingPointError(
+                "sampling produced non-finite values; with float16 or bfloat16 weights try float32, or a lower "
+                "guidance_scale"
+            )
+        result = self.unpatchify(tokens.unflatten(1, (grid_h, grid_w)))
+        return (result, stats) if return_stats else result
+
+    # ------------------------------------------------------------------------------------------- denoising
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        noise_std: float | None = None,
+    ) -> torch.Tensor:
+        r"""
+        One Tweedie score step `x + sigma**2 * grad_x log p(x)` with the model's own likelihood and sigma =
+        `config.noise_std` (Apple's `self_denoise`, step size 1): samples of a model trained on noisy latents carry
+        that noise, and this removes it. Computed one latent at a time, as Apple does, with the conditional text
+        embeddings only.
+        """
+        sigma = self.config.noise_std if noise_std is None else noise_std
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma}")
+        self._check_latents(latents, "latents")
+        text = self._check_text(encoder_hidden_states, latents.shape[0], "encoder_hidden_states")
+        outputs = []
+        for i in range(latents.shape[0]):
+            x = latents[i : i + 1].detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                log_likelihood = self(x, None if text is None else text[i : i + 1]).log_likelihood
+                (score,) = torch.autograd.grad(log_likelihood.sum(), x)
+            outputs.append((x + sigma**2 * score).detach())
+        return torch.cat(outputs)
+
+
+__all__ = ["StarFlowConfig", "StarFlowModel", "StarFlowOutput", "StarFlowPreTrainedModel", "encode_prompt_embeddings"]

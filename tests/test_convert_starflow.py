@@ -1,0 +1,215 @@
+"""apple/ml-starflow checkpoints <-> StarFlowModel folders: exact both ways, configuration from weights and yaml."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tarflow_hf.cli import CommandError
+from tarflow_hf.configuration_starflow import StarFlowConfig
+from tarflow_hf.convert_starflow import (
+    RELEASED_YAML,
+    add_arguments,
+    apple_to_hf_state_dict,
+    convert_ml_starflow_checkpoint,
+    deprecated_buffers,
+    expected_apple_shapes,
+    export_ml_starflow_checkpoint,
+    hf_to_apple_state_dict,
+    is_starflow_checkpoint_keys,
+    is_starflow_source,
+    load_ml_starflow_checkpoint,
+    read_apple_yaml,
+    run,
+    starflow_config_from_apple,
+)
+from tarflow_hf.modeling_starflow import StarFlowModel
+
+FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
+CASES = ("sf_t2i", "sf_variant")
+
+
+def apple_state(name: str) -> dict[str, torch.Tensor]:
+    return torch.load(FIXTURES / f"{name}.pth", map_location="cpu", weights_only=True)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_config_from_weights_and_yaml(name):
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    apple = meta["model_kwargs"]
+    config = starflow_config_from_apple(apple_state(name), read_apple_yaml(FIXTURES / f"{name}.yaml"))
+    assert config.sample_size == apple["img_size"]
+    assert config.patch_size == apple["patch_size"]
+    assert config.in_channels == apple["in_channels"]
+    assert config.hidden_size == apple["channels"]
+    assert config.deep_hidden_size == (apple["top_block_channels"] or apple["channels"])
+    assert config.layers_per_block == apple["layers_per_block"]
+    assert config.head_dim == apple["head_dim"]
+    assert config.text_hidden_size == apple["txt_dim"]
+    assert config.max_text_length == apple["txt_size"]
+    assert config.soft_clip == apple["soft_clip"]
+    assert config.noise_std == meta["denoise"]["noise_std"]
+    assert config.latent_norm_regularization == meta["forward"]["latent_norm_regularization"]
+
+
+def test_yaml_format_is_read_like_apples_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("arguments:\n- layers_per_block: 2 2 24  # comment\n- lr: 6.4e-05\n- seq_order: L2R\n- sos: 1\n")
+    assert read_apple_yaml(path) == {"layers_per_block": [2, 2, 24], "lr": 6.4e-05, "seq_order": "L2R", "sos": 1}
+    path.write_text("arguments:\nnot a setting\n")
+    with pytest.raises(ValueError, match="key: value"):
+        read_apple_yaml(path)
+
+
+def test_released_config_without_yaml():
+    """The 3B checkpoint's shapes (from the fixture README) give the released architecture; without a yaml the
+    released values fill in the rest."""
+    width, patch_dim, text, positions = 3072, 4, 128, 32 * 32
+    shapes = {"var": (positions, patch_dim), "feat_rope.freqs_cos": (positions + text, 64)}
+    for i, layers in enumerate([2, 2, 2, 2, 2, 24]):
+        shapes[f"blocks.{i}.proj_in.weight"] = (width, patch_dim)
+        shapes[f"blocks.{i}.attn_mask"] = (positions + text, positions + text)
+        for j in range(layers):
+            shapes[f"blocks.{i}.attn_blocks.{j}.mlp.main.0.weight"] = (4 * width, width)
+    shapes["blocks.5.proj_txt.weight"] = (width, 2048)
+    config = starflow_config_from_apple(shapes, None)
+    assert (config.sample_size, config.max_text_length, config.head_dim) == (32, 128, 64)
+    assert config.layers_per_block == RELEASED_YAML["layers_per_block"]
+    defaults = StarFlowConfig().to_dict()
+    assert {key: value for key, value in config.to_dict().items() if key != "transformers_version"} == {
+        key: value for key, value in defaults.items() if key != "transformers_version"
+    }
+    apple_shapes = expected_apple_shapes(config)
+    assert len(apple_shapes) == 455
+    assert (
+        sum(
+            torch.Size(shape).numel()
+            for key, shape in apple_shapes.items()
+            if "." in key and "attn_mask" not in key and "freqs" not in key
+        )
+        == 3_858_281_544
+    )
+    assert apple_shapes["blocks.0.attn_mask"] == (1152, 1152)
+    assert apple_shapes["feat_rope.freqs_cos"] == (1152, 64)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip_is_tensor_identical(name, tmp_path):
+    """.pth -> folder -> .pth gives back every tensor (deprecated buffers included), in Apple's key order."""
+    original = apple_state(name)
+    folder = tmp_path / "model"
+    convert_ml_starflow_checkpoint(FIXTURES / f"{name}.pth", folder, config_yaml=FIXTURES / f"{name}.yaml")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    card = (folder / "README.md").read_text()
+    assert "Apple Machine Learning Research Model License" in card and "apple/ml-starflow" in card
+    export_ml_starflow_checkpoint(folder, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert list(again) == list(original)
+    for key, tensor in original.items():
+        assert again[key].dtype == tensor.dtype and torch.equal(again[key], tensor), key
+    # Apple's two rotary buffers are one tensor (one storage in the file), and so are ours.
+    assert again["feat_rope.freqs_cos"].data_ptr() == again["feat_rope.freqs_sin"].data_ptr()
+    # The same from a model in memory.
+    model = StarFlowModel.from_pretrained(folder)
+    export_ml_starflow_checkpoint(model, tmp_path / "from_model.pth")
+    from_model = torch.load(tmp_path / "from_model.pth", weights_only=True)
+    assert all(torch.equal(from_model[key], tensor) for key, tensor in original.items())
+
+
+def test_dropped_buffers_are_what_apple_writes():
+    original = apple_state("sf_variant")
+    config = starflow_config_from_apple(original, read_apple_yaml(FIXTURES / "sf_variant.yaml"))
+    for key, tensor in deprecated_buffers(config).items():
+        assert torch.equal(tensor, original[key]), key
+    hf = apple_to_hf_state_dict(original)
+    assert not any(key == "var" or "attn_mask" in key or "freqs" in key for key in hf)
+    assert all(
+        hf[key]
+        is original[key.replace(".layers.", ".attn_blocks.").replace(".fc1.", ".main.0.").replace(".fc2.", ".main.2.")]
+        for key in hf
+    )
+    assert list(hf_to_apple_state_dict(hf, config)) == list(original)
+
+
+def test_mismatched_checkpoints_are_named(tmp_path):
+    state = apple_state("sf_t2i")
+    yaml = read_apple_yaml(FIXTURES / "sf_t2i.yaml")
+    with pytest.raises(ValueError, match="channels=128"):
+        starflow_config_from_apple(state, {**yaml, "channels": 128})
+    with pytest.raises(ValueError, match="txt_size"):
+        starflow_config_from_apple(state, {**yaml, "txt_size": 8})
+    with pytest.raises(ValueError, match="seq_order"):
+        starflow_config_from_apple(state, {**yaml, "seq_order": "R2L"})
+    broken = dict(state)
+    broken["blocks.0.unexpected"] = torch.zeros(1)
+    del broken["blocks.1.proj_out.bias"]
+    broken["blocks.2.proj_in.weight"] = torch.zeros(3, 3)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError) as error:
+        load_ml_starflow_checkpoint(tmp_path / "broken.pth", FIXTURES / "sf_t2i.yaml")
+    for name in ("blocks.0.unexpected", "blocks.1.proj_out.bias", "blocks.2.proj_in.weight"):
+        assert name in str(error.value)
+
+
+def test_command_line(tmp_path, capsys):
+    assert (
+        run(
+            parse(
+                [
+                    str(FIXTURES / "sf_variant.pth"),
+                    str(tmp_path / "out"),
+                    "--config",
+                    str(FIXTURES / "sf_variant.yaml"),
+                    "--license-file",
+                    str(FIXTURES / "README.md"),
+                ]
+            )
+        )
+        == 0
+    )
+    assert (tmp_path / "out" / "LICENSE").read_text() == (FIXTURES / "README.md").read_text()
+    assert "research" in capsys.readouterr().out
+    assert run(parse([str(tmp_path / "out"), str(tmp_path / "back.pth"), "--reverse"])) == 0
+    assert list(torch.load(tmp_path / "back.pth", weights_only=True)) == list(apple_state("sf_variant"))
+    with pytest.raises(FileExistsError):
+        run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out")]))
+    assert run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out"), "--overwrite"])) == 0
+    assert "assuming the released" in capsys.readouterr().out
+
+
+def test_checkpoint_family_is_recognised():
+    assert is_starflow_checkpoint_keys(list(apple_state("sf_t2i")))
+    assert not is_starflow_checkpoint_keys(["var", "blocks.0.pos_embed", "blocks.0.proj_in.weight"])
+
+
+def test_sources_are_recognised_for_dispatch(tmp_path):
+    """`tarflow-hf convert` can hand STARFlow checkpoints and folders to this converter, with its own namespace."""
+    assert is_starflow_source(FIXTURES / "sf_t2i.pth")
+    assert not is_starflow_source(Path(__file__).parent / "fixtures" / "tiny_cond.pth")
+    assert not is_starflow_source(tmp_path)
+    namespace = argparse.Namespace(
+        source=str(FIXTURES / "sf_t2i.pth"),
+        destination=str(tmp_path / "out"),
+        reverse=False,
+        overwrite=False,
+        noise_std=None,
+        in_channels=None,
+        labels=None,
+        config=str(FIXTURES / "sf_t2i.yaml"),
+        license_file=None,
+    )
+    assert run(namespace) == 0
+    assert is_starflow_source(tmp_path / "out")
+    namespace.noise_std = 0.1
+    with pytest.raises(CommandError, match="--noise-std"):
+        run(namespace)
