@@ -25,9 +25,8 @@ def naive_block_inverse(
         condition = block.class_condition(branch_labels, x.shape[0])
         if condition is not None:
             hidden = hidden + condition
-        scale = None if temp == 1.0 else torch.full((x.shape[0], 1, 1, 1), 1.0 / temp)
         for layer in block.layers:
-            hidden, _ = layer(hidden, query_scale=scale)
+            hidden, _ = layer(hidden, temperatures=(temp,))
         return block.scale_shift(block.proj_out(hidden[:, t : t + 1]))
 
     for t in range(num_patches - 1):

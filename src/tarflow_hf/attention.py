@@ -53,19 +53,24 @@ def causal_attention(
     value: torch.Tensor,
     implementation: str = "sdpa",
     output_attentions: bool = False,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of `query` (B, H, L, d) over `key`/`value` (B, H, S, d) with S >= L: the queries are the
-    last L positions, so query i sees keys 0 .. S - L + i. Returns (output, attention weights or None); the
-    weights need the eager implementation."""
+    last L positions, so query i sees keys 0 .. S - L + i. `scale` multiplies the logits (default d ** -0.5; an
+    attention temperature T is `scale = d ** -0.5 / T`, applied here rather than to the queries so that half
+    precision rounds as Apple's code does). Returns (output, attention weights or None); the weights need the
+    eager implementation."""
     length, keys = query.shape[2], key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "sdpa" and not output_attentions:
         mask, is_causal = None, False
         if length > 1 and keys == length:
             is_causal = True
         elif length > 1:  # a window after cached positions: lower-right aligned keeps fused kernels usable on GPU
             mask = causal_lower_right(length, keys)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal), None
-    scores = (query @ key.transpose(-2, -1)) * query.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return out, None
+    scores = (query @ key.transpose(-2, -1)) * scale
     if length > 1:
         allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
         scores = scores.masked_fill(~allowed, float("-inf"))

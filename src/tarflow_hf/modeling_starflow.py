@@ -204,10 +204,8 @@ class StarFlowAttention(nn.Module):
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, position)
-        if temperature != 1.0:
-            query = query / temperature
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, _ = causal_attention(query, key, value, implementation)
+        out, _ = causal_attention(query, key, value, implementation, scale=self.head_dim**-0.5 / temperature)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 

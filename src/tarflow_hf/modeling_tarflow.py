@@ -106,22 +106,30 @@ class TarFlowAttention(nn.Module):
         hidden: torch.Tensor,
         cache: KVCache | None = None,
         position: int = 0,
-        query_scale: torch.Tensor | None = None,
+        temperatures: tuple[float, ...] = (1.0,),
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Causal self-attention over `hidden` (B, L, W). With `cache`, `hidden` holds positions
         `position .. position + L - 1`, which also attend to every cached position before them (their own keys
-        and values overwrite the cache there). `query_scale` (B, 1, 1, 1) divides the attention logits of selected
-        rows by a temperature."""
+        and values overwrite the cache there). The rows come in equal groups (the guidance branches), group i with
+        its attention logits divided by `temperatures[i]`."""
         batch, length, width = hidden.shape
         qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
         query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        if query_scale is not None:
-            query = query * query_scale.to(query.dtype)
         if cache is not None:
             key, value = cache.update(key, value, position)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, weights = causal_attention(query, key, value, implementation, output_attentions)
+        if len(set(temperatures)) == 1:
+            scale = self.head_dim**-0.5 / temperatures[0]
+            out, weights = causal_attention(query, key, value, implementation, output_attentions, scale)
+        else:  # one call per group: the temperature goes into the kernel's scale, as in Apple's separate passes
+            groups = zip(*(part.chunk(len(temperatures)) for part in (query, key, value)), strict=True)
+            parts = [
+                causal_attention(q, k, v, implementation, output_attentions, self.head_dim**-0.5 / temperature)
+                for (q, k, v), temperature in zip(groups, temperatures, strict=True)
+            ]
+            out = torch.cat([part[0] for part in parts])
+            weights = torch.cat([part[1] for part in parts]) if output_attentions else None
         return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
@@ -149,10 +157,10 @@ class TarFlowLayer(GradientCheckpointingLayer):
         hidden: torch.Tensor,
         cache: KVCache | None = None,
         position: int = 0,
-        query_scale: torch.Tensor | None = None,
+        temperatures: tuple[float, ...] = (1.0,),
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(hidden, cache, position, query_scale, output_attentions)
+        attended, weights = self.attention(hidden, cache, position, temperatures, output_attentions)
         hidden = hidden + attended
         return hidden + self.mlp(hidden), weights
 
@@ -160,20 +168,23 @@ class TarFlowLayer(GradientCheckpointingLayer):
 @dataclass
 class TarFlowCondition:
     """A block's condition while sampling: class embeddings of the rows the transformer sees (the batch, or with
-    guidance the batch followed by its unconditional twin, run as one batch), and the per-row query scale that
-    applies the attention temperature to the unconditional rows only."""
+    guidance the batch followed by its unconditional twin, run as one batch) and the guidance, whose attention
+    temperature applies to the unconditional rows only."""
 
     class_rows: torch.Tensor | None
-    query_scale: torch.Tensor | None
     guidance: Guidance | None
 
     @property
     def branches(self) -> int:
         return 2 if self.guidance is not None and self.guidance.active else 1
 
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """Attention temperature of each branch's rows."""
+        return (1.0,) if self.branches == 1 else (1.0, self.guidance.attention_temperature)
+
     def repeat_interleave(self, copies: int) -> TarFlowCondition:
-        repeat = lambda rows: _repeat_rows(rows, copies, self.branches)  # noqa: E731
-        return TarFlowCondition(repeat(self.class_rows), repeat(self.query_scale), self.guidance)
+        return TarFlowCondition(_repeat_rows(self.class_rows, copies, self.branches), self.guidance)
 
 
 class TarFlowBlock(nn.Module):
@@ -225,13 +236,13 @@ class TarFlowBlock(nn.Module):
         hidden: torch.Tensor,
         caches: Sequence[KVCache] | None = None,
         position: int = 0,
-        query_scale: torch.Tensor | None = None,
+        temperatures: tuple[float, ...] = (1.0,),
         attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The layers; with `attentions`, each layer's attention weights are appended to it."""
         for i, layer in enumerate(self.layers):
             hidden, weights = layer(
-                hidden, None if caches is None else caches[i], position, query_scale, attentions is not None
+                hidden, None if caches is None else caches[i], position, temperatures, attentions is not None
             )
             if attentions is not None:
                 attentions.append(weights)
@@ -264,16 +275,12 @@ class TarFlowBlock(nn.Module):
         unconditional model's branches differ only by the attention temperature."""
         conditional = self.class_condition(labels, batch)
         if guidance is None or not guidance.active:
-            return TarFlowCondition(conditional, None, None)
+            return TarFlowCondition(conditional, None)
         if conditional is None:
             rows = self.position_embedding.new_zeros(2 * batch, 1, 1)
         else:
             rows = torch.cat([conditional, self.class_condition(None, batch)])
-        query_scale = None
-        if guidance.attention_temperature != 1.0:
-            query_scale = torch.ones(2 * batch, 1, 1, 1, device=rows.device)
-            query_scale[batch:] = 1.0 / guidance.attention_temperature
-        return TarFlowCondition(rows, query_scale, guidance)
+        return TarFlowCondition(rows, guidance)
 
     def new_cache(self, condition: TarFlowCondition, batch_size: int, num_tokens: int) -> list[KVCache]:
         return [KVCache(num_tokens) for _ in self.layers]
@@ -289,7 +296,7 @@ class TarFlowBlock(nn.Module):
         """Guided (a, b) for patches `position + 1 ..` from patches `position ..` (B, n, D) and the cache."""
         positions = self.position_table()[:, position : position + tokens.shape[1]]
         hidden = self.embed(tokens, positions, condition.class_rows)
-        hidden = self.transformer(hidden, cache, position, condition.query_scale)
+        hidden = self.transformer(hidden, cache, position, condition.temperatures)
         log_scale, shift = self.scale_shift(self.proj_out(hidden))
         return guide(condition.guidance, log_scale, shift, weight)
 

@@ -1,0 +1,712 @@
+"""StarFlowPipeline: text-to-image sampling, exact likelihoods and zero-shot captioning with a STARFlow latent flow.
+
+STARFlow ("STARFlow: Scaling Latent Normalizing Flows for High-resolution Image Synthesis", Gu et al. 2025) is a
+normalizing flow over the latents of a VAE, conditioned on T5 text embeddings. The pipeline reproduces Apple's
+`sample.py` (apple/ml-starflow): the prompt is encoded with `utils.encode_text` (padded to the model's text length,
+padding rows zeroed), the prior noise is mapped back through the flow (deep block first, with STARFlow's
+Gaussian-product classifier-free guidance against the empty prompt's encoding), the sample takes one score
+("Tweedie") denoising step with the conditional likelihood, and the VAE decodes `latents / scaling_factor`.
+
+The file imports nothing from `tarflow_hf` by name and no sibling module relatively, so a saved folder that carries
+it loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`; the transformer is used only
+through its methods (`forward`, `inverse`, `denoise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
+
+# True when imported as part of the installed tarflow-hf package; False when diffusers loaded this file from a
+# saved folder (`trust_remote_code=True`).
+_PACKAGED = __name__ == "tarflow_hf.pipeline_starflow"
+
+OUTPUT_TYPES = ("latent", "pil", "np", "pt")
+SAMPLERS = ("sequential", "block_jacobi", "jacobi", "newton")
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
+PromptInput = str | Sequence[str] | None
+Generator = torch.Generator | list[torch.Generator] | None
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```python
+        >>> import torch
+        >>> from tarflow_hf import StarFlowPipeline
+
+        >>> pipe = StarFlowPipeline.from_pretrained("path/or/repo-id").to("cuda")
+        >>> prompt = "a watercolor painting of a fox in the snow"
+        >>> image = pipe(prompt, guidance_scale=4.6, generator=torch.Generator().manual_seed(0)).images[0]
+        >>> image.save("fox.png")
+
+        >>> # Exact likelihood of the image's VAE latent under a caption, and zero-shot captioning by Bayes' rule.
+        >>> pipe.bits_per_dim([image], prompt)
+        >>> pipe.classify([image], ["a fox in the snow", "a cat on a sofa", "a city at night"])  # (1, 3)
+        ```
+"""
+
+
+@dataclass
+class StarFlowPipelineOutput(BaseOutput):
+    """
+    Output of [`StarFlowPipeline.__call__`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The samples: PIL images, a float32 array (batch, height, width, 3) in [0, 1], a float32 tensor (batch, 3,
+            height, width) in [0, 1], or with `output_type="latent"` the flow's latents (batch, channels,
+            height / 8, width / 8), scaled by the VAE's scaling factor as the flow sees them.
+        stats (`SamplingStats`, *optional*):
+            With `return_stats=True`: what the sampler did per block (for `"block_jacobi"`, the iterations of every
+            chunk, deep block first, as Apple's `jacobi_iters`).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    stats: Any | None = None
+
+
+class StarFlowPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for text-to-image generation with STARFlow, and what only a normalizing flow can do: the exact
+    log-likelihood of an image's latent under a caption, and zero-shot captioning by Bayes' rule over candidate
+    captions.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    (downloading, saving, running on a device, CPU offload).
+
+    Parameters:
+        transformer ([`StarFlowModel`]):
+            The latent normalizing flow (a transformers `PreTrainedModel`); its config gives the text length
+            (`max_text_length`), the default guidance scale and the training noise (`noise_std`, the denoising step).
+        text_encoder ([`T5EncoderModel`]):
+            The text encoder (Apple: `google/flan-t5-xl`'s encoder, run in float32).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Its tokenizer (T5's: appends `</s>`, pads with `<pad>`).
+        vae ([`AutoencoderKL`]):
+            The latent autoencoder (Apple: `stabilityai/sd-vae-ft-ema`, scaling factor 0.18215, downsampling 8).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = []  # noqa: RUF012 (diffusers reads these class attributes as lists)
+    _callback_tensor_inputs = ["latents"]  # noqa: RUF012
+
+    def __init__(
+        self,
+        transformer: PreTrainedModel,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vae: AutoencoderKL,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
+        )
+
+    # --------------------------------------------------------------------------------------------------- text
+    def _encode(self, prompt: list[str], device: torch.device, max_length: int) -> torch.Tensor:
+        """Apple's `encode_text`: T5 tokens padded to `max_length` (truncated, `</s>` kept), the encoder's last
+        hidden state times the attention mask (padding rows zeroed; the flow itself never sees a mask)."""
+        tokens = self.tokenizer(
+            prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        input_ids = tokens.input_ids.to(device)
+        mask = tokens.attention_mask.to(device)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return hidden * mask[..., None].to(hidden.dtype)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: PromptInput,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: PromptInput = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        Encode prompts as the flow reads them, exactly as Apple's `utils.encode_text`.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*): the prompts (or pass `prompt_embeds`).
+            device (`torch.device`, *optional*): where the embeddings go; the pipeline's execution device by default.
+            num_images_per_prompt (`int`): each prompt's embedding is repeated this many times (consecutively).
+            do_classifier_free_guidance (`bool`): also return the negative (unconditional) embeddings.
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional branch's prompts; the empty prompt
+                `""` by default (as Apple's `sample.py`).
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor` of shape `(batch, text_length, hidden)`,
+                *optional*): precomputed embeddings (padding rows zeroed), used instead of encoding.
+            max_sequence_length (`int`, *optional*): the text length; the transformer's `max_text_length` by
+                default (the negative prompt is padded to the length of `prompt_embeds` when those are given).
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`, each `(batch * num_images_per_prompt, text_length, hidden)` in
+            the transformer's dtype; `negative_prompt_embeds` is `None` without guidance.
+        """
+        device = device or self._execution_device
+        dtype = self.transformer.dtype
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt (a string or a list of strings) or prompt_embeds")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            length = max_sequence_length or self.transformer.config.max_text_length
+            prompt_embeds = self._encode(prompts, device, length)
+        batch_size, length = prompt_embeds.shape[:2]
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != batch_size:
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries for {batch_size} prompts; pass one or one per prompt"
+                )
+            negative_prompt_embeds = self._encode(negatives, device, length)
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def check_inputs(
+        self,
+        prompt: PromptInput,
+        negative_prompt: PromptInput,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        height: int,
+        width: int,
+        num_images_per_prompt: int,
+        guidance_scale: float,
+        sampler: str,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> None:
+        """Validate the arguments before the (long) sampling loop starts: one-line `ValueError`s naming the argument."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt (a string or a list of strings) or prompt_embeds")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))
+        ):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ValueError("prompt is an empty list")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        hidden = self.transformer.config.text_hidden_size
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (
+                not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != hidden
+            ):
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"{name} must have shape (batch, text_length, {hidden}), got {got}")
+        if negative_prompt_embeds is not None:
+            if prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds needs prompt_embeds (or pass negative_prompt with prompt)")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds must have the shape of prompt_embeds, got "
+                    f"{tuple(negative_prompt_embeds.shape)} and {tuple(prompt_embeds.shape)}"
+                )
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        grid = self.vae_scale_factor * self.transformer.config.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < grid or size % grid:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {grid} pixels (vae_scale_factor {self.vae_scale_factor} "
+                    f"x patch_size {self.transformer.config.patch_size}), got {size!r}"
+                )
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
+            raise ValueError(
+                f"guidance_scale must be a finite number >= 1 (1 is no guidance; Apple's --cfg g is 1 + g), got "
+                f"{guidance_scale!r}"
+            )
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        _check_output_type(output_type)
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {unknown}; allowed are {self._callback_tensor_inputs}"
+            )
+
+    # ---------------------------------------------------------------------------------------------- latents
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: Generator,
+        latents: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Prior noise (batch, channels, height / vae_scale_factor, width / vae_scale_factor) in float32: the given
+        latents (checked, moved to `device`), or standard normal noise drawn with diffusers' `randn_tensor` (on the
+        generator's device; with a list, one generator per image, so a seed gives the same image in any batch)."""
+        channels = self.transformer.config.in_channels
+        shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must have shape {shape} (batch, channels, height / 8, width / 8), got {got}")
+            if not latents.is_floating_point():
+                raise ValueError(f"latents must be floating point, got dtype {latents.dtype}")
+            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators for {batch_size} images; pass one generator per "
+                "image (or a single generator)"
+            )
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def _onload_transformer(self) -> None:
+        # With `enable_model_cpu_offload`, accelerate moves a model to the accelerator when its `forward` runs;
+        # sampling calls `inverse`, so run the hook by hand (as diffusers' `apply_forward_hook` does for VAEs).
+        hook = getattr(self.transformer, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.transformer)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil") -> Any:
+        """Flow latents (scaled) -> images: `vae.decode(latents / scaling_factor + shift_factor)`, mapped from
+        [-1, 1] to [0, 1] (clipped) as PIL images, a NumPy array or a tensor."""
+        _check_output_type(output_type)
+        if output_type == "latent":
+            return latents
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        latents = latents / config.scaling_factor + shift
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images.detach().float(), output_type=output_type)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: PromptInput = None,
+        negative_prompt: PromptInput = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        denoise: bool = True,
+        sampler: str = "sequential",
+        attention_temperature: float = 1.0,
+        jacobi_block_size: int = 16,
+        jacobi_threshold: float = 1e-3,
+        jacobi_max_iterations: int | None = None,
+        jacobi_tolerance: float = 1e-4,
+        jacobi_window: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        return_stats: bool = False,
+    ) -> StarFlowPipelineOutput | tuple:
+        r"""
+        Generate images from text: encode the prompts, draw prior noise, run the flow backwards block by block
+        (classifier-free guidance in the deep block), take one score denoising step, decode with the VAE.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompts. Pass `prompt_embeds` instead to skip the text encoder.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The unconditional branch of the guidance; the empty prompt `""` by default (Apple's choice).
+            prompt_embeds (`torch.Tensor` of shape `(batch, text_length, text_hidden_size)`, *optional*):
+                Precomputed text embeddings with padding rows zeroed (see [`~StarFlowPipeline.encode_prompt`]).
+            negative_prompt_embeds (`torch.Tensor`, same shape as `prompt_embeds`, *optional*):
+                Precomputed unconditional embeddings; the empty prompt's encoding when not given.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Image size in pixels, multiples of `vae_scale_factor * patch_size` (not necessarily square); by default
+                the size of the given `latents`, else `transformer.config.sample_size * vae_scale_factor` (the training
+                size).
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per prompt (consecutive in the output).
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance in the diffusers convention, >= 1 (1 is none): the deep block's Gaussians
+                become `p_cond^w / p_uncond^(w - 1)` (STARFlow's rule). Apple's `--cfg g` is `1 + g`; defaults to
+                `transformer.config.default_guidance_scale`.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes sampling deterministic; with one generator per image, a seed gives the same image in any batch.
+            latents (`torch.Tensor` of shape `(batch * num_images_per_prompt, channels, height / 8, width / 8)`,
+                *optional*): prior noise (standard normal) to use instead of drawing it.
+            denoise (`bool`, defaults to `True`):
+                Take Apple's score denoising step `x + noise_std**2 * grad_x log p(x | prompt)` (the model was trained
+                on latents with noise of std `transformer.config.noise_std`), one sample at a time, conditional
+                embeddings only.
+            sampler (`str`, defaults to `"sequential"`):
+                `"sequential"` (exact, Apple's default), `"block_jacobi"` (Apple's `--jacobi 1`: chunks of
+                `jacobi_block_size` tokens iterated to the relative change `jacobi_threshold`, at most
+                `jacobi_max_iterations` passes each), or this package's parallel `"jacobi"`/`"newton"` samplers (to
+                `jacobi_tolerance`, `jacobi_window` tokens at a time); see [`StarFlowModel.inverse`].
+            attention_temperature (`float`, defaults to 1.0):
+                Divides the attention logits of every layer (Apple's `attn_temp`).
+            jacobi_block_size, jacobi_threshold, jacobi_max_iterations, jacobi_tolerance, jacobi_window:
+                Options of the parallel samplers, see [`StarFlowModel.inverse`].
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` (float32 (batch, height, width, 3) in [0, 1]), `"pt"` (float32 (batch, 3, height,
+                width) in [0, 1]) or `"latent"` (the flow's latents, denoised when `denoise`, not decoded).
+            return_dict (`bool`, defaults to `True`):
+                Return a [`StarFlowPipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after each flow block as `callback_on_step_end(pipe, step, block_index, callback_kwargs)`:
+                `step` counts from 0 in sampling order, `block_index` is the block just inverted (it counts down from
+                the deep block, as diffusion timesteps do), `callback_kwargs["latents"]` holds the current latents
+                (batch, channels, height / 8, width / 8). Its return value is not used: an inverse pass cannot be
+                edited half way.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                Tensors passed in `callback_kwargs`.
+            return_stats (`bool`, defaults to `False`):
+                Also return the sampler's statistics (`output.stats`).
+
+        Examples:
+
+        Returns:
+            [`StarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the stats when
+            asked for.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        config = self.transformer.config
+        if guidance_scale is None:
+            guidance_scale = config.default_guidance_scale
+        default_size = config.sample_size * self.vae_scale_factor
+        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
+            default_height, default_width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        else:
+            default_height = default_width = default_size
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+
+        # 1. Check the inputs.
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            height,
+            width,
+            num_images_per_prompt,
+            guidance_scale,
+            sampler,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        device = self._execution_device
+        do_classifier_free_guidance = guidance_scale > 1.0
+
+        # 2. Encode the prompts (and the negative prompts when guiding).
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+        batch_size = prompt_embeds.shape[0]
+
+        # 3. Prior noise, one draw per image.
+        latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
+
+        # 4. Invert the flow, one progress step per block (and one for denoising).
+        self._onload_transformer()
+        with self.progress_bar(total=config.num_blocks + int(denoise)) as progress_bar:
+
+            def on_block(step: int, current: torch.Tensor) -> None:
+                if callback_on_step_end is not None:
+                    callback_kwargs = {name: current for name in callback_on_step_end_tensor_inputs}
+                    callback_on_step_end(self, step, config.num_blocks - 1 - step, callback_kwargs)
+                progress_bar.update()
+
+            latents, stats = self.transformer.inverse(
+                latents,
+                encoder_hidden_states=prompt_embeds,
+                negative_encoder_hidden_states=negative_prompt_embeds,
+                guidance_scale=guidance_scale,
+                sampler=sampler,
+                attention_temperature=attention_temperature,
+                jacobi_block_size=jacobi_block_size,
+                jacobi_threshold=jacobi_threshold,
+                jacobi_max_iterations=jacobi_max_iterations,
+                jacobi_tolerance=jacobi_tolerance,
+                jacobi_window=jacobi_window,
+                return_stats=True,
+                callback=on_block,
+            )
+
+            # 5. Score denoising with the conditional likelihood (no guidance), one sample at a time.
+            if denoise:
+                latents = self.transformer.denoise(latents, encoder_hidden_states=prompt_embeds)
+                progress_bar.update()
+
+        # 6. Decode.
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        stats = stats if return_stats else None
+        if not return_dict:
+            return (images,) if stats is None else (images, stats)
+        return StarFlowPipelineOutput(images=images, stats=stats)
+
+    # --------------------------------------------------------------------------------------------- likelihood
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """Images (PIL, NumPy (batch, height, width, 3) or tensors (batch, 3, height, width), values in [0, 1]) ->
+        the VAE's input, float32 (batch, 3, height, width) in [-1, 1], via diffusers' `VaeImageProcessor` (no
+        resizing: height and width must be multiples of `vae_scale_factor * patch_size`)."""
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("images is empty")
+        pixels = self.image_processor.preprocess(images)
+        grid = self.vae_scale_factor * self.transformer.config.patch_size
+        height, width = pixels.shape[-2:]
+        if height % grid or width % grid:
+            raise ValueError(f"images are {height}x{width} pixels; height and width must be multiples of {grid}")
+        return pixels
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: ImageInput, generator: Generator = None, sample_posterior: bool = False
+    ) -> torch.Tensor:
+        r"""
+        Images -> the scaled VAE latents the flow models: `(z - shift_factor) * scaling_factor` with `z` the mode of
+        the VAE posterior, or with `sample_posterior=True` a sample from it (as Apple encodes training images;
+        `generator`, one per image if a list, makes it deterministic).
+
+        Returns:
+            `torch.Tensor` of shape `(batch, channels, height / 8, width / 8)`, float32.
+        """
+        pixels = self.preprocess(images).to(device=self._execution_device, dtype=self.vae.dtype)
+        distribution = self.vae.encode(pixels).latent_dist
+        z = distribution.sample(generator) if sample_posterior else distribution.mode()
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((z - shift) * config.scaling_factor).float()
+
+    def _text_rows(
+        self, prompt: PromptInput, prompt_embeds: torch.Tensor | None, batch: int, name: str = "prompt"
+    ) -> torch.Tensor:
+        """Embeddings of one prompt (broadcast) or one per image, (batch, text_length, hidden)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(f"pass either {name} or prompt_embeds (exactly one)")
+        embeds, _ = self.encode_prompt(prompt, prompt_embeds=prompt_embeds, do_classifier_free_guidance=False)
+        if embeds.shape[0] == 1:
+            embeds = embeds.expand(batch, -1, -1)
+        if embeds.shape[0] != batch:
+            raise ValueError(f"got {embeds.shape[0]} prompts for {batch} images; pass one prompt, or one per image")
+        return embeds
+
+    def _log_likelihood(self, latents: torch.Tensor, embeds: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """The flow's forward pass in chunks: (log_likelihood, bits_per_dim), float32."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        parts = []
+        for start in range(0, latents.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            out = self.transformer(latents[rows].to(self.transformer.dtype), embeds[rows])
+            parts.append((out.log_likelihood.float(), out.bits_per_dim.float()))
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        images: ImageInput,
+        prompt: PromptInput = None,
+        prompt_embeds: torch.Tensor | None = None,
+        generator: Generator = None,
+        sample_posterior: bool = False,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        r"""
+        Exact log-density `log p(latent | prompt)` in nats (summed over all latent dimensions) of the images' VAE
+        latents ([`~StarFlowPipeline.encode_images`]: the posterior mode times the scaling factor) under the flow.
+        This is the likelihood of the latent, not of the pixels (the VAE is not a bijection); it is read at the latent
+        itself, without the training noise.
+
+        Args:
+            images: PIL images, or arrays / tensors in [0, 1], height and width multiples of the latent grid.
+            prompt (`str` or `list[str]`): one caption for all images, or one per image (or pass `prompt_embeds`).
+            generator, sample_posterior: see [`~StarFlowPipeline.encode_images`].
+            batch_size (`int`): latents per forward pass.
+
+        Returns:
+            `torch.Tensor` of shape `(batch,)`, float32.
+        """
+        latents = self.encode_images(images, generator=generator, sample_posterior=sample_posterior)
+        embeds = self._text_rows(prompt, prompt_embeds, latents.shape[0])
+        return self._log_likelihood(latents, embeds, batch_size)[0]
+
+    @torch.no_grad()
+    def bits_per_dim(
+        self,
+        images: ImageInput,
+        prompt: PromptInput = None,
+        prompt_embeds: torch.Tensor | None = None,
+        generator: Generator = None,
+        sample_posterior: bool = False,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        r"""
+        Negative log-likelihood of the images' VAE latents in bits per latent dimension (`-log2 p(latent | prompt) /
+        (channels * height / 8 * width / 8)`), arguments as [`~StarFlowPipeline.log_likelihood`]. A continuous
+        density of the latent: not comparable with pixel-space bits per dimension.
+
+        Returns:
+            `torch.Tensor` of shape `(batch,)`, float32.
+        """
+        latents = self.encode_images(images, generator=generator, sample_posterior=sample_posterior)
+        embeds = self._text_rows(prompt, prompt_embeds, latents.shape[0])
+        return self._log_likelihood(latents, embeds, batch_size)[1]
+
+    @torch.no_grad()
+    def classify(
+        self,
+        images: ImageInput,
+        candidate_prompts: Sequence[str] | None = None,
+        candidate_embeds: torch.Tensor | None = None,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        r"""
+        Zero-shot captioning by exact likelihood: `p(caption | image) ∝ p(latent | caption)` by Bayes' rule with a
+        uniform prior over the candidates, i.e. the softmax over candidates of
+        [`~StarFlowPipeline.log_likelihood`]. Every image is scored under every caption, `batch_size` (image,
+        caption) pairs per forward pass.
+
+        Args:
+            images: PIL images, or arrays / tensors in [0, 1].
+            candidate_prompts (`list[str]`): the candidate captions (or pass `candidate_embeds`, `(num_candidates,
+                text_length, hidden)`, from [`~StarFlowPipeline.encode_prompt`]).
+            batch_size (`int`): pairs per forward pass.
+
+        Returns:
+            `torch.Tensor` of shape `(num_images, num_candidates)`: probabilities, each row summing to 1.
+
+        Example:
+
+        ```python
+        >>> captions = ["a dog", "a cat", "a car"]
+        >>> probabilities = pipe.classify(images, captions)
+        >>> [captions[i] for i in probabilities.argmax(-1).tolist()]
+        ```
+        """
+        if isinstance(candidate_prompts, str):
+            raise ValueError("candidate_prompts must be a list of captions (got a single string)")
+        if candidate_prompts is not None and not candidate_prompts:
+            raise ValueError("candidate_prompts is empty")
+        latents = self.encode_images(images)
+        if (candidate_prompts is None) == (candidate_embeds is None):
+            raise ValueError("pass either candidate_prompts or candidate_embeds (exactly one)")
+        embeds, _ = self.encode_prompt(
+            None if candidate_prompts is None else list(candidate_prompts),
+            prompt_embeds=candidate_embeds,
+            do_classifier_free_guidance=False,
+        )
+        num_images, num_candidates = latents.shape[0], embeds.shape[0]
+        image_index = torch.arange(num_images).repeat_interleave(num_candidates)
+        caption_index = torch.arange(num_candidates).repeat(num_images)
+        log_likelihood, _ = self._log_likelihood(latents[image_index], embeds[caption_index], batch_size)
+        return log_likelihood.view(num_images, num_candidates).softmax(dim=-1)
+
+    # ------------------------------------------------------------------------------------------ saving/loading
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        r"""
+        Save the pipeline as a diffusers folder: `model_index.json`, one subfolder per component (`transformer/`,
+        `text_encoder/`, `tokenizer/`, `vae/`, with safetensors weights) and this pipeline's code
+        (`pipeline_starflow.py`, named in `model_index.json`). It loads with `StarFlowPipeline.from_pretrained(folder)`
+        and, with tarflow-hf installed, with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+        Arguments as [`DiffusionPipeline.save_pretrained`]; with `push_to_hub=True` the folder is uploaded to `repo_id`
+        (defaults to the folder's name; also `token`, `private`, `commit_message`, `create_pr`).
+        """
+        push = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
+        }
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=False,
+            **kwargs,
+        )
+        folder = Path(save_directory)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = [Path(__file__).stem, type(self).__name__]  # the code copy below
+        index.pop("_name_or_path", None)
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        shutil.copyfile(__file__, folder / Path(__file__).name)
+        if push_to_hub:
+            from huggingface_hub import create_repo
+
+            token = push.get("token")
+            repo_id = push.get("repo_id") or folder.absolute().name
+            repo_id = create_repo(repo_id, exist_ok=True, private=push.get("private"), token=token).repo_id
+            self._upload_folder(
+                str(folder),
+                repo_id,
+                token=token,
+                commit_message=push.get("commit_message"),
+                create_pr=push.get("create_pr", False),
+            )
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        config = super()._dict_from_json_file(json_file)
+        if _PACKAGED and cls.__name__ == "StarFlowPipeline" and isinstance(config.get("_class_name"), list):
+            # `StarFlowPipeline.from_pretrained`: the installed class, not the code copy shipped with the folder.
+            config["_class_name"] = cls.__name__
+        return config
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+# diffusers resolves the transformer component of a saved folder (`["tarflow_hf.modeling_starflow", "StarFlowModel"]`
+# in model_index.json) from the imported modules only, so import the model's module whenever this one is imported.
+with contextlib.suppress(ImportError):  # without tarflow-hf (a folder's copy of this file): pass the transformer
+    importlib.import_module("tarflow_hf.modeling_starflow")
+if _PACKAGED:
+    importlib.import_module(__package__).register_auto_classes()
+
+__all__ = ["StarFlowPipeline", "StarFlowPipelineOutput"]

@@ -1,0 +1,424 @@
+"""StarFlowPipeline: Apple parity through the public API, the text path, seeds, saving, inputs and likelihood tools.
+
+Apple's reference outputs are in tests/fixtures/starflow (see its README): the `sf_t2i` transformer, its inputs and
+samples, and the prompt encoding through `t5_tiny`. The tokenizer is a word-level stand-in whose word `wN` is token
+id N, so the fixture's token ids can be written as text. The VAE is tiny and random (4 levels, downsampling 8).
+Every comparison with Apple prints its largest error (`pytest -s` shows them); the tolerance is 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
+from tarflow_hf.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
+
+FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
+TOLERANCE = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- components
+@cache
+def reference(name: str = "sf_t2i") -> tuple[dict, torch.nn.Module, dict[str, torch.Tensor]]:
+    """(the case's json, the converted transformer, Apple's expected tensors)."""
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    model = load_ml_starflow_checkpoint(FIXTURES / f"{name}.pth", FIXTURES / f"{name}.yaml").eval()
+    expected = torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
+    return meta, model, expected
+
+
+@cache
+def text_encoding() -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The fixture's prompts written in the stand-in tokenizer's words, and Apple's encoding of them."""
+    meta = json.loads((FIXTURES / "text_encoding.json").read_text())
+    ids = meta["token_ids_before_padding"]
+    prompts = [" ".join(f"w{i}" for i in ids[prompt]) for prompt in meta["prompts"]]
+    return prompts, torch.load(FIXTURES / "text_encoding_expected.pt", weights_only=True)
+
+
+@cache
+def tokenizer() -> PreTrainedTokenizerFast:
+    """T5-like: `<pad>` 0, `</s>` 1 appended to every text, `<unk>` 2, and words `w3` ... `w99` with their ids."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@cache
+def text_encoder() -> T5EncoderModel:
+    return T5EncoderModel.from_pretrained(FIXTURES / "t5_tiny").eval()
+
+
+@cache
+def vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+def make_pipe(name: str = "sf_t2i") -> StarFlowPipeline:
+    pipe = StarFlowPipeline(
+        transformer=reference(name)[1], text_encoder=text_encoder(), tokenizer=tokenizer(), vae=vae()
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float = TOLERANCE) -> float:
+    actual, expected = torch.as_tensor(actual).float(), torch.as_tensor(expected).float()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual - expected).abs().max().item()
+    print(f"max |error| {what}: {error:.2e}")
+    assert error <= tolerance, f"{what}: max error {error:.2e} > {tolerance}"
+    return error
+
+
+def apple_arguments(spec: dict, expected: dict[str, torch.Tensor]) -> dict:
+    """Pipeline arguments for one of Apple's recorded sampling runs (Apple's cfg g is guidance_scale 1 + g)."""
+    kwargs = spec["kwargs"]
+    guidance = kwargs["guidance"]
+    arguments = {
+        "prompt_embeds": expected["y_cond"],
+        "latents": expected["noise"],
+        "guidance_scale": 1.0 + guidance,
+        "attention_temperature": kwargs.get("attn_temp", 1.0),
+    }
+    if guidance > 0:
+        arguments["negative_prompt_embeds"] = expected["y_empty" if "y_empty" in spec["y"] else "y_neg"]
+    if kwargs.get("jacobi"):
+        arguments.update(
+            sampler="block_jacobi",
+            jacobi_block_size=kwargs["jacobi_block_size"],
+            jacobi_threshold=kwargs["jacobi_th"],
+            jacobi_max_iterations=kwargs["jacobi_max_iter"],
+        )
+    return arguments
+
+
+def samples(jacobi: bool) -> list[str]:
+    meta = json.loads((FIXTURES / "sf_t2i.json").read_text())
+    return [spec["key"] for spec in meta["samples"] if bool(spec["kwargs"].get("jacobi")) == jacobi]
+
+
+# ------------------------------------------------------------------------------------------- Apple parity
+@pytest.mark.parametrize("key", samples(jacobi=False))
+def test_sequential_samples_match_apple(key):
+    meta, _, expected = reference()
+    spec = next(spec for spec in meta["samples"] if spec["key"] == key)
+    out = make_pipe()(**apple_arguments(spec, expected), denoise=False, output_type="latent")
+    assert isinstance(out, StarFlowPipelineOutput)
+    assert_close(out.images, expected[key], f"pipeline {key}")
+
+
+@pytest.mark.parametrize("key", samples(jacobi=True))
+def test_block_jacobi_samples_match_apple(key):
+    meta, _, expected = reference()
+    spec = next(spec for spec in meta["samples"] if spec["key"] == key)
+    out = make_pipe()(**apple_arguments(spec, expected), denoise=False, output_type="latent", return_stats=True)
+    assert_close(out.images, expected[key], f"pipeline {key} (block Jacobi)")
+    assert out.stats.chunk_iterations == spec["jacobi_iters"]
+
+
+def test_default_denoising_matches_apple():
+    meta, _, expected = reference()
+    spec = next(spec for spec in meta["samples"] if spec["key"] == meta["denoise"]["applied_to"])
+    images = make_pipe()(**apple_arguments(spec, expected), output_type="latent").images
+    assert_close(images, expected["denoised"], "pipeline denoised")
+    assert (expected["denoised"] - expected[spec["key"]]).abs().max() > 1e-3  # the step is not a no-op here
+
+
+def test_prompts_through_tokenizer_and_encoder_match_apple():
+    """Apple's sample_3 (cfg 3.6 against the empty prompt, 4.6 in the diffusers convention: the config default)
+    from the prompts themselves: tokenizer, T5, masking, default guidance and default negative prompt."""
+    meta, model, expected = reference()
+    assert model.config.default_guidance_scale == 1.0 + meta["samples"][3]["kwargs"]["guidance"]
+    assert "y_empty" in meta["samples"][3]["y"]
+    prompts, _ = text_encoding()
+    images = make_pipe()(prompts[:3], latents=expected["noise"], denoise=False, output_type="latent").images
+    assert_close(images, expected["sample_3"], "pipeline sample_3 from prompts")
+
+
+def test_sf_variant_non_square_matches_apple():
+    """Patch size 2 and a non-square 8x16 latent (64x128 pixels): Apple's aspect sample (cfg 1.5 against y_neg)."""
+    _, _, expected = reference("sf_variant")
+    cfg = 1.5
+    out = make_pipe("sf_variant")(
+        prompt_embeds=expected["y_cond"],
+        negative_prompt_embeds=expected["y_neg"],
+        latents=expected["aspect_noise"],
+        guidance_scale=1.0 + cfg,
+        height=64,
+        width=128,
+        denoise=False,
+        output_type="latent",
+    )
+    assert_close(out.images, expected["aspect_sample"], "pipeline sf_variant aspect_sample")
+
+
+# ---------------------------------------------------------------------------------------------- text path
+def test_encode_prompt_matches_apple_encode_text():
+    prompts, encoding = text_encoding()
+    pipe = make_pipe()
+    tokens = tokenizer()(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert torch.equal(tokens.input_ids, encoding["input_ids"])
+    assert torch.equal(tokens.attention_mask, encoding["attention_mask"])
+
+    embeds, negative = pipe.encode_prompt(prompts, num_images_per_prompt=2, negative_prompt=None)
+    assert_close(embeds[::2], encoding["prompt_embeds"], "encode_prompt vs Apple's encode_text")
+    assert torch.equal(embeds[::2], embeds[1::2])  # each prompt repeated consecutively
+    padding = encoding["attention_mask"] == 0
+    assert padding.any() and (embeds[::2][padding] == 0).all()  # padding rows zeroed
+    assert (encoding["t5_last_hidden_state"][padding] != 0).any()  # ... which T5 alone does not do
+    # The default negative is the empty prompt's encoding, Apple's y_empty.
+    _, _, expected = reference()
+    assert negative.shape == embeds.shape
+    assert_close(negative, expected["y_empty"][:1].expand(8, -1, -1), "default negative vs Apple's y_empty")
+
+
+def test_prompts_and_their_embeddings_give_the_same_images():
+    prompts, encoding = text_encoding()
+    _, _, expected = reference()
+    pipe = make_pipe()
+    from_prompts = pipe(prompts[:3], negative_prompt="w5 w6", latents=expected["noise"], output_type="np").images
+    negative = pipe.encode_prompt(["w5 w6"] * 3, do_classifier_free_guidance=False)[0]
+    from_embeds = pipe(
+        prompt_embeds=encoding["prompt_embeds"][:3],
+        negative_prompt_embeds=negative,
+        latents=expected["noise"],
+        output_type="np",
+    ).images
+    assert from_prompts.shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(from_prompts, from_embeds, atol=1e-5)
+    # The negative prompt reached the guidance: the empty prompt gives other images.
+    default = pipe(prompts[:3], latents=expected["noise"], output_type="np").images
+    assert np.abs(default - from_prompts).max() > 1e-3
+
+
+# -------------------------------------------------------------------------------------------------- seeds
+def test_one_generator_per_image_gives_the_same_image_in_any_batch():
+    pipe = make_pipe()
+    prompts = ["w10 w11", "w12", "w13 w14 w15"]
+    batch = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)], output_type="pt").images
+    alone = pipe(prompts[1:2], generator=[torch.Generator().manual_seed(8)], output_type="pt").images
+    assert batch.shape == (3, 3, 64, 64)
+    assert_close(alone[0], batch[1], "seed 8 alone vs in a batch of 3", tolerance=1e-5)
+    assert (batch[0] - batch[1]).abs().max() > 1e-3
+    # The noise is diffusers' randn_tensor: torch.randn with the image's generator, shape (C, H/8, W/8).
+    _, model, _ = reference()
+    latents = pipe(prompts[1:2], generator=torch.Generator().manual_seed(8), denoise=False, output_type="latent").images
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(8))
+    embeds, negative = pipe.encode_prompt(prompts[1:2])
+    direct = model.inverse(noise, embeds, negative, guidance_scale=model.config.default_guidance_scale)
+    assert_close(latents, direct, "pipeline vs inverse of torch.randn(seed)", tolerance=1e-6)
+
+
+def test_num_images_per_prompt():
+    pipe = make_pipe()
+    generator = [torch.Generator().manual_seed(s) for s in range(4)]
+    images = pipe(["w10", "w11"], num_images_per_prompt=2, generator=generator, output_type="latent").images
+    assert images.shape == (4, 4, 8, 8)
+    single = pipe(["w11"], generator=[torch.Generator().manual_seed(3)], output_type="latent").images
+    assert_close(single[0], images[3], "second prompt's second image", tolerance=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ save and load
+def test_save_pretrained_round_trip(tmp_path):
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_starflow", "StarFlowPipeline"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"]
+    assert (tmp_path / "pipeline_starflow.py").is_file()
+    for component in ("transformer", "text_encoder", "tokenizer", "vae"):
+        assert (tmp_path / component).is_dir()
+
+    arguments = dict(prompt=["w10 w11", "w12"], generator=torch.Generator().manual_seed(0), output_type="np")
+    before = pipe(**arguments).images
+    installed = StarFlowPipeline.from_pretrained(tmp_path)
+    generic = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(installed) is StarFlowPipeline
+    assert type(generic).__name__ == "StarFlowPipeline"
+    for loaded in (installed, generic):
+        loaded.set_progress_bar_config(disable=True)
+        arguments["generator"] = torch.Generator().manual_seed(0)
+        np.testing.assert_array_equal(loaded(**arguments).images, before)
+
+
+# ------------------------------------------------------------------------------------ sizes and outputs
+def test_non_square_height_and_width():
+    pipe = make_pipe()
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("w10", height=48, width=96, generator=generator, output_type="np").images
+    assert images.shape == (1, 48, 96, 3)
+    latents = pipe("w10", height=48, width=96, denoise=False, output_type="latent").images
+    assert latents.shape == (1, 4, 6, 12)
+    # Without height/width the given latents set the size.
+    images = pipe("w10", latents=torch.randn(1, 4, 4, 6), denoise=False, output_type="pt").images
+    assert images.shape == (1, 3, 32, 48)
+
+
+def test_output_types():
+    pipe = make_pipe()
+    _, _, expected = reference()
+    common = dict(prompt_embeds=expected["y_cond"][:2], latents=expected["noise"][:2], guidance_scale=1.0)
+    latents = pipe(**common, output_type="latent").images
+    assert latents.shape == (2, 4, 8, 8)
+    pt = pipe(**common, output_type="pt").images
+    # Independent decode: the VAE on latents / scaling_factor, [-1, 1] -> [0, 1].
+    with torch.no_grad():
+        decoded = vae().decode(latents / 0.18215).sample
+    assert_close(pt, (decoded / 2 + 0.5).clamp(0, 1), "pt output vs direct VAE decode", tolerance=1e-6)
+    array = pipe(**common, output_type="np").images
+    assert isinstance(array, np.ndarray) and array.shape == (2, 64, 64, 3) and array.dtype == np.float32
+    np.testing.assert_allclose(array, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = pipe(**common).images
+    assert len(pil) == 2 and all(isinstance(image, PIL.Image.Image) and image.size == (64, 64) for image in pil)
+    as_tuple = pipe(**common, output_type="latent", return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(as_tuple[0], latents, rtol=0, atol=0)
+
+
+def test_callback_after_each_block():
+    pipe = make_pipe()
+    _, model, expected = reference()
+    calls = []
+
+    def callback(pipeline, step, block_index, callback_kwargs):
+        calls.append((step, block_index, callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
+    out = pipe(
+        prompt_embeds=expected["y_cond"],
+        latents=expected["noise"],
+        guidance_scale=1.0,
+        denoise=False,
+        output_type="latent",
+        callback_on_step_end=callback,
+    )
+    num_blocks = model.config.num_blocks
+    assert [(step, block) for step, block, _ in calls] == [(i, num_blocks - 1 - i) for i in range(num_blocks)]
+    assert all(latents.shape == (3, 4, 8, 8) for _, _, latents in calls)
+    # Apple's return_sequence: the latents after the deep block, ..., after block 1; then the sample itself.
+    for _, block, latents in calls[:-1]:
+        assert_close(latents, expected[f"sample_0_after_block_{block}"], f"callback latents after block {block}")
+    torch.testing.assert_close(calls[-1][2], out.images, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+BAD_INPUTS = [
+    (dict(prompt="w10", prompt_embeds=torch.zeros(1, 16, 32)), "prompt_embeds"),
+    (dict(), "prompt"),
+    (
+        dict(prompt_embeds=torch.zeros(3, 16, 32), negative_prompt_embeds=torch.zeros(2, 16, 32)),
+        "negative_prompt_embeds",
+    ),
+    (dict(prompt_embeds=torch.zeros(1, 16, 7)), "prompt_embeds"),
+    (dict(prompt="w10", latents=torch.zeros(1, 3, 8, 8)), "latents"),
+    (dict(prompt="w10", latents=torch.zeros(2, 4, 8, 8)), "latents"),
+    (dict(prompt="w10", latents=torch.zeros(1, 4, 8, 8), height=128), "latents"),
+    (dict(prompt="w10", latents=torch.zeros(4, 8, 8)), "latents"),
+    (dict(prompt="w10", height=60), "height"),
+    (dict(prompt="w10", width=0), "width"),
+    (dict(prompt="w10", output_type="bogus"), "output_type"),
+    (dict(prompt="w10", guidance_scale=0.5), "guidance_scale"),
+    (dict(prompt="w10", sampler="bogus"), "sampler"),
+    (dict(prompt="w10", num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(prompt="w10", callback_on_step_end_tensor_inputs=["images"]), "callback_on_step_end_tensor_inputs"),
+    (dict(prompt=["w10", "w11"], negative_prompt=["w5", "w6", "w7"]), "negative_prompt"),
+    (dict(prompt=["w10"], generator=[torch.Generator(), torch.Generator()]), "generator"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "name"), BAD_INPUTS)
+def test_bad_inputs_raise_one_line_errors_naming_the_argument(arguments, name):
+    with pytest.raises(ValueError, match=name) as error:
+        make_pipe()(**arguments)
+    assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------ likelihood tools
+def images_in_unit_range() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((2, 3, 64, 64), generator=generator)
+
+
+def direct_log_likelihood(images: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """log p(latent | text) computed without the pipeline: VAE posterior mode times 0.18215, then the flow."""
+    _, model, _ = reference()
+    with torch.no_grad():
+        latents = vae().encode(images * 2 - 1).latent_dist.mode() * 0.18215
+        return model(latents, embeds).log_likelihood
+
+
+def test_encode_images():
+    pipe = make_pipe()
+    images = images_in_unit_range()
+    with torch.no_grad():
+        posterior = vae().encode(images * 2 - 1).latent_dist
+    assert_close(pipe.encode_images(images), posterior.mode() * 0.18215, "encode_images (mode)", tolerance=1e-6)
+    sampled = pipe.encode_images(images, generator=torch.Generator().manual_seed(3), sample_posterior=True)
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))
+    direct = (posterior.mean + posterior.std * noise) * 0.18215
+    assert_close(sampled, direct, "encode_images (posterior sample)", tolerance=1e-6)
+    # PIL and NumPy inputs give the same latents as the tensor.
+    array = images.permute(0, 2, 3, 1).numpy()
+    assert_close(pipe.encode_images(array), pipe.encode_images(images), "numpy input", tolerance=1e-6)
+    pil = [PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    quantized = torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2) / 255
+    assert_close(pipe.encode_images(pil), pipe.encode_images(quantized), "PIL input", tolerance=1e-5)
+    with pytest.raises(ValueError, match="images"):
+        pipe.encode_images(torch.rand(1, 3, 60, 64))
+
+
+def test_log_likelihood_and_bits_per_dim():
+    pipe = make_pipe()
+    prompts, encoding = text_encoding()
+    images = images_in_unit_range()
+    embeds = encoding["prompt_embeds"][:2]
+    expected = direct_log_likelihood(images, embeds)
+    assert_close(pipe.log_likelihood(images, prompts[:2]), expected, "log_likelihood")
+    dims = 4 * 8 * 8
+    bits = pipe.bits_per_dim(images, prompt_embeds=embeds)
+    assert_close(bits, -expected / (dims * np.log(2)), "bits_per_dim", tolerance=1e-5)
+    # One prompt is used for every image.
+    one = direct_log_likelihood(images, embeds[:1].expand(2, -1, -1))
+    # (nats summed over 256 dimensions: batch composition moves the last digits)
+    assert_close(pipe.log_likelihood(images, prompts[0]), one, "log_likelihood, one prompt", tolerance=1e-3)
+
+
+def test_classify_is_bayes_rule_over_the_candidates():
+    pipe = make_pipe()
+    prompts, encoding = text_encoding()
+    images = images_in_unit_range()
+    candidates = prompts[:3]
+    probabilities = pipe.classify(images, candidates, batch_size=4)
+    assert probabilities.shape == (2, 3)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2))
+    scores = torch.stack(
+        [direct_log_likelihood(images, encoding["prompt_embeds"][j : j + 1].expand(2, -1, -1)) for j in range(3)],
+        dim=-1,
+    )
+    assert_close(probabilities, scores.softmax(-1), "classify vs softmax of direct log-likelihoods", tolerance=1e-5)
+    with pytest.raises(ValueError, match="candidate_prompts"):
+        pipe.classify(images, "w10")
