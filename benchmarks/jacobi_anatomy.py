@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from tarflow_hf import BUNDLED_MODEL, TarFlowModel, modeling_tarflow
+from tarflow_hf import BUNDLED_MODEL, TarFlowModel, sampling
+from tarflow_hf.sampling import Guidance, affine_inverse, sample_sequential
 
 
 def first_block_stats(model: TarFlowModel, noise: torch.Tensor, labels: torch.Tensor, guidance: float):
@@ -26,29 +27,26 @@ def first_block_stats(model: TarFlowModel, noise: torch.Tensor, labels: torch.Te
     return stats.iterations[0], stats.rows_computed[0]
 
 
-def jacobi_map(model: TarFlowModel, block, z: torch.Tensor, labels: torch.Tensor, guidance: dict):
+def jacobi_map(block, z: torch.Tensor, condition):
     """F(x)_t = z_t * exp(a_t(x)) + b_t(x) over the whole sequence; the block's inverse is its fixed point."""
-    conditions, query_scale = model._branch_conditions(block, labels, z.shape[0], guidance)
-    positions = block.position_table()
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        hidden = block.transformer(block.embed(x, positions, conditions), query_scale=query_scale)
-        log_scale, shift = model._guided_scale_shift(block, hidden, guidance, guidance["weight"])
-        return torch.cat([z[:, :1], z[:, 1:] * log_scale[:, :-1].exp() + shift[:, :-1]], dim=1)
+        log_scale, shift = block.affine_span(x[:, :-1], 0, None, condition, condition.guidance.weight)
+        return torch.cat([z[:, :1], affine_inverse(z[:, 1:], log_scale, shift)], dim=1)
 
-    return apply, conditions, query_scale
+    return apply
 
 
 def single_image_anatomy(model: TarFlowModel, seed: int, guidance_scale: float) -> None:
     config = model.config
     num_patches, dim = config.num_patches, config.patch_dim
-    guidance = model._guidance_plan(guidance_scale, "both", "constant", 1.0)
     block = model.blocks[-1]
     noise = torch.randn(1, num_patches, dim, generator=torch.Generator().manual_seed(seed))
     labels = torch.tensor([seed % config.num_classes])
     z = block.permute(noise)
-    apply, conditions, query_scale = jacobi_map(model, block, z, labels, guidance)
-    exact = model._invert_block_sequential(block, z, conditions, query_scale, guidance)
+    condition = block.sampling_condition(labels, 1, Guidance(guidance_scale))
+    apply = jacobi_map(block, z, condition)
+    exact, _ = sample_sequential(block, z, condition)
 
     # Where the Jacobian of F sits, at the exact solution: share of its squared norm by distance back.
     jacobian = torch.autograd.functional.jacobian(
@@ -110,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             f"(mean {sum(per_image) / 20:.1f}); the batch of 20 together: {all_passes(slice(0, 20))}"
         )
         passes, rows = first_block_stats(model, noise, labels, 3.0)
-        default = modeling_tarflow.JACOBI_STAGNATION_PASSES
-        modeling_tarflow.JACOBI_STAGNATION_PASSES = 10**6  # never shrink the window
+        default = sampling.JACOBI_STAGNATION_PASSES
+        sampling.JACOBI_STAGNATION_PASSES = 10**6  # never shrink the window
         wide_passes, wide_rows = first_block_stats(model, noise, labels, 3.0)
-        modeling_tarflow.JACOBI_STAGNATION_PASSES = default
+        sampling.JACOBI_STAGNATION_PASSES = default
         print(
             f"  stagnation probe: {passes} passes, {rows} rows; without it: {wide_passes} passes, {wide_rows} rows "
             f"({1 - rows / wide_rows:.0%} less compute)"

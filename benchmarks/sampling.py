@@ -5,6 +5,7 @@ all on the same weights and the same noise, in one run.
     python benchmarks/sampling.py --ml-tarflow /path/to/ml-tarflow  # plus Apple's code, imported at run time
     python benchmarks/sampling.py --preset imagenet64 --device cuda --dtype bfloat16 --ml-tarflow ...
     python benchmarks/sampling.py --model src/tarflow_hf/bundled/tarflow-mnist --guidance-scale 3 --newton
+    python benchmarks/sampling.py --family starflow --ml-starflow /path/to/ml-starflow  # STARFlow, against Apple's
 
 Apple's code is never copied: `--ml-tarflow` points at a checkout of apple/ml-tarflow whose `transformer_flow.py`
 is imported from there. The weights go to it through our reverse conversion (`hf_to_apple_state_dict`).
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -25,7 +25,11 @@ from pathlib import Path
 import torch
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
-from tarflow_hf.convert import _atomic_file, hf_to_apple_state_dict
+from tarflow_hf.convert import hf_to_apple_state_dict
+from tarflow_hf.fileio import write_json_atomic
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sampling_starflow  # the STARFlow mode, beside this file
 
 PRESETS = {
     # The mid-size CPU configuration.
@@ -93,10 +97,13 @@ def print_profile(fn: Callable[[], torch.Tensor]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=["tarflow", "starflow"], default="tarflow")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mid")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="default: 8 (TarFlow), 4 (STARFlow)")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--guidance-scale", type=float, default=2.0, help="diffusers convention; Apple's g = w - 1")
+    parser.add_argument(
+        "--guidance-scale", type=float, help="diffusers convention, Apple's g = w - 1; default 2 (TarFlow), 4.6"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype")
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,9 +120,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", action="store_true", help="also print where one exact sampling run spends time")
+    sampling_starflow.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    starflow = args.family == "starflow"
+    args.batch_size = args.batch_size or (4 if starflow else 8)
+    args.guidance_scale = args.guidance_scale or (4.6 if starflow else 2.0)
+    if starflow:
+        return report(sampling_starflow.run(args, timed), args.json)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -231,13 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
         results["jacobi_speedup_over_original"] = apple_time / jacobi_time
         results["exact_max_abs_deviation_from_original_01"] = ((exact - apple_images).abs().max() / 2).item()
 
+    return report(results, args.json)
+
+
+def report(results: dict, json_path: Path | None) -> dict:
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
-    if args.json:
-        with _atomic_file(args.json) as tmp:  # never a half-written results file
-            tmp.write_text(json.dumps(results, indent=2))
+    if json_path:
+        write_json_atomic(json_path, results)  # never a half-written results file
     return results
 
 

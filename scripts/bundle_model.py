@@ -1,15 +1,19 @@
-"""Last stage of scripts/make_bundled_model.sh: copy the trained MNIST pipeline folder into the package with the
-chosen default guidance, copy the evaluation classifier next to it, and write the model card from the run's
-recipe, timings and evaluation JSON files."""
+"""Last stage of scripts/make_bundled_model.sh: save the trained MNIST pipeline into the package (weights, configs
+and card, no code: tarflow_hf.hub's package layout) with the chosen default guidance, copy the evaluation
+classifier next to it, and write the model card (tarflow_hf.hub) from the run's recipe, timings and evaluation
+JSON files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
+from tarflow_hf import hub
+from tarflow_hf.fileio import atomic_folder
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
 from tarflow_hf.train import add_arguments, format_command
 
@@ -26,16 +30,6 @@ def train_command(recipe: dict) -> str:
     return format_command(argparse.Namespace(**{**defaults, **known}))
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap `staging` into `target` with renames only, so the package never holds a half-written folder."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def sweep_table(eval_dir: Path) -> list[str]:
     rows = ["| guidance scale | schedule | accuracy (1,000 samples, seed 100) |", "|---|---|---|"]
     for path in sorted(eval_dir.glob("sweep_*.json")):
@@ -46,7 +40,11 @@ def sweep_table(eval_dir: Path) -> list[str]:
     return rows
 
 
-def model_card(run_dir: Path, classifier: dict, guidance: float, parameters: int, config) -> str:
+def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPipeline) -> ModelCard:
+    """The bundled model's card, built by tarflow_hf.hub like every other card: the run's results and guidance sweep
+    (evaluation section), its recipe, command and last training metrics (training section)."""
+    config = pipe.transformer.config
+    parameters = sum(p.numel() for p in pipe.transformer.parameters())
     eval_dir = run_dir / "eval"
     recipe = load_json(run_dir / "recipe.json") or {}
     summary = load_json(run_dir / "train_summary.json") or {}
@@ -65,36 +63,21 @@ def model_card(run_dir: Path, classifier: dict, guidance: float, parameters: int
         return f"{result[key]:.{digits}f}" if key in result else "n/a"
 
     minutes = summary.get("train_wall_time_s", 0) / 60
-    lines = [
-        "---",
-        "library_name: diffusers",
-        "license: apache-2.0",
-        "datasets: [mnist]",
-        "tags: [tarflow, normalizing-flow, image-generation, class-conditional]",
-        "---",
-        "",
-        "# TarFlow MNIST (bundled with tarflow-hf)",
-        "",
-        "A small class-conditional TarFlow (Zhai et al. 2024, apple/ml-tarflow) trained from scratch on the MNIST",
-        f"train split (60,000 digits, 1x{config.image_size}x{config.image_size}) on 2 shared CPU cores in "
-        f"{minutes:.0f} minutes. {parameters:,} parameters; width {config.hidden_size}, {config.num_blocks} flow",
-        f"blocks x {config.layers_per_block} layers, patch {config.patch_size} ({config.num_patches} patches of "
-        f"{config.patch_dim} values).",
-        f"The default call uses guidance scale {guidance} (diffusers convention; 1.0 is no guidance) and one",
-        "Tweedie denoising step.",
-        "",
-        "```python",
-        "import tarflow_hf",
-        "from tarflow_hf.pipeline_tarflow import TarFlowPipeline",
-        "",
-        "pipe = TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL)",
-        "images = pipe(class_labels=[3, 1, 4]).images",
-        "```",
-        "",
-        f"![1,000-sample evaluation set, first 10 per class, guidance {guidance}](samples.png)",
-        "",
-        "## Results",
-        "",
+    description = "\n".join(
+        [
+            "A small class-conditional TarFlow (Zhai et al. 2024, apple/ml-tarflow) trained from scratch on the MNIST",
+            f"train split (60,000 digits, 1x{config.image_size}x{config.image_size}) on 2 shared CPU cores in "
+            f"{minutes:.0f} minutes. {parameters:,} parameters; width {config.hidden_size}, {config.num_blocks} flow",
+            f"blocks x {config.layers_per_block} layers, patch {config.patch_size} ({config.num_patches} patches of "
+            f"{config.patch_dim} values).",
+            f"The default call uses guidance scale {guidance} (diffusers convention; 1.0 is no guidance) and one",
+            "Tweedie denoising step. Shipped inside tarflow-hf:",
+            "`TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL)`.",
+            "",
+            f"![1,000-sample evaluation set, first 10 per class, guidance {guidance}](samples.png)",
+        ]
+    )
+    results = [
         "| metric | value |",
         "|---|---|",
         "| bits/dim, test split, uniform dequantization (exact, as Apple's evaluate_bpd.py) "
@@ -128,38 +111,33 @@ def model_card(run_dir: Path, classifier: dict, guidance: float, parameters: int
         "",
         *sweep_table(eval_dir),
         "",
-        "## Training recipe",
-        "",
-        "Apple's recipe (AdamW betas 0.9/0.95, weight decay 1e-4, linear warm-up then cosine decay to 1e-6,",
-        "Gaussian input noise, label dropout to -1 for classifier-free guidance, the model's own loss), plus",
-        "EMA weights (shipped), gradient clipping and a smaller batch for more steps in the same CPU time.",
-        "",
-        "Reproduce everything (training, classifier, evaluation, this folder) with one command:",
-        "",
-        "```bash",
-        "bash scripts/make_bundled_model.sh",
-        "```",
-        "",
-        "Training command (stage `train` of that script):",
-        "",
-        "```bash",
-        f"OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 {train_command(recipe)}",
-        "```",
-        "",
-        "Full recipe:",
-        "",
-        "```json",
-        json.dumps({k: v for k, v in sorted(recipe.items()) if k not in ("output_dir",)}, indent=2),
-        "```",
-        "",
-        "Final training metrics (last logging window, noisy training images):",
-        "",
-        "```json",
-        json.dumps(summary, indent=2),
-        "```",
-        "",
+        "Every result file of the run is in `metrics.json`.",
     ]
-    return "\n".join(lines)
+    training_notes = "\n".join(
+        [
+            "Apple's recipe (AdamW betas 0.9/0.95, weight decay 1e-4, linear warm-up then cosine decay to 1e-6,",
+            "Gaussian input noise, label dropout to -1 for classifier-free guidance, the model's own loss), plus",
+            "EMA weights (shipped), gradient clipping and a smaller batch for more steps in the same CPU time.",
+            "",
+            "Reproduce everything (training, classifier, evaluation, this folder) with one command:",
+            "`bash scripts/make_bundled_model.sh`; the command below is its stage `train`.",
+        ]
+    )
+    return hub.model_card(
+        pipe,
+        repo_id="tarflow-mnist",
+        license="apache-2.0",
+        datasets=["mnist"],
+        description=description,
+        training=hub.TrainingInfo(
+            recipe={key: value for key, value in recipe.items() if key != "output_dir"},
+            command=f"OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 {train_command(recipe)}",
+            metrics=summary,
+            notes=training_notes,
+        ),
+        evaluation=hub.EvaluationInfo(notes="\n".join(results)),
+        with_code=False,
+    )
 
 
 def main() -> None:
@@ -173,23 +151,20 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     pipe = TarFlowPipeline.from_pretrained(str(args.run_dir / "model"))
     pipe.transformer.config.default_guidance_scale = args.default_guidance
-    staging = args.output / "tarflow-mnist.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(str(staging))
-    for extra in (args.run_dir / "eval").glob(f"samples_g{args.default_guidance}.png"):
-        shutil.copy(extra, staging / "samples.png")
+    # Each folder is written beside its place in the package and swapped in whole (tarflow_hf.fileio), so the
+    # package never holds a half-written one.
+    # The package's copy holds weights, configs and card, no code: it loads through the installed classes.
     classifier = load_json(args.classifier / "config.json") or {}
-    parameters = sum(p.numel() for p in pipe.transformer.parameters())
-    card = model_card(args.run_dir, classifier, args.default_guidance, parameters, pipe.transformer.config)
-    (staging / "README.md").write_text(card)
-    metrics = {path.stem: load_json(path) for path in sorted((args.run_dir / "eval").glob("*.json"))}
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    replace_dir(staging, args.output / "tarflow-mnist")
+    card = model_card(args.run_dir, classifier, args.default_guidance, pipe)
+    with atomic_folder(args.output / "tarflow-mnist", overwrite=True) as staging:
+        hub.save_pipeline(pipe, staging, card=card, overwrite_model_card=True, with_code=False)
+        for extra in (args.run_dir / "eval").glob(f"samples_g{args.default_guidance}.png"):
+            shutil.copy(extra, staging / "samples.png")
+        metrics = {path.stem: load_json(path) for path in sorted((args.run_dir / "eval").glob("*.json"))}
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    staging = args.output / "mnist-classifier.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(args.classifier, staging)
-    replace_dir(staging, args.output / "mnist-classifier")
+    with atomic_folder(args.output / "mnist-classifier", overwrite=True) as staging:
+        shutil.copytree(args.classifier, staging, dirs_exist_ok=True)
     print(f"bundled {args.output / 'tarflow-mnist'} and {args.output / 'mnist-classifier'}")
 
 

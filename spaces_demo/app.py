@@ -30,7 +30,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,9 @@ import torch
 
 try:
     import tarflow_hf
+    from tarflow_hf.labels import id_from_text, menu_names
     from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+    from tarflow_hf.sampling import GUIDANCE_SCHEDULES, GUIDANCE_TARGETS, SAMPLERS
 except ImportError as import_error:  # pragma: no cover - a deployment mistake, not a code path
     raise SystemExit(
         "tarflow_hf is not importable: `pip install -e .` in the tarflow-hf repository, or copy its "
@@ -80,9 +82,6 @@ DENOISE_STRENGTH_RANGE = (0.0, 2.0)
 FRAMES_RANGE = (3, 16)
 MAX_UPLOAD_SIDE = 4096
 MAX_UPLOAD_MB = 10
-GUIDANCE_TARGETS = ("both", "scale", "shift")
-GUIDANCE_SCHEDULES = ("constant", "linear")
-SAMPLERS = ("sequential", "jacobi", "newton")
 INVERT_CHOICES = ("auto", "yes", "no")
 INTERPOLATION_SOURCES = ("two seeds", "two images")
 INTERPOLATION_METHODS = ("spherical", "linear")
@@ -236,32 +235,20 @@ def load_pipeline(model: str) -> TarFlowPipeline:
 
 def class_choices(pipe: TarFlowPipeline) -> list[str]:
     """Dropdown entries: class names, with the id added to the few names that occur twice (ImageNet has two
-    "crane" classes)."""
-    names = pipe.id2label
-    counts = Counter(names.values())
-    return [name if counts[name] == 1 else f"{name} (class {i})" for i, name in sorted(names.items())]
+    "crane" classes), as tarflow_hf.labels writes them."""
+    return menu_names(pipe.id2label)
 
 
 def parse_class(pipe: TarFlowPipeline, choice: Any) -> int | None:
     """A class picked or typed in the UI -> a class id, or None for the unconditional branch (and for
-    unconditional models, which take no class)."""
+    unconditional models, which take no class). Unknown names raise with the closest known names."""
     if not pipe.transformer.config.num_classes:
         return None
     if choice is None or not str(choice).strip():
         raise ValueError("pick a class (or the unconditional branch)")
-    choice = " ".join(str(choice).split())
-    if choice == UNCONDITIONAL_CHOICE:
+    if " ".join(str(choice).split()) == UNCONDITIONAL_CHOICE:
         return None
-    exact = [i for i, name in pipe.id2label.items() if name == choice]
-    if len(exact) == 1:
-        return exact[0]
-    numbered = re.fullmatch(r".* \(class (\d+)\)", choice) or re.fullmatch(r"(\d+)", choice)
-    if numbered:
-        class_id = int(numbered.group(1))
-        if class_id >= len(pipe.id2label):
-            raise ValueError(f"class id {class_id} is out of range: this model has classes 0..{len(pipe.id2label) - 1}")
-        return class_id
-    return pipe.get_label_ids(choice)[0]  # raises with the closest names
+    return id_from_text(pipe.id2label, str(choice))
 
 
 def describe(pipe: TarFlowPipeline, model: str) -> str:

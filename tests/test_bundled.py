@@ -1,22 +1,25 @@
-"""The MNIST model shipped inside the package."""
+"""The MNIST model shipped inside the package: weights, configs and card only, loaded through the installed
+classes (no copies of the package's code in the package)."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModel
 
 import tarflow_hf
-from tarflow_hf import TarFlowPipeline
+from tarflow_hf import TarFlowModel, TarFlowPipeline
 
-SOURCE = Path(tarflow_hf.__file__).parent
 BUNDLED = Path(tarflow_hf.BUNDLED_MODEL)
 
 
-def test_bundled_code_copies_match_the_sources():
-    # The folder carries the package's modules for trust_remote_code; they must not go stale.
-    # Refresh with `STAGE=bundle bash scripts/make_bundled_model.sh` after changing them.
-    assert (BUNDLED / "pipeline_tarflow.py").read_text() == (SOURCE / "pipeline_tarflow.py").read_text()
-    for name in ("modeling_tarflow.py", "configuration_tarflow.py"):
-        assert (BUNDLED / "transformer" / name).read_text() == (SOURCE / name).read_text(), name
+def test_bundled_folder_holds_no_code():
+    assert not list(BUNDLED.rglob("*.py"))
+    index = json.loads((BUNDLED / "model_index.json").read_text())
+    assert index["_class_name"] == "TarFlowPipeline" and index["transformer"] == ["tarflow_hf", "TarFlowModel"]
+    assert "auto_map" not in json.loads((BUNDLED / "transformer" / "config.json").read_text())
 
 
 def test_bundled_model_samples_digits_offline():
@@ -31,3 +34,21 @@ def test_bundled_model_samples_digits_offline():
     # A trained model scores its own samples far better than noise.
     noise = torch.rand(2, 1, 28, 28)
     assert (pipe.bits_per_dim(out.images, [7, 1]) + 2 < pipe.bits_per_dim(noise, [7, 1])).all()
+
+
+def test_auto_model_loads_the_bundled_transformer():
+    model = AutoModel.from_pretrained(f"{tarflow_hf.BUNDLED_MODEL}/transformer")
+    assert type(model) is TarFlowModel
+
+
+def test_auto_model_in_a_fresh_process():
+    # Only `import tarflow_hf` and the path: asking for BUNDLED_MODEL registers the classes with AutoModel.
+    code = (
+        "import tarflow_hf\n"
+        "from transformers import AutoModel\n"
+        "model = AutoModel.from_pretrained(f'{tarflow_hf.BUNDLED_MODEL}/transformer')\n"
+        "print(type(model).__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tarflow_hf.modeling_tarflow" in result.stdout

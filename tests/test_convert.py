@@ -615,6 +615,109 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch, converted):
     assert [path.name for path in tmp_path.iterdir()] == ["previous"]
 
 
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (hidden ones included) -> its bytes (None for folders)."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_weights_write_failing_midway_keeps_the_previous_folder(tmp_path, monkeypatch, converted, capsys, error):
+    """The serializer writes half the weights, then fails (disk full, Ctrl-C): the previous output is untouched
+    and nothing else is left, hidden or not."""
+    import transformers.modeling_utils
+
+    previous = tmp_path / "out"
+    shutil.copytree(converted["tiny_uncond"], previous)
+    before = snapshot(tmp_path)
+
+    def half_then_fail(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half of the weights")
+        raise error
+
+    def failing_conversion(*args: str | os.PathLike) -> None:
+        if isinstance(error, OSError):  # an environment error: one line, exit status 2
+            assert convert(FIXTURES / "tiny_cond.pth", *args, "--noise-std", "0.1") == 2
+            assert capsys.readouterr().err.endswith("error: [Errno 28] No space left on device\n")
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                convert(FIXTURES / "tiny_cond.pth", *args, "--noise-std", "0.1")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_then_fail)
+    failing_conversion(previous, "--overwrite")
+    assert snapshot(tmp_path) == before
+    failing_conversion(tmp_path / "new" / "out")
+    assert snapshot(tmp_path) == before  # no new folder, no parent made for it
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content"),
+    [
+        ("config.json", {"model_type": "bert"}),
+        ("config.json", {"architectures": ["TarFlowModel"]}),
+        ("model_index.json", {"_class_name": "StableDiffusionPipeline"}),
+        ("model_index.json", {"_class_name": ["pipeline_sd", "MyPipeline"]}),
+        ("model_index.json", "not json"),
+    ],
+)
+def test_overwrite_refuses_folders_of_other_models(tmp_path, capsys, file_name, content):
+    out = tmp_path / "someone_elses_model"
+    out.mkdir()
+    (out / file_name).write_text(content if isinstance(content, str) else json.dumps(content))
+    (out / "weights.bin").write_bytes(b"precious")
+    before = snapshot(tmp_path)
+    message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite")
+    assert f"refusing to replace {out}: it is not a TarFlow pipeline or model folder" in message
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content"),
+    [
+        ("model_index.json", {"_class_name": ["pipeline_tarflow", "TarFlowPipeline"]}),
+        ("model_index.json", {"_class_name": "TarFlowPipeline"}),
+        ("model_index.json", {"_class_name": "StarFlowPipeline"}),
+        ("config.json", {"model_type": "tarflow"}),
+        ("config.json", {"model_type": "starflow"}),
+    ],
+)
+def test_overwrite_replaces_tarflow_and_starflow_folders(tmp_path, file_name, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / file_name).write_text(json.dumps(content))
+    (out / "stale.safetensors").write_bytes(b"old")
+    assert convert_module.is_tarflow_folder(out)
+    assert convert(FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite") == 0
+    assert not (out / "stale.safetensors").exists() and (out / "transformer" / "model.safetensors").is_file()
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_rerun_cleans_what_a_killed_conversion_left(tmp_path):
+    """A conversion killed outright (SIGKILL) cannot clean up; the next one to the same output does, removing only
+    its own temporaries' names."""
+    killed = tmp_path / ".out.0123abcd.tmp"
+    (killed / "transformer").mkdir(parents=True)
+    (killed / "transformer" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".out.json.0123abcd.tmp").write_bytes(b"another target's")
+    (tmp_path / ".out.backup").mkdir()
+    assert convert(FIXTURES / "tiny_cond.pth", tmp_path / "out", "--noise-std", "0.1") == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.backup", ".out.json.0123abcd.tmp", "out"]
+
+
+def test_converted_files_are_ordinary_and_the_card_names_the_output(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert convert(FIXTURES / "tiny_cond.pth", tmp_path / "out", "--noise-std", "0.1") == 0
+        os.umask(0o077)
+        assert convert("--reverse", tmp_path / "out", tmp_path / "private.pth") == 0
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "out", *(tmp_path / "out").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path  # weights too, not 0o600
+    assert (tmp_path / "private.pth").stat().st_mode & 0o777 == 0o600
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ".tmp" not in card and 'from_pretrained("out")' in card  # the final folder, not the temporary one
+
+
 # ------------------------------------------------------------------------------------------- command line
 def test_script_runs_as_a_subprocess(tmp_path):
     result = subprocess.run(

@@ -282,3 +282,73 @@ def test_classifier_command_writes_a_folder_with_its_test_accuracy(tmp_path, cap
     dataset = ListDataset(torch.from_numpy(images).float()[:, None] / 127.5 - 1, torch.from_numpy(labels), [])
     assert accuracy(loaded, dataset) == pytest.approx(config["test_accuracy"])
     assert classifier_main(["--data-dir", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "x")]) == 2
+
+
+# ------------------------------------------------------------------------------------------- failed writes
+def disk_full(file, content: bytes = b"part") -> None:
+    """What a serializer does when the disk fills up: it writes part of the file (a path or an open file), then
+    fails."""
+    if hasattr(file, "write"):
+        file.write(content)
+    else:
+        Path(file).write_bytes(content)
+    raise OSError(28, "No space left on device")
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (hidden ones included) -> its bytes (None for folders)."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+
+
+def test_failed_writes_keep_the_previous_outputs(tmp_path, monkeypatch):
+    """Each file evaluation writes (results JSON, sample grid, reference statistics cache, classifier folder), when
+    its write fails midway, leaves the previous one as it was and no temporary behind."""
+    from types import SimpleNamespace
+
+    import PIL.Image
+    import safetensors.torch
+
+    from tarflow_hf import evaluate as evaluate_module
+
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+    dataset = blob_dataset(8)
+
+    def features(images: torch.Tensor) -> torch.Tensor:  # 64 features stand in for Inception's
+        return images.flatten(1).float()
+
+    samples = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda args: {"fid": 1.0})
+
+    def write_results():
+        evaluate_module.run(SimpleNamespace(output=str(tmp_path / "metrics.json")))
+
+    def write_statistics(count: int):
+        evaluate_module.reference_statistics(dataset, count, features, tmp_path / "ref.npz", accelerator)
+
+    save_classifier(SmallCNN(1, 8, 4, width=4), tmp_path / "clf")
+    write_statistics(6)
+    evaluate_module._save_grid(samples, 2, 2, tmp_path / "grid.png")
+    write_results()
+    before = snapshot(tmp_path)
+
+    write_text = Path.write_text
+
+    def results_fail(path, text, *args, **kwargs):
+        if "metrics.json" not in path.name:
+            return write_text(path, text, *args, **kwargs)
+        disk_full(path, text[:3].encode())
+
+    failing_writes = [  # (serializer, its failing stand-in, a write that uses it)
+        (Path, "write_text", results_fail, write_results),
+        (PIL.Image.Image, "save", lambda image, fp, *a, **k: disk_full(fp),
+         lambda: evaluate_module._save_grid(samples[:2], 1, 2, tmp_path / "grid.png")),
+        (np, "savez", lambda file, **arrays: disk_full(file), lambda: write_statistics(8)),  # another key: rewritten
+        (safetensors.torch, "save_file", lambda tensors, name, **k: disk_full(name),
+         lambda: save_classifier(SmallCNN(1, 8, 4, width=8), tmp_path / "clf")),
+    ]  # fmt: skip
+    for owner, name, failing, write in failing_writes:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, failing)
+            with pytest.raises(OSError, match="No space left on device"):
+                write()
+        assert snapshot(tmp_path) == before, name

@@ -1,29 +1,24 @@
 """TarFlowPipeline: parity with Apple's reference samples through the public API, every argument, the likelihood
-tools, saving/loading (with and without tarflow_hf importable) and Hub uploads (intercepted)."""
+tools, loading (with and without tarflow_hf importable). Saving, cards and uploads: tests/test_hub.py."""
 
 from __future__ import annotations
 
-import inspect
 import io
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from conftest import REFERENCE_CASES, load_reference, random_model, tiny_config
-from huggingface_hub import HfApi, ModelCard
 
 from tarflow_hf import TarFlowModel
-from tarflow_hf.pipeline_tarflow import CARD_MARKER, TarFlowPipeline, TarFlowPipelineOutput
+from tarflow_hf.pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
 
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
 
@@ -572,45 +567,6 @@ def saved(tmp_path_factory, model) -> Path:
     return folder
 
 
-# What a saved pipeline folder holds (and what push_to_hub uploads).
-SAVED_FILES = [
-    "README.md",
-    "model_index.json",
-    "pipeline_tarflow.py",
-    "transformer/config.json",
-    "transformer/configuration_tarflow.py",
-    "transformer/model.safetensors",
-    "transformer/modeling_tarflow.py",
-]
-
-
-def files_under(folder) -> list[str]:
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
-
-
-def test_saved_folder_layout(saved, model):
-    assert files_under(saved) == SAVED_FILES
-    index = json.loads((saved / "model_index.json").read_text())
-    assert index["_class_name"] == ["pipeline_tarflow", "TarFlowPipeline"]
-    assert index["transformer"] == ["modeling_tarflow", "TarFlowModel"]
-    assert index["id2label"] == {str(key): name for key, name in NAMES.items()}
-    assert "_name_or_path" not in index
-    source = Path(inspect.getsourcefile(TarFlowPipeline)).read_bytes()
-    assert (saved / "pipeline_tarflow.py").read_bytes() == source
-    config = json.loads((saved / "transformer" / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_tarflow.TarFlowModel"
-
-    card = ModelCard.load(saved / "README.md")
-    assert card.data.library_name == "diffusers"
-    assert card.data.pipeline_tag == "unconditional-image-generation"
-    assert card.data.license == "other"
-    assert {"tarflow", "normalizing-flow", "class-conditional"} <= set(card.data.tags)
-    assert CARD_MARKER in card.text
-    assert f'TarFlowPipeline.from_pretrained("{saved}")' in card.text
-    assert 'pipe(class_labels=["tench"], guidance_scale=3.0, generator' in card.text
-    assert "trust_remote_code=True" in card.text
-
-
 def test_from_pretrained_round_trip(saved, pipe, noise):
     loaded = TarFlowPipeline.from_pretrained(saved)
     loaded.set_progress_bar_config(disable=True)
@@ -621,35 +577,6 @@ def test_from_pretrained_round_trip(saved, pipe, noise):
     torch.testing.assert_close(loaded(**kwargs).images, pipe(**kwargs).images, rtol=0, atol=0)
     half = TarFlowPipeline.from_pretrained(saved, dtype=torch.bfloat16)
     assert half.transformer.dtype == torch.bfloat16
-
-
-def test_saving_again_keeps_custom_readme_and_other_files(tmp_path, model):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "README.md").write_text("# My training run\n")
-    (folder / "notes.txt").write_text("keep me")
-    pipe = make_pipe(model)
-    pipe.save_pretrained(folder)
-    assert (folder / "README.md").read_text() == "# My training run\n"
-    assert (folder / "notes.txt").read_text() == "keep me"
-    pipe.save_pretrained(folder, overwrite_model_card=True, model_card={"license": "mit", "repo_id": "me/run"})
-    card = ModelCard.load(folder / "README.md")
-    assert card.data.license == "mit" and 'from_pretrained("me/run")' in card.text
-    # A generated card is regenerated; nothing is left over from the staging folders.
-    pipe.save_pretrained(folder, model_card={"license": "apache-2.0"})
-    assert ModelCard.load(folder / "README.md").data.license == "apache-2.0"
-    assert sorted(path.name for path in folder.iterdir()) == [
-        "README.md",
-        "model_index.json",
-        "notes.txt",
-        "pipeline_tarflow.py",
-        "transformer",
-    ]
-    with pytest.raises(ValueError, match=r"safe_serialization=False is not supported"):
-        pipe.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
-    with pytest.raises(ValueError, match=r"unexpected arguments to save_pretrained: \['shard_size'\]"):
-        pipe.save_pretrained(tmp_path / "typo", shard_size="1GB")
-    assert not (tmp_path / "unsafe").exists() and not (tmp_path / "typo").exists()
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -697,83 +624,3 @@ def test_trust_remote_code_without_tarflow_hf(saved, pipe, tmp_path):
         class_labels=["tench", 1, "tabby"], generator=generators(0, 1, 2), guidance_scale=2.0, output_type="np"
     ).images
     np.testing.assert_array_equal(np.load(out), expected)
-
-
-# ---------------------------------------------------------------------------------------------------- the Hub
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """Intercept huggingface_hub's HfApi: record calls, copy what would be uploaded."""
-    hub = SimpleNamespace(calls=[], uploaded=tmp_path / "uploaded", remote_card=None)
-
-    def create_repo(self, repo_id, **kwargs):
-        hub.calls.append(("create_repo", repo_id, kwargs))
-        return SimpleNamespace(repo_id=repo_id)
-
-    def file_exists(self, repo_id, filename, **kwargs):
-        hub.calls.append(("file_exists", repo_id, filename))
-        return hub.remote_card is not None
-
-    def hf_hub_download(self, repo_id, filename, **kwargs):
-        hub.calls.append(("hf_hub_download", repo_id, filename))
-        path = tmp_path / "remote_README.md"
-        path.write_text(hub.remote_card)
-        return str(path)
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
-        hub.calls.append(("upload_folder", repo_id, kwargs))
-        ignored = set(ignore_patterns or [])
-        shutil.copytree(folder_path, hub.uploaded, ignore=lambda _, names: [n for n in names if n in ignored])
-        return "commit-info"
-
-    for name, function in [
-        ("create_repo", create_repo),
-        ("file_exists", file_exists),
-        ("hf_hub_download", hf_hub_download),
-        ("upload_folder", upload_folder),
-    ]:
-        monkeypatch.setattr(HfApi, name, function)
-    return hub
-
-
-def test_push_to_hub(fake_hub, pipe, noise):
-    assert pipe.push_to_hub("me/tiny-tarflow", private=True, model_card={"license": "mit"}) == "commit-info"
-    assert fake_hub.calls[0] == ("create_repo", "me/tiny-tarflow", {"private": True, "exist_ok": True})
-    assert fake_hub.calls[-1][0] == "upload_folder" and fake_hub.calls[-1][2]["commit_message"]
-    assert files_under(fake_hub.uploaded) == SAVED_FILES
-    card = ModelCard.load(fake_hub.uploaded / "README.md")
-    assert card.data.license == "mit" and 'from_pretrained("me/tiny-tarflow")' in card.text
-    # What was uploaded is a working pipeline.
-    loaded = TarFlowPipeline.from_pretrained(fake_hub.uploaded)
-    loaded.set_progress_bar_config(disable=True)
-    kwargs = {"class_labels": [0, 1, 2, 0], "latents": noise, "output_type": "pt"}
-    torch.testing.assert_close(loaded(**kwargs).images, pipe(**kwargs).images, rtol=0, atol=0)
-
-
-def test_push_to_hub_keeps_the_repository_card(fake_hub, pipe):
-    fake_hub.remote_card = "---\nlicense: mit\n---\n# Hand-written card\n"
-    pipe.push_to_hub("me/tiny-tarflow")
-    assert not (fake_hub.uploaded / "README.md").exists()
-    assert (fake_hub.uploaded / "model_index.json").exists()
-    shutil.rmtree(fake_hub.uploaded)
-    pipe.push_to_hub("me/tiny-tarflow", overwrite_model_card=True)
-    assert CARD_MARKER in (fake_hub.uploaded / "README.md").read_text()
-    # A card tarflow-hf generated earlier is refreshed.
-    shutil.rmtree(fake_hub.uploaded)
-    fake_hub.remote_card = f"---\nlicense: other\n---\n\n{CARD_MARKER}\n# old\n"
-    pipe.push_to_hub("me/tiny-tarflow")
-    assert (fake_hub.uploaded / "README.md").exists()
-
-
-def test_save_pretrained_push_to_hub(fake_hub, pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/from-save", commit_message="first")
-    upload = next(call for call in fake_hub.calls if call[0] == "upload_folder")
-    assert upload[1] == "me/from-save" and upload[2]["commit_message"] == "first"
-    assert (fake_hub.uploaded / "transformer" / "model.safetensors").exists()
-    assert 'from_pretrained("me/from-save")' in (tmp_path / "local" / "README.md").read_text()
-
-
-def test_saved_folder_has_ordinary_permissions(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "saved")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o777 & ~mask

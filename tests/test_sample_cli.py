@@ -103,6 +103,25 @@ def test_unseeded_run_prints_its_seed(folders, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(again)))
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_grid_write_failing_midway_keeps_the_previous_grid(folders, tmp_path, monkeypatch, error):
+    out = tmp_path / "grid.png"
+    assert sample(folders["uncond"], "--num-images", "1", "--seed", "0", "--output", out) == 0
+    before = out.read_bytes()
+
+    def half_then_fail(image, fp, format=None, **params):
+        Path(fp).write_bytes(before[: len(before) // 2])
+        raise error
+
+    monkeypatch.setattr(PIL.Image.Image, "save", half_then_fail)
+    with pytest.raises(type(error)):
+        sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", out)
+    with pytest.raises(type(error)):
+        sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", tmp_path / "new" / "grid.png")
+    assert [path.name for path in tmp_path.iterdir()] == ["grid.png"]  # no temporary, no folder made for it
+    assert out.read_bytes() == before
+
+
 def test_make_grid_geometry():
     images = [PIL.Image.new("L", (8, 8), value) for value in (0, 50, 100, 150, 200)]
     grid = make_grid(images, columns=2)

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -177,6 +179,52 @@ def test_checkpoints_are_rotated_and_atomic(idx_dir, tmp_path):
     assert names == ["checkpoint-4", "checkpoint-6"]  # no .tmp leftovers, oldest removed
 
 
+def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch):
+    """Reruns whose writes fail midway (the serializer writes part of a file, then the disk is full) leave each
+    output of the earlier run as it was (sample grid, checkpoint, pipeline folder, summary) and no debris."""
+    import pathlib
+
+    import safetensors.torch
+    import transformers.modeling_utils
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    out = tmp_path / "run"
+    flags = ["--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "5", "--sample-every", "4"]
+    train(parse(base_args(idx_dir, out, *flags)))
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def disk_full(path, content: bytes = b"part") -> None:
+        Path(path).write_bytes(content)
+        raise OSError(28, "No space left on device")
+
+    write_text = pathlib.Path.write_text
+
+    def summary_fails(path, text, *args, **kwargs):
+        if "train_summary.json" not in path.name:
+            return write_text(path, text, *args, **kwargs)
+        disk_full(path, text[:5].encode())
+
+    failures = [  # (what fails to be written, how)
+        (out / "samples" / "step_0000004.png", Image.Image, "save", lambda image, fp, *a, **k: disk_full(fp)),
+        (out / "checkpoints" / "checkpoint-4", safetensors.torch, "save_file", lambda t, name, **k: disk_full(name)),
+        (out / "model", transformers.modeling_utils, "safe_save_file", lambda t, name, *a, **k: disk_full(name)),
+        (out / "train_summary.json", pathlib.Path, "write_text", summary_fails),
+    ]
+    for output, owner, name, failing in failures:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, failing)
+            with pytest.raises(OSError, match="No space left on device"):
+                train(parse(base_args(idx_dir, out, *flags, "--resume", str(out / "checkpoints" / "checkpoint-2"))))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+        files = [output] if output.is_file() else [path for path in output.rglob("*") if path.is_file()]
+        assert {path: path.read_bytes() for path in files} == {
+            path: content for path, content in before.items() if path == output or output in path.parents
+        }, output
+        assert not list(out.rglob(".*")), output  # no temporaries left
+
+
 def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -186,6 +234,7 @@ def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
 
     def create_repo(self, repo_id, **kwargs):
         calls["create"] = repo_id
+        return SimpleNamespace(repo_id=repo_id)
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
         calls["upload"] = repo_id
@@ -194,10 +243,13 @@ def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", lambda self, repo_id, filename, **kwargs: False)
     result = train(parse(base_args(idx_dir, tmp_path / "run", "--max-steps", "2", "--push-to-hub", "me/tiny")))
     assert calls == {"create": "me/tiny", "upload": "me/tiny"}
     uploaded = tmp_path / "hub" / "me" / "tiny"
-    assert (uploaded / "README.md").is_file()
+    card = ModelCard.load(uploaded / "README.md")
+    assert 'from_pretrained("me/tiny")' in card.text and card.data.datasets == ["mnist"]
+    assert str(tmp_path) not in card.content  # no local paths: the data and output folders are named by their names
     model = TarFlowPipeline.from_pretrained(str(uploaded)).transformer
     for name, value in result.ema_model.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name

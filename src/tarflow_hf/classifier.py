@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from .fileio import atomic_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -84,14 +85,9 @@ def save_classifier(model: SmallCNN, folder: str | os.PathLike, metadata: dict |
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_NAME))
-    (staging / CONFIG_NAME).write_text(json.dumps({**model.config, **(metadata or {})}, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+    with atomic_folder(folder, overwrite=True) as staging:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_NAME))
+        (staging / CONFIG_NAME).write_text(json.dumps({**model.config, **(metadata or {})}, indent=2))
     return folder
 
 

@@ -33,32 +33,33 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .arguments import APPLE_FILE_NAME_PATTERN, DEFAULT_NUM_CHANNELS
+from .arguments import convert as add_arguments
 from .cli import CommandError
 from .configuration_tarflow import TarFlowConfig
-from .labels import LABEL_CHOICES, resolve_labels
+from .fileio import atomic_file, atomic_folder
+from .labels import resolve_labels
 from .modeling_tarflow import TarFlowModel
 
 # Apple's `transformer_flow.Model` takes no head size: every released model uses MetaBlock's default of 64.
 APPLE_HEAD_DIM = 64
 # Dataset names in Apple's checkpoint file names -> their label table ("none": an unconditional model).
 APPLE_DATASET_LABELS = {"afhq": "afhq", "imagenet": "imagenet", "imagenet64": "none"}
-APPLE_FILE_NAME_PATTERN = "{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth"
+# What `--overwrite` may replace (see `is_tarflow_folder`).
+_OUR_PIPELINES = ("TarFlowPipeline", "StarFlowPipeline")
+_OUR_MODEL_TYPES = ("tarflow", "starflow")
 _APPLE_FILE_NAME = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch_size>\d+)_(?P<hidden_size>\d+)_(?P<num_blocks>\d+)_"
     r"(?P<layers_per_block>\d+)_(?P<noise>uniform|\d+(?:\.\d+)?)\.pth$"
 )
-DEFAULT_NUM_CHANNELS = 3
 
 _RENAMES = [
     (r"^var$", "prior_variance"),
@@ -568,30 +569,23 @@ def load_ml_tarflow_checkpoint(
     return model_from_apple_state_dict(state, config, source)
 
 
-# ------------------------------------------------------------------------------------------ atomic writes
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# ------------------------------------------------------------------------------------------ destinations
+def is_tarflow_folder(folder: Path) -> bool:
+    """True for a folder a conversion (or TarFlow/STARFlow's save_pretrained) wrote: a pipeline folder whose
+    model_index.json names TarFlowPipeline/StarFlowPipeline, or a model folder whose config.json has model_type
+    tarflow/starflow. `--overwrite` replaces only these, never another program's or the user's folder."""
 
-
-def _make_parents(directory: Path) -> list[Path]:
-    """mkdir -p, returning the directories it created (outermost first) so a failure can remove them."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for path in reversed(missing):
-        path.mkdir()
-    return list(reversed(missing))
-
-
-def _remove_created(created: list[Path]) -> None:
-    for directory in reversed(created):
+    def read(name: str) -> dict:
         try:
-            directory.rmdir()
-        except OSError:
-            break
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    class_name = read("model_index.json").get("_class_name")
+    if isinstance(class_name, list) and class_name:  # ["pipeline_tarflow", "TarFlowPipeline"]: remote code
+        class_name = class_name[-1]
+    return class_name in _OUR_PIPELINES or read("config.json").get("model_type") in _OUR_MODEL_TYPES
 
 
 def _check_directory_destination(target: Path, overwrite: bool, protect: Path | None = None) -> None:
@@ -602,66 +596,14 @@ def _check_directory_destination(target: Path, overwrite: bool, protect: Path | 
     if not overwrite:
         raise FileExistsError(f"output directory {target} exists and is not empty; pass --overwrite to replace it")
     # --overwrite replaces earlier outputs, never an arbitrary folder (or the one holding the input).
-    if not ((target / "model_index.json").is_file() or (target / "config.json").is_file()):
+    if not is_tarflow_folder(target):
         raise FileExistsError(
-            f"refusing to replace {target}: it is not a TarFlow pipeline or model folder (no model_index.json or "
-            "config.json); remove it yourself or choose another output directory"
+            f"refusing to replace {target}: it is not a TarFlow pipeline or model folder (no model_index.json naming "
+            "TarFlowPipeline or StarFlowPipeline, nor a config.json with model_type tarflow or starflow); remove it "
+            "yourself or choose another output directory"
         )
     if protect is not None and protect.resolve().is_relative_to(target.resolve()):
         raise FileExistsError(f"refusing to replace {target}: it contains the input {protect}")
-
-
-@contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `target`; on success it replaces `target`, on any failure
-    (or interrupt) it is removed, together with any parent directories made for it."""
-    created = _make_parents(target.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except BaseException:
-        _remove_created(created)
-        raise
-    try:
-        yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be an ordinary directory
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        if target.exists():
-            backup = tmp.with_name(tmp.name + ".old")
-            os.rename(target, backup)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(backup, target)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
-        raise
-
-
-@contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary file path next to `target`; on success it replaces `target`, on failure it is removed."""
-    created = _make_parents(target.parent)
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(handle)
-    except BaseException:
-        _remove_created(created)
-        raise
-    tmp = Path(name)
-    try:
-        yield tmp
-        tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        _remove_created(created)
-        raise
 
 
 # ------------------------------------------------------------------------------------------- conversions
@@ -686,10 +628,12 @@ def convert_ml_tarflow_checkpoint(
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_directory_destination(output_dir, overwrite, protect=checkpoint)
     model = load_ml_tarflow_checkpoint(checkpoint, num_channels=num_channels, noise_std=noise_std, labels=labels)
+    from .hub import display_name
     from .pipeline_tarflow import TarFlowPipeline  # diffusers is slow to import; only conversions need it
 
-    with _atomic_directory(output_dir) as tmp:
-        TarFlowPipeline(transformer=model).save_pretrained(tmp)
+    with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_tarflow_folder) as tmp:
+        # The card's usage example names the final folder, not the temporary one it is written in.
+        TarFlowPipeline(transformer=model).save_pretrained(tmp, model_card={"repo_id": display_name(output_dir)})
     return model.config
 
 
@@ -763,69 +707,12 @@ def export_ml_tarflow_checkpoint(
     config, state = read_tarflow_folder(folder)
     apple = hf_to_apple_state_dict(state)
     apple = {key: apple[key] for key in expected_apple_shapes(config)}
-    with _atomic_file(output_path) as tmp:
+    with atomic_file(output_path) as tmp:
         torch.save(apple, tmp)
     return output_path
 
 
 # ------------------------------------------------------------------------------------------ command line
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        metavar="CHECKPOINT",
-        help="apple/ml-tarflow .pth state dict (with --reverse: a converted pipeline or model folder)",
-    )
-    parser.add_argument(
-        "destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth file to write)"
-    )
-    parser.add_argument(
-        "--reverse", action="store_true", help="convert a pipeline or model folder back to an Apple .pth"
-    )
-    parser.add_argument(
-        "--noise-std",
-        type=_non_negative_float,
-        default=None,
-        metavar="S",
-        help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
-        f"{APPLE_FILE_NAME_PATTERN})",
-    )
-    parser.add_argument(
-        "--in-channels",
-        type=_positive_int,
-        default=None,
-        metavar="C",
-        help=f"image channels: the patch dimension is channels x patch**2 (default {DEFAULT_NUM_CHANNELS})",
-    )
-    parser.add_argument(
-        "--labels",
-        default=None,
-        metavar="|".join((*LABEL_CHOICES, "FILE.json")),
-        help="class names: a shipped table, none (generic names), or a JSON list / {'0': name} file "
-        "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         if args.reverse:
@@ -880,6 +767,7 @@ __all__ = [
     "hf_key_to_apple",
     "hf_to_apple_state_dict",
     "infer_config",
+    "is_tarflow_folder",
     "load_apple_state_dict",
     "load_ml_tarflow_checkpoint",
     "main",

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .arguments import evaluate as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
+from .fileio import atomic_file, write_text_atomic
 from .modeling_tarflow import TarFlowModel
 
 METRICS = ("bpd", "fid", "accuracy")
@@ -261,9 +263,8 @@ def reference_statistics(
     local = features(images[indices.start : indices.stop])
     mu, sigma = feature_statistics(_gather_rows(local, padded, count, accelerator))
     if cache is not None and accelerator.is_main_process:
-        staging = Path(str(cache) + ".tmp.npz")
-        np.savez(staging, mu=mu, sigma=sigma, count=count, key=key)
-        os.replace(staging, cache)
+        with atomic_file(cache) as staging, staging.open("wb") as handle:  # np.savez would add .npz to a name
+            np.savez(handle, mu=mu, sigma=sigma, count=count, key=key)
     return mu, sigma
 
 
@@ -291,38 +292,6 @@ def class_consistency(classifier, samples: torch.Tensor, labels: torch.Tensor) -
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="pipeline folder or Hub repo id")
-    parser.add_argument("--dataset", default=None, help="'mnist', 'fashion-mnist', an image folder, ... (bpd/FID)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--split", default="test")
-    parser.add_argument(
-        "--metrics", default=None, help="comma list of bpd,fid,accuracy (default: all the inputs allow)"
-    )
-    parser.add_argument("--bpd-noise", default="uniform", help="uniform, gaussian or uniform,gaussian")
-    parser.add_argument("--bpd-max-images", type=int, default=None)
-    parser.add_argument("--bpd-unconditional", action="store_true", help="evaluate p(x) with the mean class")
-    parser.add_argument("--num-samples", type=int, default=1000, help="generated samples for FID")
-    parser.add_argument("--fid-reference-images", type=int, default=None, help="default: the whole split")
-    parser.add_argument("--fid-stats-cache", default=None, help=".npz cache of the reference statistics")
-    parser.add_argument(
-        "--fid-real-split",
-        default=None,
-        help="score real images of this split instead of samples: the FID floor at this sample count",
-    )
-    parser.add_argument("--classifier", default=None, help="classifier folder (tarflow_hf.classifier)")
-    parser.add_argument("--samples-per-class", type=int, default=100, help="class-consistency samples per class")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the config's")
-    parser.add_argument("--guidance-target", default="both", choices=("both", "scale", "shift"))
-    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
-    parser.add_argument("--no-denoise", action="store_true", help="skip the Tweedie denoising step")
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-samples", default=None, help="write a PNG grid of the accuracy samples")
-    parser.add_argument("--output", default=None, help="JSON file for the metrics (also printed)")
-    parser.add_argument("--torch-threads", type=int, default=None)
-
-
 def _selected_metrics(args: argparse.Namespace) -> list[str]:
     if args.metrics:
         chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -467,10 +436,8 @@ def _save_grid(samples: torch.Tensor, rows: int, per_row: int, path: Path, max_c
     c, h, w = samples.shape[1:]
     grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
     array = grid.squeeze(-1).numpy() if c == 1 else grid.numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        Image.fromarray(array).save(staging, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -481,11 +448,7 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(results, indent=2)
         print(text)
         if args.output:
-            output = Path(args.output)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            staging = output.with_name(output.name + ".tmp")
-            staging.write_text(text + "\n")
-            os.replace(staging, output)
+            write_text_atomic(args.output, text + "\n")
     return 0
 
 

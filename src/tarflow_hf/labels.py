@@ -27,10 +27,12 @@ True
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 SHIPPED_LABEL_SETS = ("afhq", "imagenet")
 LABEL_CHOICES = (*SHIPPED_LABEL_SETS, "none")
+# The class id of the unconditional (mean-class) branch, and how captions and menus name it.
+UNCONDITIONAL_ID = -1
+UNCONDITIONAL_CAPTION = "unconditional"
+_INTEGER = re.compile(r"-?\d+")
 
 
 def disambiguate(names: Sequence[str]) -> list[str]:
@@ -128,12 +134,152 @@ def resolve_labels(spec: str) -> list[str] | None:
     return load_label_file(spec)
 
 
+# ------------------------------------------------------------------------------------ names <-> class ids
+# One path for every caller (the pipeline, the command line, the demo, evaluation): a class is named by its id or
+# by any of the comma-separated aliases of its `id2label` entry (ImageNet style, `"tench, Tinca tinca"`).
+
+
+def normalize_name(name: str) -> str:
+    """Spaces collapsed: the form aliases are stored and compared in (comparison also ignores case)."""
+    return " ".join(name.split())
+
+
+def aliases(id2label: Mapping[int, str]) -> dict[str, list[int]]:
+    """Alias (spaces normalised) -> the class ids it names, usually one."""
+    table: dict[str, list[int]] = {}
+    for class_id, name in sorted(id2label.items()):
+        for alias in name.split(","):
+            alias = normalize_name(alias)
+            if alias and class_id not in table.setdefault(alias, []):
+                table[alias].append(class_id)
+    return table
+
+
+def label2id(id2label: Mapping[int, str]) -> dict[str, int]:
+    """Every accepted name (each alias separately) -> class id, sorted by name (as `DiTPipeline.labels`); a name
+    shared by several classes maps to the first."""
+    return {alias: ids[0] for alias, ids in sorted(aliases(id2label).items())}
+
+
+def display_name(id2label: Mapping[int, str], class_id: int) -> str:
+    """The short name of a class for captions: its first alias, or `unconditional` for -1."""
+    if class_id == UNCONDITIONAL_ID:
+        return UNCONDITIONAL_CAPTION
+    return normalize_name(id2label[class_id].split(",")[0])
+
+
+def ids_for_names(id2label: Mapping[int, str], names: str | Sequence[str]) -> list[int]:
+    """Class names -> class ids, ignoring case and extra spaces. An unknown name raises a `ValueError` listing the
+    closest known names; a name several classes share raises one listing them (`id: 'name'`), to pass an id."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not id2label:
+        raise ValueError("this model is unconditional (num_classes=0): it has no class names")
+    table = aliases(id2label)
+    lookup: dict[str, list[int]] = {}
+    for alias, alias_ids in table.items():
+        matches = lookup.setdefault(alias.casefold(), [])
+        matches.extend(class_id for class_id in alias_ids if class_id not in matches)
+    ids = []
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"class names must be strings, got {name!r}")
+        matches = lookup.get(normalize_name(name).casefold())
+        if not matches:
+            raise ValueError(
+                f"unknown class name {name!r}: {_suggestion(name, table)} (`pipe.labels` lists all {len(table)} names)"
+            )
+        if len(matches) > 1:
+            options = "; ".join(f"{i}: {id2label[i]!r}" for i in matches)
+            raise ValueError(f"class name {name!r} is ambiguous, it names classes {options}; pass the class id")
+        ids.append(matches[0])
+    return ids
+
+
+def _suggestion(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=5, cutoff=0.6)
+    return f"did you mean {', '.join(map(repr, close))}?" if close else "no similar name exists"
+
+
+def parse_label(text: str) -> int | str:
+    """A label typed on a command line or in a text field: an integer is a class id, anything else a name."""
+    text = text.strip()
+    return int(text) if _INTEGER.fullmatch(text) else text
+
+
+def resolve_class_ids(id2label: Mapping[int, str], num_classes: int, items: Sequence[Any] | Any) -> list[int]:
+    """Class ids (ints) and names (strings), mixed -> ids, checked against `num_classes`; -1 is the unconditional
+    branch. Raises `ValueError` with what to pass instead."""
+    if num_classes == 0:
+        raise ValueError(
+            f"this model is unconditional (num_classes=0) and takes no class labels; got {items!r}, "
+            "pass class_labels=None"
+        )
+    if not items:
+        raise ValueError("class_labels is empty; pass at least one label, or None for the unconditional branch")
+    names = [item for item in items if isinstance(item, str)]
+    named = iter(ids_for_names(id2label, names)) if names else iter(())
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(next(named))
+        elif _is_integer(item):
+            ids.append(int(item))
+        else:
+            raise ValueError(f"class labels must be ints (class ids) or strings (class names), got {item!r}")
+    bad = [class_id for class_id in ids if not UNCONDITIONAL_ID <= class_id < num_classes]
+    if bad:
+        raise ValueError(
+            f"class label {bad[0]} is out of range; allowed are 0..{num_classes - 1}, or -1 for the "
+            "unconditional (mean-class) branch"
+        )
+    return ids
+
+
+def _is_integer(item: Any) -> bool:
+    """int or a numpy integer, but not bool (checked without importing numpy)."""
+    if isinstance(item, bool):
+        return False
+    return isinstance(item, int) or (hasattr(item, "__index__") and type(item).__module__ == "numpy")
+
+
+def menu_names(id2label: Mapping[int, str]) -> list[str]:
+    """One unique entry per class, in id order, for menus: a name several classes share gets ` (id)` appended
+    (`disambiguate`, the rule label files follow)."""
+    return disambiguate([normalize_name(id2label[class_id]) for class_id in sorted(id2label)])
+
+
+def id_from_text(id2label: Mapping[int, str], text: str) -> int:
+    """A class picked from `menu_names` or typed: a menu entry, an id, `name (id)`, or any alias of a name."""
+    text = normalize_name(text)
+    menu = menu_names(id2label)
+    if text in menu:
+        return sorted(id2label)[menu.index(text)]
+    numbered = re.fullmatch(r".* \((\d+)\)", text) or re.fullmatch(r"(\d+)", text)
+    if numbered:
+        class_id = int(numbered.group(1))
+        if class_id not in id2label:
+            raise ValueError(f"class id {class_id} is out of range: this model has classes 0..{len(id2label) - 1}")
+        return class_id
+    return ids_for_names(id2label, text)[0]
+
+
 __all__ = [
     "LABEL_CHOICES",
     "SHIPPED_LABEL_SETS",
+    "UNCONDITIONAL_CAPTION",
+    "UNCONDITIONAL_ID",
+    "aliases",
     "disambiguate",
+    "display_name",
+    "id_from_text",
+    "ids_for_names",
+    "label2id",
     "load_label_file",
     "load_label_set",
+    "menu_names",
     "names_from_json",
+    "normalize_name",
+    "parse_label",
+    "resolve_class_ids",
     "resolve_labels",
 ]

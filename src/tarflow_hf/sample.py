@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
-import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,78 +27,14 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import ImageDraw, ImageFont
 from transformers.utils import logging as transformers_logging
 
+from .arguments import sample as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
 from .cli import CommandError
+from .fileio import atomic_file
+from .hub import REPO_ID
+from .labels import display_name, parse_label, resolve_class_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PADDING = 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        nargs="?",
-        default="bundled",
-        help="a pipeline folder (save_pretrained / convert), a Hub repo id, or 'bundled' (default): the MNIST model "
-        "shipped with the package",
-    )
-    parser.add_argument(
-        "--class-label",
-        action="append",
-        dest="class_labels",
-        metavar="LABEL",
-        help="class id or name (repeat for several classes); -1 or none at all samples the unconditional branch",
-    )
-    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per class label (default: 4)")
-    parser.add_argument(
-        "--guidance-scale",
-        metavar="W",
-        type=float,
-        default=None,
-        help="classifier-free guidance, 1 = none (Apple's --cfg g is 1 + g); default: the model's own",
-    )
-    parser.add_argument("--guidance-target", choices=("both", "scale", "shift"), default="both")
-    parser.add_argument(
-        "--guidance-schedule", choices=("constant", "linear"), default="constant", help="linear = annealed guidance"
-    )
-    parser.add_argument(
-        "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
-    )
-    parser.add_argument(
-        "--sampler",
-        choices=("sequential", "jacobi", "newton"),
-        default="sequential",
-        help="jacobi / newton: fewer sequential transformer passes (newton: far more compute per pass)",
-    )
-    parser.add_argument(
-        "--jacobi-tolerance", metavar="TOL", type=float, default=1e-4, help="Jacobi's tolerance (about 1e-2 in bf16)"
-    )
-    parser.add_argument(
-        "--jacobi-window", metavar="N", type=int, default=None, help="patches per Jacobi window (default: all)"
-    )
-    parser.add_argument("--no-denoise", dest="denoise", action="store_false", help="skip the final denoising step")
-    parser.add_argument(
-        "--noise-std", metavar="SIGMA", type=float, default=None, help="sigma of the denoising step (default: model's)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)"
-    )
-    parser.add_argument(
-        "--output", metavar="PATH", default="samples.png", help="grid image to write (default: samples.png)"
-    )
-    parser.add_argument(
-        "--columns",
-        metavar="N",
-        type=int,
-        default=None,
-        help="grid columns (default: a row per label, or a square grid for one label)",
-    )
-    parser.add_argument("--no-captions", dest="captions", action="store_false", help="do not write labels under images")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    parser.add_argument("--revision", metavar="REV", default=None, help="Hub revision (branch, tag or commit)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not math.isfinite(value):
             raise CommandError(f"{flag} must be a finite number, got {value}")
     device = _device(args.device)
-    labels = [int(label) if re.fullmatch(r"-?\d+", label.strip()) else label for label in args.class_labels or []]
+    labels = [parse_label(label) for label in args.class_labels or []]
     # Not torch's global generator: it starts from the same seed in every process.
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
 
@@ -148,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.captions and pipe.transformer.config.num_classes:
         captions = [_caption(pipe, class_id) for class_id in ids or [-1] for _ in range(args.num_images)]
     columns = args.columns or (args.num_images if ids and len(ids) > 1 else math.ceil(math.sqrt(num_images)))
-    _save_atomic(make_grid(images, columns, captions), output)
+    grid = make_grid(images, columns, captions)
+    with atomic_file(output) as temporary:  # readers never see a half-written file
+        grid.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
     print(f"wrote {output} ({num_images} image{'s' if num_images != 1 else ''}, seed {seed})")
     return 0
 
@@ -240,31 +175,14 @@ def _load(model: str, revision: str | None, dtype: torch.dtype) -> Any:
 
 
 def _class_ids(pipe: Any, labels: list[int | str]) -> list[int] | None:
+    """`--class-label` values (ids and names, mixed) -> class ids, through the package's one label path."""
     if not labels:
         return None
-    if not pipe.transformer.config.num_classes:
+    num_classes = pipe.transformer.config.num_classes
+    if not num_classes:
         raise CommandError("this model is unconditional (num_classes=0); drop --class-label")
-    names = iter(pipe.get_label_ids([label for label in labels if isinstance(label, str)]))
-    return [next(names) if isinstance(label, str) else label for label in labels]
+    return resolve_class_ids(pipe.id2label, num_classes, labels)
 
 
 def _caption(pipe: Any, class_id: int) -> str:
-    if class_id < 0:
-        return "unconditional"
-    return pipe.id2label[class_id].split(",")[0].strip()
-
-
-def _save_atomic(image: PIL.Image.Image, output: Path) -> None:
-    """Write next to the target, then rename: readers never see a half-written file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
-    os.close(handle)
-    try:
-        image.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)  # mkstemp makes the file private; the grid is an ordinary file
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    return display_name(pipe.id2label, class_id)

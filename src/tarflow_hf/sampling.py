@@ -297,9 +297,12 @@ def sample_sequential(
     batch, num_tokens, _ = z.shape
     x = z.clone()
     cache = block.new_cache(condition, batch, num_tokens)
-    weights = row_weights(condition.guidance, num_tokens - 1, z.device)
-    for t in range(num_tokens - 1):
-        weight = weights[:, t : t + 1] if isinstance(weights, torch.Tensor) else weights
+    guidance, rows = condition.guidance, num_tokens - 1
+    linear = guidance is not None and guidance.schedule == "linear"
+    weight = row_weights(guidance, rows, z.device) if not linear else 0.0
+    for t in range(rows):
+        if linear:  # a Python number, as in Apple's loop, so that half precision rounds the same way
+            weight = guidance.weight * (t + 1) / rows
         log_scale, shift = block.affine_span(x[:, t : t + 1], t, cache, condition, weight)
         x[:, t + 1 : t + 2] = affine_inverse(x[:, t + 1 : t + 2], log_scale, shift)
     return x, BlockRecord(0, num_tokens - 1, 0.0, num_tokens - 1)

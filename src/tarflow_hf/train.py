@@ -25,6 +25,7 @@ Fine-tune a pipeline folder or Hub repository: `--init-from PATH_OR_REPO` (keeps
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,8 +39,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .arguments import train as add_arguments
 from .configuration_tarflow import TarFlowConfig
 from .data import EpochShuffleSampler, dataset_summary, load_image_dataset
+from .fileio import atomic_file, atomic_folder, write_json_atomic
 from .modeling_tarflow import TarFlowModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -47,71 +50,6 @@ MODEL_SIZE_FLAGS = ("patch_size", "hidden_size", "num_blocks", "layers_per_block
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="'mnist', 'fashion-mnist', an image folder, or a datasets name")
-    data.add_argument("--data-dir", default=None, help="folder with the IDX files for mnist / fashion-mnist")
-    data.add_argument("--split", default="train", help="dataset split (default: train)")
-    data.add_argument("--image-column", default=None, help="image column of a `datasets` dataset")
-    data.add_argument("--image-size", type=int, default=None, help="square image size (default: the data's)")
-    data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
-
-    model = parser.add_argument_group("model (from scratch)")
-    model.add_argument("--init-from", default=None, help="pipeline folder or Hub repo id to fine-tune")
-    model.add_argument("--replace-labels", action="store_true", help="use the dataset's class names (fine-tune)")
-    model.add_argument("--config", default=None, help="TarFlowConfig json for a new model (flags below override)")
-    model.add_argument("--patch-size", type=int, default=None, help="default 4")
-    model.add_argument("--hidden-size", type=int, default=None, help="default 128")
-    model.add_argument("--num-blocks", type=int, default=None, help="default 4")
-    model.add_argument("--layers-per-block", type=int, default=None, help="default 2")
-    model.add_argument("--head-dim", type=int, default=None, help="default 64")
-    model.add_argument("--mlp-ratio", type=int, default=None, help="default 4")
-    model.add_argument("--no-nvp", action="store_true", help="volume-preserving flow (shift only)")
-
-    recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
-    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    recipe.add_argument("--min-lr", type=float, default=1e-6, help="start and end of the schedule (Apple: 1e-6)")
-    recipe.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch (Apple), at most 10%%")
-    recipe.add_argument("--weight-decay", type=float, default=1e-4)
-    recipe.add_argument("--adam-beta1", type=float, default=0.9)
-    recipe.add_argument("--adam-beta2", type=float, default=0.95)
-    recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    recipe.add_argument("--epochs", type=int, default=1, help="training length, unless --max-steps is given")
-    recipe.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    recipe.add_argument(
-        "--stop-after-steps",
-        type=int,
-        default=None,
-        help="checkpoint and stop at this step, keeping the schedule of the full run (time-sliced jobs)",
-    )
-    recipe.add_argument("--noise-type", choices=("gaussian", "uniform"), default="gaussian")
-    recipe.add_argument("--noise-std", type=float, default=0.05, help="Gaussian noise std (Apple's noise_std)")
-    recipe.add_argument("--drop-label", type=float, default=0.1, help="probability of replacing a label by -1")
-    recipe.add_argument("--ema-decay", type=float, default=0.999, help="0 disables EMA")
-    recipe.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
-    recipe.add_argument("--compile", action="store_true", help="torch.compile the model")
-    recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
-    recipe.add_argument("--default-guidance-scale", type=float, default=None, help="stored in the config")
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-dir", required=True, help="run folder: checkpoints/, samples/, metrics.jsonl, model/")
-    out.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    out.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
-    out.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
-    out.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
-    out.add_argument("--sample-every", type=int, default=0, help="steps between sample grids (0: at the end only)")
-    out.add_argument("--sample-guidance-scale", type=float, default=None, help="guidance of the sample grids")
-    out.add_argument("--report-to", default=None, help="accelerate trackers: tensorboard, wandb, all")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    out.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final pipeline folder")
-    out.add_argument("--hub-private", action="store_true")
-    out.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
-    out.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
-
-
 def _check_args(args: argparse.Namespace) -> None:
     positive = ("batch_size", "gradient_accumulation_steps", "epochs")
     for name in positive:
@@ -286,29 +224,30 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
 
 def save_checkpoint(accelerator, output_dir: Path, progress: Progress, ema: EMA | None, generator, keep: int) -> Path:
     """accelerator.save_state into a temporary folder, then one rename: a crash never leaves a half checkpoint
-    under a real name. Our own state (position, EMA, noise generator) goes in safetensors/json."""
+    under a real name. Our own state (position, EMA, noise generator) goes in safetensors/json. The main process
+    owns the temporary folder (see `fileio.atomic_folder`) and tells the others its name."""
+    from accelerate.utils import broadcast_object_list
     from safetensors.torch import save_file
 
     final = output_dir / "checkpoints" / f"checkpoint-{progress.step}"
-    staging = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
-    rank = accelerator.process_index
-    save_file({"state": generator.get_state()}, str(staging / f"generator_{rank}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_file(
-                {k: v.contiguous() for k, v in ema.shadow.items()},
-                str(staging / "ema.safetensors"),
-                metadata={"num_updates": str(ema.num_updates)},
-            )
-        (staging / "progress.json").write_text(json.dumps(progress.__dict__, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+    main = accelerator.is_main_process
+    # A checkpoint of the same step (a rerun from an earlier one) is replaced.
+    owner = atomic_folder(final, overwrite=True) if main else contextlib.nullcontext()
+    with owner as staging:
+        staging = Path(broadcast_object_list([str(staging) if main else None])[0])
+        accelerator.save_state(str(staging), safe_serialization=True)
+        rank = accelerator.process_index
+        save_file({"state": generator.get_state()}, str(staging / f"generator_{rank}.safetensors"))
+        accelerator.wait_for_everyone()
+        if main:
+            if ema is not None:
+                save_file(
+                    {k: v.contiguous() for k, v in ema.shadow.items()},
+                    str(staging / "ema.safetensors"),
+                    metadata={"num_updates": str(ema.num_updates)},
+                )
+            (staging / "progress.json").write_text(json.dumps(progress.__dict__, indent=2))
+    if main:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -357,89 +296,37 @@ def save_sample_grid(model: TarFlowModel, path: Path, guidance_scale: float, see
     c, s = config.num_channels, config.image_size
     grid = images.view(rows, per_class, c, s, s).permute(0, 3, 1, 4, 2).reshape(rows * s, per_class * s, c)
     array = grid.squeeze(-1).numpy() if c == 1 else grid.numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        Image.fromarray(array).save(staging, format="PNG")
 
 
-def write_model_card(folder: Path, model: TarFlowModel, recipe: dict, metrics: dict, command: str) -> None:
-    config = model.config
-    labels = ", ".join(config.id2label[i] for i in range(config.num_classes)) if config.num_classes else "none"
-    lines = [
-        "---",
-        "library_name: diffusers",
-        "tags: [tarflow, normalizing-flow, image-generation]",
-        "---",
-        "",
-        "# TarFlow model",
-        "",
-        "A TarFlow normalizing flow (Zhai et al. 2024, apple/ml-tarflow) trained with `tarflow-hf train`.",
-        "",
-        "## Model",
-        "",
-        f"- images: {config.num_channels}x{config.image_size}x{config.image_size}, patch {config.patch_size}",
-        f"- width {config.hidden_size}, {config.num_blocks} blocks x {config.layers_per_block} layers, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters",
-        f"- classes ({config.num_classes}): {labels}",
-        f"- default guidance scale: {config.default_guidance_scale}",
-        "",
-        "## Training recipe",
-        "",
-        "```json",
-        json.dumps(recipe, indent=2, sort_keys=True),
-        "```",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        "## Metrics",
-        "",
-        "```json",
-        json.dumps(metrics, indent=2, sort_keys=True),
-        "```",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from tarflow_hf.pipeline_tarflow import TarFlowPipeline",
-        "",
-        'pipe = TarFlowPipeline.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-    ]
-    (folder / "README.md").write_text("\n".join(lines))
-
-
-def save_pipeline_folder(model: TarFlowModel, target: Path, recipe: dict, metrics: dict, command: str) -> Path:
-    """TarFlowPipeline(transformer=model).save_pretrained into a staging folder, then rename into place."""
+def save_pipeline_folder(
+    model: TarFlowModel, target: Path, args: argparse.Namespace, recipe: dict, summary: dict, command: str
+) -> Path:
+    """The final pipeline folder (replacing the one an earlier run of this output directory wrote), with a model card
+    (tarflow_hf.hub) holding the recipe, the command and the last training metrics. The card names the Hub
+    repository when the run pushes there, else the folder; fine-tuning names the base model."""
+    from .hub import TrainingInfo, hub_id, model_card, save_pipeline
     from .pipeline_tarflow import TarFlowPipeline
 
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    TarFlowPipeline(transformer=model).save_pretrained(str(staging))
-    write_model_card(staging, model, recipe, metrics, command)
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    pipe = TarFlowPipeline(transformer=model)
+    card = model_card(
+        pipe,
+        repo_id=args.push_to_hub or str(target),
+        datasets=[args.dataset],
+        base_model=hub_id(args.init_from),  # the Hub's base_model names repositories, not local folders
+        training=TrainingInfo(recipe=recipe, command=command, metrics=summary),
+    )
+    with atomic_folder(target, overwrite=True) as staging:
+        save_pipeline(pipe, staging, card=card, overwrite_model_card=True)
     return target
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Create (if needed) the model repository and upload the pipeline folder; returns the commit URL."""
-    from huggingface_hub import HfApi
+    """Upload the pipeline folder as it is (tarflow_hf.hub's upload path); returns the commit URL."""
+    from .hub import upload_folder
 
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="TarFlow")
+    info = upload_folder(folder, repo_id, private=private, commit_message="Upload TarFlow trained with tarflow-hf")
     return str(getattr(info, "commit_url", info))
 
 
@@ -524,7 +411,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     recipe.update(num_processes=accelerator.num_processes, total_steps=total_steps, warmup_steps=warmup)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
+        write_json_atomic(output_dir / "recipe.json", recipe, sort_keys=True)
     if trackers:
         accelerator.init_trackers("tarflow", config={k: v for k, v in recipe.items() if v is not None})
 
@@ -629,8 +516,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         save_sample_grid(final_model, output_dir / "samples" / "final.png", sample_guidance, args.seed)
         summary = {**last_metrics, "train_wall_time_s": round(wall, 1), "ema": ema is not None}
         command = format_command(args)
-        save_pipeline_folder(final_model, final_dir, recipe, {"training": summary}, command)
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        save_pipeline_folder(final_model, final_dir, args, recipe, summary, command)
+        write_json_atomic(output_dir / "train_summary.json", summary)
         print(f"saved pipeline folder {final_dir} ({wall / 60:.1f} min)")
         if args.push_to_hub:
             url = push_to_hub(final_dir, args.push_to_hub, private=args.hub_private)

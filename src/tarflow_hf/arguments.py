@@ -1,0 +1,259 @@
+"""The command line's arguments, one function per sub-command, apart from the code each drives: building the parser
+(and so `tarflow-hf --help`, `tarflow-hf train --help`) imports neither torch nor diffusers. Each sub-command module
+re-exports its function as `add_arguments`; `tarflow_hf.cli` imports a sub-command's module only to run it.
+
+Standard library and `tarflow_hf.labels` only (a test checks that torch stays unimported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .labels import LABEL_CHOICES
+
+# How Apple names its checkpoints; `tarflow-hf convert` reads the architecture and noise from it.
+APPLE_FILE_NAME_PATTERN = "{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth"
+DEFAULT_NUM_CHANNELS = 3
+# `tarflow-hf sample --dtype`: names of torch dtypes (the sub-command maps them).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def train(parser: argparse.ArgumentParser) -> None:
+    """`tarflow-hf train`."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="'mnist', 'fashion-mnist', an image folder, or a datasets name")
+    data.add_argument("--data-dir", default=None, help="folder with the IDX files for mnist / fashion-mnist")
+    data.add_argument("--split", default="train", help="dataset split (default: train)")
+    data.add_argument("--image-column", default=None, help="image column of a `datasets` dataset")
+    data.add_argument("--image-size", type=int, default=None, help="square image size (default: the data's)")
+    data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
+
+    model = parser.add_argument_group("model (from scratch)")
+    model.add_argument("--init-from", default=None, help="pipeline folder or Hub repo id to fine-tune")
+    model.add_argument("--replace-labels", action="store_true", help="use the dataset's class names (fine-tune)")
+    model.add_argument("--config", default=None, help="TarFlowConfig json for a new model (flags below override)")
+    model.add_argument("--patch-size", type=int, default=None, help="default 4")
+    model.add_argument("--hidden-size", type=int, default=None, help="default 128")
+    model.add_argument("--num-blocks", type=int, default=None, help="default 4")
+    model.add_argument("--layers-per-block", type=int, default=None, help="default 2")
+    model.add_argument("--head-dim", type=int, default=None, help="default 64")
+    model.add_argument("--mlp-ratio", type=int, default=None, help="default 4")
+    model.add_argument("--no-nvp", action="store_true", help="volume-preserving flow (shift only)")
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
+    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    recipe.add_argument("--min-lr", type=float, default=1e-6, help="start and end of the schedule (Apple: 1e-6)")
+    recipe.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch (Apple), at most 10%%")
+    recipe.add_argument("--weight-decay", type=float, default=1e-4)
+    recipe.add_argument("--adam-beta1", type=float, default=0.9)
+    recipe.add_argument("--adam-beta2", type=float, default=0.95)
+    recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    recipe.add_argument("--epochs", type=int, default=1, help="training length, unless --max-steps is given")
+    recipe.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    recipe.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="checkpoint and stop at this step, keeping the schedule of the full run (time-sliced jobs)",
+    )
+    recipe.add_argument("--noise-type", choices=("gaussian", "uniform"), default="gaussian")
+    recipe.add_argument("--noise-std", type=float, default=0.05, help="Gaussian noise std (Apple's noise_std)")
+    recipe.add_argument("--drop-label", type=float, default=0.1, help="probability of replacing a label by -1")
+    recipe.add_argument("--ema-decay", type=float, default=0.999, help="0 disables EMA")
+    recipe.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    recipe.add_argument("--compile", action="store_true", help="torch.compile the model")
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
+    recipe.add_argument("--default-guidance-scale", type=float, default=None, help="stored in the config")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", required=True, help="run folder: checkpoints/, samples/, metrics.jsonl, model/")
+    out.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
+    out.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    out.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
+    out.add_argument("--sample-every", type=int, default=0, help="steps between sample grids (0: at the end only)")
+    out.add_argument("--sample-guidance-scale", type=float, default=None, help="guidance of the sample grids")
+    out.add_argument("--report-to", default=None, help="accelerate trackers: tensorboard, wandb, all")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final pipeline folder")
+    out.add_argument("--hub-private", action="store_true")
+    out.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
+    out.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+
+
+def evaluate(parser: argparse.ArgumentParser) -> None:
+    """`tarflow-hf evaluate`."""
+    parser.add_argument("model", help="pipeline folder or Hub repo id")
+    parser.add_argument("--dataset", default=None, help="'mnist', 'fashion-mnist', an image folder, ... (bpd/FID)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--metrics", default=None, help="comma list of bpd,fid,accuracy (default: all the inputs allow)"
+    )
+    parser.add_argument("--bpd-noise", default="uniform", help="uniform, gaussian or uniform,gaussian")
+    parser.add_argument("--bpd-max-images", type=int, default=None)
+    parser.add_argument("--bpd-unconditional", action="store_true", help="evaluate p(x) with the mean class")
+    parser.add_argument("--num-samples", type=int, default=1000, help="generated samples for FID")
+    parser.add_argument("--fid-reference-images", type=int, default=None, help="default: the whole split")
+    parser.add_argument("--fid-stats-cache", default=None, help=".npz cache of the reference statistics")
+    parser.add_argument(
+        "--fid-real-split",
+        default=None,
+        help="score real images of this split instead of samples: the FID floor at this sample count",
+    )
+    parser.add_argument("--classifier", default=None, help="classifier folder (tarflow_hf.classifier)")
+    parser.add_argument("--samples-per-class", type=int, default=100, help="class-consistency samples per class")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the config's")
+    parser.add_argument("--guidance-target", default="both", choices=("both", "scale", "shift"))
+    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
+    parser.add_argument("--no-denoise", action="store_true", help="skip the Tweedie denoising step")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-samples", default=None, help="write a PNG grid of the accuracy samples")
+    parser.add_argument("--output", default=None, help="JSON file for the metrics (also printed)")
+    parser.add_argument("--torch-threads", type=int, default=None)
+
+
+def convert(parser: argparse.ArgumentParser) -> None:
+    """`tarflow-hf convert`."""
+    parser.add_argument(
+        "source",
+        metavar="CHECKPOINT",
+        help="apple/ml-tarflow .pth state dict (with --reverse: a converted pipeline or model folder)",
+    )
+    parser.add_argument(
+        "destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth file to write)"
+    )
+    parser.add_argument(
+        "--reverse", action="store_true", help="convert a pipeline or model folder back to an Apple .pth"
+    )
+    parser.add_argument(
+        "--noise-std",
+        type=non_negative_float,
+        default=None,
+        metavar="S",
+        help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
+        f"{APPLE_FILE_NAME_PATTERN})",
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=positive_int,
+        default=None,
+        metavar="C",
+        help=f"image channels: the patch dimension is channels x patch**2 (default {DEFAULT_NUM_CHANNELS})",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="|".join((*LABEL_CHOICES, "FILE.json")),
+        help="class names: a shipped table, none (generic names), or a JSON list / {'0': name} file "
+        "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def sample(parser: argparse.ArgumentParser) -> None:
+    """`tarflow-hf sample`."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default="bundled",
+        help="a pipeline folder (save_pretrained / convert), a Hub repo id, or 'bundled' (default): the MNIST model "
+        "shipped with the package",
+    )
+    parser.add_argument(
+        "--class-label",
+        action="append",
+        dest="class_labels",
+        metavar="LABEL",
+        help="class id or name (repeat for several classes); -1 or none at all samples the unconditional branch",
+    )
+    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per class label (default: 4)")
+    parser.add_argument(
+        "--guidance-scale",
+        metavar="W",
+        type=float,
+        default=None,
+        help="classifier-free guidance, 1 = none (Apple's --cfg g is 1 + g); default: the model's own",
+    )
+    parser.add_argument("--guidance-target", choices=("both", "scale", "shift"), default="both")
+    parser.add_argument(
+        "--guidance-schedule", choices=("constant", "linear"), default="constant", help="linear = annealed guidance"
+    )
+    parser.add_argument(
+        "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=("sequential", "jacobi", "newton"),
+        default="sequential",
+        help="jacobi / newton: fewer sequential transformer passes (newton: far more compute per pass)",
+    )
+    parser.add_argument(
+        "--jacobi-tolerance", metavar="TOL", type=float, default=1e-4, help="Jacobi's tolerance (about 1e-2 in bf16)"
+    )
+    parser.add_argument(
+        "--jacobi-window", metavar="N", type=int, default=None, help="patches per Jacobi window (default: all)"
+    )
+    parser.add_argument("--no-denoise", dest="denoise", action="store_false", help="skip the final denoising step")
+    parser.add_argument(
+        "--noise-std", metavar="SIGMA", type=float, default=None, help="sigma of the denoising step (default: model's)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)"
+    )
+    parser.add_argument(
+        "--output", metavar="PATH", default="samples.png", help="grid image to write (default: samples.png)"
+    )
+    parser.add_argument(
+        "--columns",
+        metavar="N",
+        type=int,
+        default=None,
+        help="grid columns (default: a row per label, or a square grid for one label)",
+    )
+    parser.add_argument("--no-captions", dest="captions", action="store_false", help="do not write labels under images")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--revision", metavar="REV", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# Sub-command name -> the function adding its arguments.
+ARGUMENTS = {"train": train, "evaluate": evaluate, "convert": convert, "sample": sample}
+
+__all__ = [
+    "APPLE_FILE_NAME_PATTERN",
+    "ARGUMENTS",
+    "DEFAULT_NUM_CHANNELS",
+    "DTYPE_NAMES",
+    "non_negative_float",
+    "positive_int",
+]
