@@ -7,7 +7,7 @@ from conftest import random_model
 from transformers.testing_utils import CaptureLogger
 
 from tarflow_hf import BUNDLED_MODEL, TarFlowModel, sampling
-from tarflow_hf.attention import KVCache
+from tarflow_hf.layers import KVCache
 from tarflow_hf.modeling_tarflow import TarFlowBlock
 
 

@@ -27,8 +27,15 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .attention import KVCache, causal_attention, check_attention_implementation
 from .configuration_starflow import StarFlowConfig
+from .layers import (
+    FlowMLP,
+    KVCache,
+    causal_attention,
+    check_attention_implementation,
+    init_torch_defaults,
+    layer_norm_fp32,
+)
 from .sampling import Guidance, SamplerOptions, SamplingStats, guide, invert_block
 
 logger = logging.get_logger(__name__)
@@ -166,14 +173,6 @@ class StarFlowRMSNorm(nn.Module):
         return (x * (1 + self.weight.to(x.dtype))).type_as(hidden)
 
 
-def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    # LayerNorm in float32 whatever the autocast dtype (float64 left alone for exact checks).
-    up = x if x.dtype == torch.float64 else x.float()
-    weight = norm.weight.to(up.dtype)
-    bias = norm.bias.to(up.dtype)
-    return F.layer_norm(up, norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
-
-
 class StarFlowAttention(nn.Module):
     """Pre-norm causal self-attention with 3-axis RoPE on queries and keys."""
 
@@ -199,7 +198,7 @@ class StarFlowAttention(nn.Module):
         head_dim); with `cache` they also attend to every cached position before them. `temperature` divides the
         attention logits (Apple's `attn_temp`)."""
         batch, length, width = hidden.shape
-        qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
+        qkv = self.qkv(layer_norm_fp32(self.norm, hidden))
         query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if cache is not None:
@@ -209,24 +208,13 @@ class StarFlowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class StarFlowMLP(nn.Module):
-    def __init__(self, config: StarFlowConfig, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, config.mlp_ratio * width)
-        self.fc2 = nn.Linear(config.mlp_ratio * width, width)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(_layer_norm_fp32(self.norm, hidden))))
-
-
 class StarFlowLayer(GradientCheckpointingLayer):
     """Pre-norm transformer layer; checkpointed in training when gradient checkpointing is enabled."""
 
     def __init__(self, config: StarFlowConfig, width: int):
         super().__init__()
         self.attention = StarFlowAttention(config, width)
-        self.mlp = StarFlowMLP(config, width)
+        self.mlp = FlowMLP(width, config.mlp_ratio)
 
     def forward(
         self,
@@ -428,14 +416,9 @@ class StarFlowPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Apple's initialisation: PyTorch's defaults, a standard normal start token, a zero output projection
         # weight (every block starts as the identity map) and a zero RMSNorm weight (used as 1 + weight).
-        if isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(module.in_features)
-            init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, StarFlowRMSNorm):
+        if init_torch_defaults(module):
+            return
+        if isinstance(module, StarFlowRMSNorm):
             init.zeros_(module.weight)
         elif isinstance(module, StarFlowBlock):
             init.normal_(module.sos_embed, std=1.0)

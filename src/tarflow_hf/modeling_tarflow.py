@@ -17,15 +17,21 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .attention import KVCache, causal_attention, check_attention_implementation
 from .configuration_tarflow import TarFlowConfig
+from .layers import (
+    FlowMLP,
+    KVCache,
+    causal_attention,
+    check_attention_implementation,
+    init_torch_defaults,
+    layer_norm_fp32,
+)
 from .sampling import (
     Guidance,
     GuidanceSchedule,
@@ -76,12 +82,6 @@ class TarFlowOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    # The affine parameters go up to float32 too, so that half-precision weights work on every device.
-    weight, bias = at_least_fp32(norm.weight), at_least_fp32(norm.bias)
-    return F.layer_norm(at_least_fp32(x), norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
-
-
 def _repeat_rows(rows: torch.Tensor | None, copies: int, branches: int) -> torch.Tensor | None:
     """Per-row tensors (branches * B, ...) for a batch whose every image is repeated `copies` times in a row,
     branch by branch: (branches * B * copies, ...)."""
@@ -114,7 +114,7 @@ class TarFlowAttention(nn.Module):
         and values overwrite the cache there). The rows come in equal groups (the guidance branches), group i with
         its attention logits divided by `temperatures[i]`."""
         batch, length, width = hidden.shape
-        qkv = self.qkv(_layer_norm_fp32(self.norm, hidden))
+        qkv = self.qkv(layer_norm_fp32(self.norm, hidden))
         query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:
             key, value = cache.update(key, value, position)
@@ -133,24 +133,13 @@ class TarFlowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
-class TarFlowMLP(nn.Module):
-    def __init__(self, config: TarFlowConfig):
-        super().__init__()
-        self.norm = nn.LayerNorm(config.hidden_size)
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_ratio * config.hidden_size)
-        self.fc2 = nn.Linear(config.mlp_ratio * config.hidden_size, config.hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(_layer_norm_fp32(self.norm, hidden))))
-
-
 class TarFlowLayer(GradientCheckpointingLayer):
     """Pre-norm transformer layer."""
 
     def __init__(self, config: TarFlowConfig):
         super().__init__()
         self.attention = TarFlowAttention(config)
-        self.mlp = TarFlowMLP(config)
+        self.mlp = FlowMLP(config.hidden_size, config.mlp_ratio)
 
     def forward(
         self,
@@ -315,14 +304,9 @@ class TarFlowPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Apple's initialisation: PyTorch's defaults, small Gaussian embeddings, and a zero output projection
         # weight so that every block starts as (nearly) the identity.
-        if isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(module.in_features)
-            init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, TarFlowBlock):
+        if init_torch_defaults(module):
+            return
+        if isinstance(module, TarFlowBlock):
             init.normal_(module.position_embedding, std=0.01)
             if module.class_embedding is not None:
                 init.normal_(module.class_embedding, std=0.01)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from transformers.utils import logging
 
-from .attention import KVCache
+from .layers import KVCache
 
 logger = logging.get_logger(__name__)
 
@@ -35,6 +35,9 @@ GuidanceSchedule = Literal["constant", "linear"]
 GUIDANCE_TARGETS = ("both", "scale", "shift")
 GUIDANCE_SCHEDULES = ("constant", "linear")
 SAMPLERS = ("sequential", "jacobi", "newton", "block_jacobi")
+# A branch's prediction for some tokens: (log-scale a, shift b); a guidance weight: one number, or one per row.
+Prediction = tuple[torch.Tensor, torch.Tensor]
+Weight = torch.Tensor | float
 # Jacobi window while the iteration stagnates: wide enough to catch a stretch that converges at once.
 JACOBI_PROBE_WINDOW = 16
 JACOBI_STAGNATION_PASSES = 5
@@ -55,12 +58,7 @@ def affine_inverse(z: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------------ guidance
-def extrapolate(
-    cond: tuple[torch.Tensor, torch.Tensor],
-    uncond: tuple[torch.Tensor, torch.Tensor],
-    weight: torch.Tensor | float,
-    target: GuidanceTarget = "both",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def extrapolate(cond: Prediction, uncond: Prediction, weight: Weight, target: GuidanceTarget = "both") -> Prediction:
     """TarFlow's rule: cond + w * (cond - uncond) on the log-scale, the shift, or both."""
     (a_cond, b_cond), (a_uncond, b_uncond) = cond, uncond
     if target in ("both", "scale"):
@@ -71,11 +69,8 @@ def extrapolate(
 
 
 def gaussian_product(
-    cond: tuple[torch.Tensor, torch.Tensor],
-    uncond: tuple[torch.Tensor, torch.Tensor],
-    weight: torch.Tensor | float,
-    target: GuidanceTarget = "both",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cond: Prediction, uncond: Prediction, weight: Weight, target: GuidanceTarget = "both"
+) -> Prediction:
     """STARFlow's rule: the Gaussian p_c^(1+w) / p_u^w of the two branches' predictions N(b, exp(a)^2), with the
     variance ratio s = min(sigma_c / sigma_u, 1)^2 clipped so that the result's variance stays positive."""
     (a_cond, b_cond), (a_uncond, b_uncond) = cond, uncond
@@ -86,7 +81,7 @@ def gaussian_product(
     return log_scale, shift
 
 
-GUIDANCE_RULES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+GUIDANCE_RULES: dict[str, Callable[[Prediction, Prediction, Weight, GuidanceTarget], Prediction]] = {
     "extrapolate": extrapolate,
     "gaussian_product": gaussian_product,
 }

@@ -1,11 +1,11 @@
-"""The attention shared by both families: eager and SDPA agree, windows after a cache are causal."""
+"""The layers shared by both families: eager and SDPA attention agree, windows after a cache are causal."""
 
 import pytest
 import torch
 from conftest import random_model
 
 from tarflow_hf import TarFlowModel
-from tarflow_hf.attention import causal_attention
+from tarflow_hf.layers import causal_attention
 
 
 @pytest.mark.parametrize(("queries", "keys"), [(7, 7), (3, 10), (1, 5)])

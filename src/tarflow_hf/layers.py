@@ -1,6 +1,6 @@
-"""Causal attention shared by both flow families: a key/value cache written in place, and one attention function
+"""Transformer pieces both flow families share: a key/value cache written in place, one causal attention function
 with transformers' two implementations ("eager": explicit softmax, can return the weights; "sdpa": torch's fused
-kernel).
+kernel), the MLP, LayerNorm in float32, and Apple's default initialisation.
 
 A flow's inverse runs its transformer over a span of positions after a cached prefix: one position at a time
 (sequential sampling) or many (parallel samplers). Both cases are causal and aligned to the last key, so one
@@ -9,9 +9,13 @@ function covers the forward pass, a decoding step and a window after the cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from transformers import initialization as init
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -79,4 +83,47 @@ def causal_attention(
     return weights @ value, weights if output_attentions else None
 
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "KVCache", "causal_attention", "check_attention_implementation"]
+def layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in float32 whatever the autocast dtype, as Apple's code computes it (float64 is left alone, for
+    exact checks); the affine parameters go up too, so that half-precision weights work on every device."""
+    up = x if x.dtype == torch.float64 else x.float()
+    weight, bias = norm.weight.to(up.dtype), norm.bias.to(up.dtype)
+    return F.layer_norm(up, norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
+
+
+class FlowMLP(nn.Module):
+    """Pre-norm MLP: LayerNorm, Linear(W, ratio * W), exact GELU, Linear back (Apple's `mlp.main`)."""
+
+    def __init__(self, width: int, ratio: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, ratio * width)
+        self.fc2 = nn.Linear(ratio * width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(layer_norm_fp32(self.norm, hidden))))
+
+
+def init_torch_defaults(module: nn.Module) -> bool:
+    """PyTorch's own initialisation of Linear and LayerNorm layers, which Apple's models keep; True if `module`
+    was one of them."""
+    if isinstance(module, nn.Linear):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        init.uniform_(module.bias, -1 / math.sqrt(module.in_features), 1 / math.sqrt(module.in_features))
+        return True
+    if isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+        return True
+    return False
+
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "FlowMLP",
+    "KVCache",
+    "causal_attention",
+    "check_attention_implementation",
+    "init_torch_defaults",
+    "layer_norm_fp32",
+]
