@@ -172,18 +172,22 @@ def test_command_line(tmp_path, capsys):
                     str(FIXTURES / "sf_variant.yaml"),
                     "--license-file",
                     str(FIXTURES / "README.md"),
+                    "--transformer-only",
                 ]
             )
         )
         == 0
     )
-    assert (tmp_path / "out" / "LICENSE").read_text() == (FIXTURES / "README.md").read_text()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["transformer"]  # OUT/transformer/ alone
+    assert (tmp_path / "out" / "transformer" / "LICENSE").read_text() == (FIXTURES / "README.md").read_text()
     assert "research" in capsys.readouterr().out
     assert run(parse([str(tmp_path / "out"), str(tmp_path / "back.pth"), "--reverse"])) == 0
     assert list(torch.load(tmp_path / "back.pth", weights_only=True)) == list(apple_state("sf_variant"))
     with pytest.raises(FileExistsError):
-        run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out")]))
-    assert run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out"), "--overwrite"])) == 0
+        run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out"), "--transformer-only"]))
+    assert (
+        run(parse([str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out"), "--overwrite", "--transformer-only"])) == 0
+    )
     assert "assuming the released" in capsys.readouterr().out
 
 
@@ -207,9 +211,122 @@ def test_sources_are_recognised_for_dispatch(tmp_path):
         labels=None,
         config=str(FIXTURES / "sf_t2i.yaml"),
         license_file=None,
+        transformer_only=True,
     )
     assert run(namespace) == 0
     assert is_starflow_source(tmp_path / "out")
     namespace.noise_std = 0.1
     with pytest.raises(CommandError, match="--noise-std"):
         run(namespace)
+
+
+# ------------------------------------------------------------------------- `tarflow-hf convert`: full pipelines
+def local_components(root: Path) -> tuple[Path, Path]:
+    """A T5 folder (t5_tiny's encoder + a word-level tokenizer saved beside it) and a tiny AutoencoderKL folder."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    t5 = root / "t5"
+    shutil.copytree(FIXTURES / "t5_tiny", t5)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(t5)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    vae.save_pretrained(root / "vae")
+    return t5, root / "vae"
+
+
+def test_tarflow_hf_convert_writes_a_starflow_pipeline(tmp_path, capsys):
+    """`tarflow-hf convert` hands STARFlow checkpoints over and, without --transformer-only, writes a pipeline."""
+    from tarflow_hf.cli import main
+    from tarflow_hf.pipeline_starflow import StarFlowPipeline
+
+    t5, vae = local_components(tmp_path)
+    out = tmp_path / "pipe"
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(out), "--config", str(FIXTURES / "sf_t2i.yaml"),
+                 "--text-encoder", str(t5), "--vae", str(vae),
+                 "--license-file", str(FIXTURES / "README.md")]) == 0  # fmt: skip
+    assert "(pipeline)" in capsys.readouterr().out
+    pipe = StarFlowPipeline.from_pretrained(out)
+    assert {"transformer", "text_encoder", "tokenizer", "vae"} <= set(pipe.components)
+    card = (out / "README.md").read_text()
+    assert (out / "LICENSE").is_file() and "STARFlow" in card
+    # The pipeline's card says what the folder is and whose weights they are, under which license.
+    assert "format conversion of Apple's STARFlow checkpoint `sf_t2i.pth`" in card
+    assert "license_name: apple-amlr" in card and "research purposes only" in card
+    assert str(tmp_path) not in card
+    reference = load_ml_starflow_checkpoint(FIXTURES / "sf_t2i.pth", FIXTURES / "sf_t2i.yaml")
+    for key, tensor in reference.state_dict().items():
+        torch.testing.assert_close(pipe.transformer.state_dict()[key], tensor, rtol=0, atol=0)
+    assert pipe.tokenizer("w5 w7").input_ids == [5, 7, 1]
+    # --overwrite replaces it; the reverse conversion reads the pipeline's transformer.
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(out), "--config", str(FIXTURES / "sf_t2i.yaml"),
+                 "--transformer-only", "--overwrite"]) == 0  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == ["transformer"]
+    assert main(["convert", "--reverse", str(out), str(tmp_path / "back.pth")]) == 0
+    assert list(torch.load(tmp_path / "back.pth", weights_only=True)) == list(apple_state("sf_t2i"))
+
+
+def test_tarflow_hf_convert_refuses_flags_of_the_other_family(tmp_path, capsys):
+    from tarflow_hf.cli import main
+
+    for flags in (["--noise-std", "0.1"], ["--in-channels", "3"], ["--labels", "none"]):
+        assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "out"), *flags]) == 2
+        message = capsys.readouterr().err.strip()
+        assert flags[0] in message and "STARFlow" in message and "\n" not in message
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "out"), "--transformer-only",
+                 "--vae", "x"]) == 2  # fmt: skip
+    assert "--vae" in capsys.readouterr().err
+    # A text encoder that cannot be found is one line, before anything is written.
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "out"), "--text-encoder",
+                 str(tmp_path / "missing"), "--vae", str(tmp_path / "missing")]) == 2  # fmt: skip
+    message = capsys.readouterr().err.strip()
+    assert "could not load the text encoder" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_reported_as_nan(tmp_path, capsys):
+    from tarflow_hf.cli import main
+
+    state = apple_state("sf_t2i")
+    key = next(key for key in state if key.endswith("proj_out.weight"))
+    state[key][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    assert main(["convert", str(tmp_path / "nan.pth"), str(tmp_path / "out"), "--config", str(FIXTURES / "sf_t2i.yaml"),
+                 "--transformer-only"]) == 2  # fmt: skip
+    message = capsys.readouterr().err
+    hf_key = next(iter(apple_to_hf_state_dict({key: state[key]})))
+    assert "NaN" in message and f"'{hf_key}'" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_m_tarflow_hf_convert_dispatches_starflow(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tarflow_hf", "convert", str(FIXTURES / "sf_variant.pth"), str(tmp_path / "out"),
+         "--config", str(FIXTURES / "sf_variant.yaml"), "--transformer-only"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert is_starflow_source(tmp_path / "out") and (tmp_path / "out" / "transformer" / "config.json").is_file()

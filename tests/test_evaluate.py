@@ -352,3 +352,83 @@ def test_failed_writes_keep_the_previous_outputs(tmp_path, monkeypatch):
             with pytest.raises(OSError, match="No space left on device"):
                 write()
         assert snapshot(tmp_path) == before, name
+
+
+# ------------------------------------------------------------------------------ issue #13: inputs and outputs
+def evaluate_error(capsys, *args) -> str:
+    capsys.readouterr()
+    assert cli_main(["evaluate", *map(str, args), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("tarflow-hf evaluate: error: ") and "\n" not in message
+    return message
+
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+
+    TarFlowPipeline(transformer=random_model(tiny_config(num_classes=10))).save_pretrained(str(tmp_path / "model"))
+    write_idx(tmp_path / "idx", np.random.default_rng(0).integers(0, 256, (6, 8, 8)), np.arange(6) % 10)
+    return tmp_path / "model", tmp_path / "idx"
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_bpd_max_images_below_one_is_refused(model_and_data, capsys, count):
+    model, idx = model_and_data
+    message = evaluate_error(capsys, model, "--dataset", "mnist", "--data-dir", idx, "--metrics", "bpd",
+                             "--bpd-max-images", count)  # fmt: skip
+    assert "--bpd-max-images must be >= 1" in message
+
+
+def test_classifier_with_other_classes_is_refused(model_and_data, tmp_path, capsys):
+    model, _ = model_and_data
+    save_classifier(SmallCNN(1, 8, 4, width=4), tmp_path / "clf4")
+    message = evaluate_error(capsys, model, "--classifier", tmp_path / "clf4", "--samples-per-class", "1")
+    assert "4 classes" in message and "10" in message
+    save_classifier(SmallCNN(1, 8, 10, width=4), tmp_path / "clf_names", {"class_names": [f"c{i}" for i in range(10)]})
+    from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+
+    named = random_model(tiny_config(num_classes=10))
+    named.config.id2label = {i: f"d{i}" for i in range(10)}
+    TarFlowPipeline(transformer=named).save_pretrained(str(tmp_path / "named"))
+    message = evaluate_error(capsys, tmp_path / "named", "--classifier", tmp_path / "clf_names")
+    assert "'c0'" in message and "'d0'" in message
+
+
+def test_output_onto_a_folder_is_refused_before_computing(model_and_data, tmp_path, capsys, monkeypatch):
+    from tarflow_hf import evaluate as evaluate_module
+
+    model, idx = model_and_data
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(evaluate_module, "bits_per_dim", lambda *a, **k: pytest.fail("computed before refusing"))
+    message = evaluate_error(capsys, model, "--dataset", "mnist", "--data-dir", idx, "--metrics", "bpd",
+                             "--output", tmp_path / "folder")  # fmt: skip
+    assert "--output" in message and "folder" in message
+
+
+def test_bundled_model_is_accepted(tmp_path, capsys):
+    import tarflow_hf
+
+    assert cli_main(["evaluate", "bundled", "--classifier", str(tarflow_hf.BUNDLED_CLASSIFIER), "--samples-per-class",
+                     "1", "--guidance-scale", "1", "--quiet"]) == 0  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy_samples"] == 10 and 0 <= metrics["class_accuracy"] <= 1
+
+
+def test_progress_bars_are_shown_and_the_inception_loader_warnings_filtered(model_and_data, capsys, monkeypatch):
+    import warnings
+
+    model, idx = model_and_data
+    assert cli_main(["evaluate", str(model), "--dataset", "mnist", "--data-dir", str(idx), "--metrics", "bpd",
+                     "--batch-size", "2"]) == 0  # fmt: skip
+    assert "bits/dim" in capsys.readouterr().err  # a tqdm bar: 3 batches
+    real_load = torch.jit.load
+
+    def noisy_load(*args, **kwargs):
+        warnings.warn("torch.jit.load is deprecated", FutureWarning, stacklevel=2)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "load", noisy_load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InceptionFeatures()

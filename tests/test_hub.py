@@ -82,6 +82,80 @@ def test_code_files_are_the_package_modules_and_their_relative_imports(pipe):
         assert closure - {Path(entry).stem} <= relative_imports(package / entry), entry
 
 
+@pytest.fixture(scope="module")
+def star_pipe():
+    from test_pipeline_starflow import make_pipe as make_star_pipe
+
+    return make_star_pipe()
+
+
+def test_starflow_code_files_and_closure(star_pipe):
+    """Only this package's classes get code: the pipeline's module (with the shared modules it imports) and the
+    transformer's; T5, the tokenizer and the VAE are standard components."""
+    assert set(hub.components(star_pipe)) == {"transformer"}
+    files = hub.code_files(star_pipe)
+    assert {"pipeline_starflow.py", "pipeline_utils.py", "images.py"} <= set(files)
+    assert {"transformer/modeling_starflow.py", "transformer/configuration_starflow.py"} <= set(files)
+    assert not [name for name in files if name.startswith(("text_encoder/", "tokenizer/", "vae/"))]
+    assert "hub.py" not in files
+    package = Path(inspect.getsourcefile(TarFlowPipeline)).parent
+    for entry, folder in (("pipeline_starflow.py", ""), ("modeling_starflow.py", "transformer/")):
+        closure = {Path(name).stem for name in files if name.startswith(folder) and "/" not in name[len(folder) :]}
+        assert closure - {Path(entry).stem} <= relative_imports(package / entry), entry
+
+
+def test_starflow_saved_folder_layout(star_pipe, tmp_path):
+    folder = tmp_path / "tiny-starflow"
+    star_pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_starflow", "StarFlowPipeline"]
+    assert index["transformer"] == ["modeling_starflow", "StarFlowModel"]
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and index["vae"] == [
+        "diffusers",
+        "AutoencoderKL",
+    ]
+    assert index["tokenizer"][0] == "transformers" and "_name_or_path" not in index
+    for relative, source in hub.code_files(star_pipe).items():
+        assert (folder / relative).read_bytes() == source.read_bytes(), relative
+    assert json.loads((folder / "transformer" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_starflow.StarFlowConfig",
+        "AutoModel": "modeling_starflow.StarFlowModel",
+    }
+    for component in ("text_encoder", "vae"):
+        assert "auto_map" not in json.loads((folder / component / "config.json").read_text())
+        assert not list((folder / component).glob("*.py"))
+    assert ModelCard.load(folder / "README.md").data.pipeline_tag == "text-to-image"
+
+
+def test_starflow_card_states_apples_license(star_pipe, tmp_path):
+    card = hub.model_card(star_pipe, repo_id="me/starflow")
+    assert card.data.pipeline_tag == "text-to-image" and card.data.library_name == "diffusers"
+    assert {"starflow", "normalizing-flow", "text-to-image"} <= set(card.data.tags)
+    assert (card.data.license, card.data.license_name) == ("other", "apple-amlr")
+    assert card.data.license_link == "https://github.com/apple/ml-starflow/blob/main/LICENSE_MODEL"
+    assert "## License" in card.text and "research purposes only" in card.text
+    assert "Apple Machine Learning Research Model License" in card.text and "authors at Apple" in card.text
+    assert "arxiv.org/abs/2506.06276" in card.text and "# STARFlow (text-to-image)" in card.text
+    assert 'StarFlowPipeline.from_pretrained("me/starflow")' in card.text and 'pipe("a photo of a cat"' in card.text
+    assert "num_classes" not in card.text and "tarflow-hf sample" not in card.text  # TarFlow-only parts
+    # The license is carried across saves like the other metadata; another license drops the section.
+    star_pipe.save_pretrained(tmp_path / "first", model_card=card)
+    again = hub.model_card(star_pipe, folder=tmp_path / "first")
+    assert (again.data.license, again.data.license_name) == ("other", "apple-amlr") and "## License" in again.text
+    mine = hub.model_card(star_pipe, license="mit")
+    assert mine.data.license == "mit" and "## License" not in mine.text and "license_name" not in mine.content
+
+
+def test_starflow_push_to_hub(fake_hub, star_pipe):
+    star_pipe.push_to_hub("me/tiny-starflow")
+    uploaded = files_under(fake_hub.uploaded)
+    assert {"model_index.json", "README.md", "pipeline_starflow.py", "transformer/modeling_starflow.py"} <= set(
+        uploaded
+    )
+    assert "text_encoder/model.safetensors" in uploaded and "vae/diffusion_pytorch_model.safetensors" in uploaded
+    assert 'from_pretrained("me/tiny-starflow")' in (fake_hub.uploaded / "README.md").read_text()
+
+
 def test_saved_folder_layout(saved, pipe):
     assert files_under(saved) == saved_files(pipe)
     index = json.loads((saved / "model_index.json").read_text())

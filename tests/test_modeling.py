@@ -192,6 +192,8 @@ def test_non_finite_samples_are_reported():
         model.blocks[0].proj_out.bias.fill_(200.0)  # exp(200) overflows float32
     with pytest.raises(FloatingPointError, match="non-finite"):
         model.inverse(torch.randn(1, 16, 4), [0])
+    with pytest.raises(FloatingPointError, match="NaN latents or weights give NaN samples"):
+        random_model().inverse(torch.full((1, 16, 4), float("nan")), [0])
 
 
 # -------------------------------------------------------------------------------------------- saving

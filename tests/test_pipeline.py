@@ -152,6 +152,16 @@ def test_bad_class_labels(pipe, noise, class_labels, message):
         pipe(class_labels=class_labels, latents=noise)
 
 
+@pytest.mark.parametrize("class_labels", [{0: "tench", 1: "golden retriever"}, {1, 2}])
+def test_dict_or_set_as_class_labels_is_refused(pipe, noise, class_labels):
+    """Issue #13: a dict (or a set) is not a list of labels; its keys used to be read as the labels."""
+    with pytest.raises(ValueError, match=r"class_labels must be an id, a name, a list of them") as error:
+        pipe(class_labels=class_labels, latents=noise[:2])
+    assert "\n" not in str(error.value) and type(class_labels).__name__ in str(error.value)
+    with pytest.raises(ValueError, match=r"class_labels must be"):
+        pipe.log_likelihood(torch.rand(2, 1, 8, 8), class_labels=class_labels)
+
+
 def test_labels_on_unconditional_model(uncond_pipe):
     with pytest.raises(ValueError, match=r"this model is unconditional \(num_classes=0\) and takes no class labels"):
         uncond_pipe(class_labels=[0])
@@ -505,6 +515,55 @@ def test_bits_per_dim(pipe, model, images01):
 def test_bad_images(pipe, images, message):
     with pytest.raises(ValueError, match=message):
         pipe.log_likelihood(images)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.random.default_rng(0).random((3, 8, 8)),  # (C, H, W), or three grayscale images? Not guessed.
+        np.random.default_rng(0).random((1, 8, 8)),
+        np.random.default_rng(0).random((2, 1, 8, 8)),  # channels first
+        [np.random.default_rng(0).random((3, 8, 8))],
+    ],
+)
+def test_ambiguous_arrays_are_refused_naming_the_allowed_shapes(pipe, images):
+    """Issue #13: a (C, H, W) array on a single-channel model used to be read silently as C images."""
+    with pytest.raises(ValueError, match=r"must be channels-last \(height, width\) or \(height, width, 1\)") as error:
+        pipe.log_likelihood(images)
+    assert "\n" not in str(error.value) and str(np.shape(images[0] if isinstance(images, list) else images)) in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize(
+    "images", [torch.zeros(0, 1, 8, 8), np.zeros((0, 8, 8, 1), dtype=np.uint8), [], np.zeros((0, 8, 8))]
+)
+def test_empty_batches_are_refused(pipe, images):
+    """Issue #13: an empty batch fails at once with one line (it used to reach the model)."""
+    for method in (pipe.log_likelihood, pipe.bits_per_dim, pipe.encode, pipe.classify):
+        with pytest.raises(ValueError, match=r"images is (empty|an empty batch)") as error:
+            method(images)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"latents is an empty batch"):
+        pipe.decode(torch.zeros(0, 16, 4))
+
+
+def test_transparent_images_are_flattened_onto_white():
+    """Issue #13: RGBA (and LA) images are composited onto white, not stripped of their alpha channel."""
+    rgb = make_pipe(random_model(seed=4, num_channels=3, num_classes=0))
+    pixels = np.zeros((8, 8, 4), dtype=np.uint8)
+    pixels[..., 0] = 200  # red, with alpha 0 (left), 255 (right) and 128 (last row)
+    pixels[:, 4:, 3] = 255
+    pixels[-1, :, 3] = 128
+    unit = rgb.preprocess(PIL.Image.fromarray(pixels, mode="RGBA"))[0]
+    torch.testing.assert_close(unit[:, 0, :4], torch.ones(3, 4))  # transparent: white, not the hidden colour
+    torch.testing.assert_close(unit[:, 0, 4:], torch.tensor([200 / 255, 0, 0]).view(3, 1).expand(3, 4))
+    expected = torch.tensor([(200 * 128 + 255 * 127) / 255, 127, 127]).round() / 255
+    torch.testing.assert_close(unit[:, -1, 0], expected, atol=1 / 255, rtol=0)
+    gray = np.stack([np.full((8, 8), 10, np.uint8), np.zeros((8, 8), np.uint8)], axis=-1)  # LA, fully transparent
+    torch.testing.assert_close(
+        make_pipe(random_model(seed=1)).preprocess(PIL.Image.fromarray(gray, "LA")), torch.ones(1, 1, 8, 8)
+    )
 
 
 def train_two_class_model() -> tuple[TarFlowModel, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,10 @@ Every comparison with Apple prints its largest error (`pytest -s` shows them); t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from functools import cache
 from pathlib import Path
 
@@ -265,6 +269,54 @@ def test_save_pretrained_round_trip(tmp_path):
         np.testing.assert_array_equal(loaded(**arguments).images, before)
 
 
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tarflow_hf" or name.startswith("tarflow_hf."):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Blocker())
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+
+    folder, out = sys.argv[1], sys.argv[2]
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert not [name for name in sys.modules if name.startswith("tarflow_hf")]
+    assert type(pipe).__module__.startswith("diffusers_modules"), type(pipe).__module__
+    images = pipe(["w10 w11", "w12"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.save(out, images)
+    print(type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.text_encoder).__module__)
+    """
+)
+
+
+def test_trust_remote_code_without_tarflow_hf(tmp_path):
+    """The saved folder carries the pipeline's code and the transformer's (through tarflow_hf.hub); T5, the tokenizer
+    and the VAE are standard components. A fresh process that cannot import tarflow_hf samples the same images."""
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "saved")
+    out = tmp_path / "remote.npy"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(tmp_path / "saved"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "diffusers_modules" in result.stdout and "modeling_starflow" in result.stdout
+    assert "transformers.models.t5" in result.stdout
+    assert "tarflow_hf" not in result.stderr  # no "might require tarflow_hf" warning from diffusers' import scan
+    expected = pipe(["w10 w11", "w12"], generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
 # ------------------------------------------------------------------------------------ sizes and outputs
 def test_non_square_height_and_width():
     pipe = make_pipe()
@@ -422,3 +474,45 @@ def test_classify_is_bayes_rule_over_the_candidates():
     assert_close(probabilities, scores.softmax(-1), "classify vs softmax of direct log-likelihoods", tolerance=1e-5)
     with pytest.raises(ValueError, match="candidate_prompts"):
         pipe.classify(images, "w10")
+
+
+# ------------------------------------------------------------------------------- image inputs (issue #13)
+def test_transparent_images_are_flattened_onto_white():
+    pipe = make_pipe()
+    pixels = np.zeros((64, 64, 4), dtype=np.uint8)
+    pixels[..., 2] = 255  # blue under a fully transparent alpha
+    rgba = PIL.Image.fromarray(pixels, mode="RGBA")
+    torch.testing.assert_close(pipe.preprocess([rgba]), torch.ones(1, 3, 64, 64))  # white, in the VAE's [-1, 1]
+    white = PIL.Image.new("RGB", (64, 64), (255, 255, 255))
+    assert_close(pipe.encode_images([rgba]), pipe.encode_images([white]), "RGBA onto white", tolerance=0)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (
+            np.random.default_rng(0).random((3, 64, 64)),
+            r"channels-last \(height, width, 3\) or \(batch, height, width, 3\)",
+        ),
+        (np.random.default_rng(0).random((1, 3, 64, 64)), r"got shape \(1, 3, 64, 64\)"),
+        (torch.zeros(0, 3, 64, 64), r"images is an empty batch"),
+        (np.zeros((0, 64, 64, 3)), r"images is an empty batch"),
+        ([], r"images is empty"),
+        (torch.rand(1, 3, 64, 64) * 2, r"image values must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_images_raise_one_line_errors(images, message):
+    pipe = make_pipe()
+    for method in (pipe.encode_images, lambda images: pipe.classify(images, ["w10", "w11"])):
+        with pytest.raises(ValueError, match=message) as error:
+            method(images)
+        assert "\n" not in str(error.value)
+
+
+def test_uint8_arrays_are_read_as_8_bit_images():
+    pipe = make_pipe()
+    levels = (images_in_unit_range() * 255).round().to(torch.uint8)
+    as_unit = levels.float() / 255
+    assert_close(
+        pipe.encode_images(levels.permute(0, 2, 3, 1).numpy()), pipe.encode_images(as_unit), "uint8", tolerance=1e-6
+    )

@@ -15,9 +15,9 @@ import torch
 from conftest import random_model
 
 from tarflow_hf.cli import main
+from tarflow_hf.grids import make_grid
 from tarflow_hf.modeling_tarflow import TarFlowModel
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
-from tarflow_hf.sample import PADDING, make_grid
 
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
 
@@ -77,7 +77,7 @@ def test_sample_options_reach_the_pipeline(folders, tmp_path):
     assert not np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
     assert sample(folders["cond"], "--class-label", "0", "--num-images", "1", "--no-captions", "--seed", "1",
                   "--output", out) == 0  # fmt: skip
-    assert PIL.Image.open(out).size == (8 + 2 * PADDING, 8 + 2 * PADDING)
+    assert PIL.Image.open(out).size == (8, 8)  # no caption: the bare tile (grids.make_grid)
 
 
 def test_jacobi_options_reach_the_sampler(folders, tmp_path, monkeypatch):
@@ -114,27 +114,14 @@ def test_grid_write_failing_midway_keeps_the_previous_grid(folders, tmp_path, mo
         raise error
 
     monkeypatch.setattr(PIL.Image.Image, "save", half_then_fail)
-    with pytest.raises(type(error)):
-        sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", out)
-    with pytest.raises(type(error)):
-        sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", tmp_path / "new" / "grid.png")
+    for target in (out, tmp_path / "new" / "grid.png"):
+        if isinstance(error, OSError):  # the user's environment (a full disk): one line, exit status 2
+            assert sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", target) == 2
+        else:
+            with pytest.raises(type(error)):
+                sample(folders["uncond"], "--num-images", "1", "--seed", "1", "--output", target)
     assert [path.name for path in tmp_path.iterdir()] == ["grid.png"]  # no temporary, no folder made for it
     assert out.read_bytes() == before
-
-
-def test_make_grid_geometry():
-    images = [PIL.Image.new("L", (8, 8), value) for value in (0, 50, 100, 150, 200)]
-    grid = make_grid(images, columns=2)
-    assert grid.size == (2 * (8 + PADDING) + PADDING, 3 * (8 + PADDING) + PADDING)
-    for index, image in enumerate(images):
-        left, top = PADDING + (index % 2) * (8 + PADDING), PADDING + (index // 2) * (8 + PADDING)
-        tile = np.asarray(grid.crop((left, top, left + 8, top + 8)))
-        np.testing.assert_array_equal(tile, np.asarray(image.convert("RGB")))
-    captioned = make_grid(images[:2], columns=2, captions=["a very long class name", "b"])
-    assert captioned.width > 2 * (8 + PADDING) + PADDING  # cells widen to fit the caption
-    assert captioned.height > 8 + 2 * PADDING
-    below = np.asarray(captioned)[PADDING + 8 + PADDING :]
-    assert (below < 128).any()  # dark caption pixels under the tiles
 
 
 @pytest.mark.parametrize(
@@ -151,7 +138,10 @@ def test_make_grid_geometry():
         (["{cond}", "--attention-temperature", "0"], r"attention_temperature must be > 0, got 0.0"),
         (["{cond}", "--sampler", "jacobi", "--jacobi-window", "0"], r"jacobi_window must be >= 1 \(or None"),
         (["{cond}", "--sampler", "jacobi", "--jacobi-tolerance", "-1"], r"jacobi_tolerance must be > 0, got -1.0"),
-        (["{cond}", "--output", "{tmp}/grid.txt"], r"--output '.*grid.txt' has no image extension PIL can write"),
+        (
+            ["{cond}", "--output", "{tmp}/grid.txt"],
+            r"--output '.*grid.txt': PIL cannot write images with extension '.txt'",
+        ),
         (["{cond}", "--output", "{tmp}"], r"--output '.*' is a folder; give an image file name"),
         (["{tmp}/missing"], r"MODEL '.*missing' is neither an existing folder nor a Hub repo id"),
         (["{tmp}"], r"MODEL '.*' is not a pipeline folder \(no model_index.json\)"),
@@ -198,3 +188,92 @@ def test_console_script_in_a_fresh_process(folders, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "tarflow-hf sample: error: --num-images must be >= 1, got 0"
     assert not (tmp_path / "bad.png").exists()
+
+
+# ------------------------------------------------------------------------------ issue #13: files and batches
+def sample_error(capsys, *args) -> str:
+    capsys.readouterr()
+    assert sample(*args) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("tarflow-hf sample: error: ") and "\n" not in message
+    return message
+
+
+def test_output_format_pil_cannot_write_is_refused_before_sampling(folders, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TarFlowPipeline, "__call__", lambda *a, **k: pytest.fail("sampled before refusing"))
+    message = sample_error(capsys, folders["uncond"], "--num-images", "1", "--output", tmp_path / "grid.psd")
+    assert "'.psd'" in message and ".png" in message  # .psd is read-only in PIL
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_one_line(folders, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(TarFlowPipeline, "__call__", lambda *a, **k: pytest.fail("sampled before refusing"))
+    message = sample_error(capsys, folders["uncond"], "--num-images", "1", "--output", tmp_path / "a_file" / "g.png")
+    assert "cannot be written" in message and "a_file" in message
+
+
+def test_many_images_are_sampled_in_batches_with_the_same_result(folders, tmp_path, monkeypatch):
+    sizes = []
+    original = TarFlowPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        sizes.append(len(kwargs["generator"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TarFlowPipeline, "__call__", spy)
+    one, batched = tmp_path / "one.png", tmp_path / "batched.png"
+    common = ("--class-label", "1", "--class-label", "2", "--num-images", "5", "--seed", "3")
+    assert sample(folders["cond"], *common, "--batch-size", "10", "--output", one) == 0
+    assert sizes == [10]
+    sizes.clear()
+    assert sample(folders["cond"], *common, "--batch-size", "3", "--output", batched) == 0
+    assert sizes == [3, 3, 3, 1]  # never more than --batch-size images at once
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(one)), np.asarray(PIL.Image.open(batched)))
+    sizes.clear()
+    assert sample(folders["uncond"], "--num-images", "5", "--seed", "3", "--output", one) == 0
+    assert sample(folders["uncond"], "--num-images", "5", "--seed", "3", "--batch-size", "2", "--output", batched) == 0
+    assert sizes == [5, 2, 2, 1]  # default --batch-size 16
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(one)), np.asarray(PIL.Image.open(batched)))
+
+
+def test_nan_weights_are_reported_as_nan(tmp_path, capsys):
+    model = random_model(seed=3, num_classes=0)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    TarFlowPipeline(transformer=model).save_pretrained(tmp_path / "nan")
+    message = sample_error(capsys, tmp_path / "nan", "--num-images", "1", "--output", tmp_path / "g.png")
+    assert "NaN" in message and "overflow" not in message
+
+
+# ------------------------------------------------------------------------------- issue #12: STARFlow prompts
+@pytest.fixture(scope="module")
+def starflow_folder(tmp_path_factory) -> Path:
+    from test_pipeline_starflow import make_pipe
+
+    folder = tmp_path_factory.mktemp("starflow") / "pipe"
+    make_pipe().save_pretrained(folder)
+    return folder
+
+
+def test_starflow_prompts_give_a_grid_captioned_with_the_prompts(starflow_folder, tmp_path, capsys):
+    from tarflow_hf.pipeline_starflow import StarFlowPipeline
+
+    out = tmp_path / "t2i.png"
+    assert sample(starflow_folder, "--prompt", "w5 w7", "--prompt", "w9", "--negative-prompt", "w3",
+                  "--num-images", "1", "--seed", "2", "--guidance-scale", "2", "--output", out) == 0  # fmt: skip
+    pipe = StarFlowPipeline.from_pretrained(starflow_folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=["w5 w7", "w9"], negative_prompt=["w3", "w3"], guidance_scale=2.0,
+                  generator=[torch.Generator().manual_seed(2 + i) for i in range(2)]).images  # fmt: skip
+    expected = make_grid(images, columns=1, captions=["w5 w7", "w9"])
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
+
+
+def test_wrong_conditioning_for_the_model_is_one_line(folders, starflow_folder, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert "--prompt" in sample_error(capsys, starflow_folder, "--class-label", "1", "--output", out)
+    assert "--prompt" in sample_error(capsys, starflow_folder, "--output", out)
+    assert "--prompt" in sample_error(capsys, folders["cond"], "--prompt", "a cat", "--output", out)
+    assert "--height" in sample_error(capsys, folders["cond"], "--height", "16", "--output", out)
+    assert not out.exists()

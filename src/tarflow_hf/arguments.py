@@ -15,6 +15,9 @@ from .labels import LABEL_CHOICES
 # How Apple names its checkpoints; `tarflow-hf convert` reads the architecture and noise from it.
 APPLE_FILE_NAME_PATTERN = "{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth"
 DEFAULT_NUM_CHANNELS = 3
+# The components a STARFlow conversion puts around the transformer (Apple's choices).
+DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 # `tarflow-hf sample --dtype`: names of torch dtypes (the sub-command maps them).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -42,74 +45,233 @@ def positive_int(text: str) -> int:
 
 
 def train(parser: argparse.ArgumentParser) -> None:
-    """`tarflow-hf train`."""
+    """`tarflow-hf train`. Every option's help shows its default; numbers are checked as they are parsed."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True, help="'mnist', 'fashion-mnist', an image folder, or a datasets name")
-    data.add_argument("--data-dir", default=None, help="folder with the IDX files for mnist / fashion-mnist")
-    data.add_argument("--split", default="train", help="dataset split (default: train)")
-    data.add_argument("--image-column", default=None, help="image column of a `datasets` dataset")
-    data.add_argument("--image-size", type=int, default=None, help="square image size (default: the data's)")
+    data.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the IDX files for mnist / fashion-mnist (default: the installed offline copy)",
+    )
+    data.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    data.add_argument("--image-column", default=None, help="image column of a `datasets` dataset (default: guessed)")
+    data.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="square image size: resize and centre-crop (IDX: pad) every image (default: the data's own)",
+    )
     data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
 
-    model = parser.add_argument_group("model (from scratch)")
-    model.add_argument("--init-from", default=None, help="pipeline folder or Hub repo id to fine-tune")
-    model.add_argument("--replace-labels", action="store_true", help="use the dataset's class names (fine-tune)")
-    model.add_argument("--config", default=None, help="TarFlowConfig json for a new model (flags below override)")
-    model.add_argument("--patch-size", type=int, default=None, help="default 4")
-    model.add_argument("--hidden-size", type=int, default=None, help="default 128")
-    model.add_argument("--num-blocks", type=int, default=None, help="default 4")
-    model.add_argument("--layers-per-block", type=int, default=None, help="default 2")
-    model.add_argument("--head-dim", type=int, default=None, help="default 64")
-    model.add_argument("--mlp-ratio", type=int, default=None, help="default 4")
-    model.add_argument("--no-nvp", action="store_true", help="volume-preserving flow (shift only)")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--init-from",
+        default=None,
+        metavar="MODEL",
+        help="fine-tune this pipeline folder, Hub repo id, or 'bundled' (the MNIST model shipped with the package); "
+        "it brings its own architecture, noise level, default guidance and label names (default: a new model)",
+    )
+    model.add_argument(
+        "--replace-labels",
+        action="store_true",
+        help="fine-tuning: take the dataset's class names (the same names keep their ids); the table is printed",
+    )
+    model.add_argument(
+        "--config", default=None, help="TarFlowConfig json for a new model, the flags below override (default: none)"
+    )
+    model.add_argument("--patch-size", type=positive_int, default=None, help="new model (default: 4)")
+    model.add_argument("--hidden-size", type=positive_int, default=None, help="new model (default: 128)")
+    model.add_argument("--num-blocks", type=positive_int, default=None, help="new model (default: 4)")
+    model.add_argument("--layers-per-block", type=positive_int, default=None, help="new model (default: 2)")
+    model.add_argument("--head-dim", type=positive_int, default=None, help="new model (default: 64)")
+    model.add_argument("--mlp-ratio", type=positive_int, default=None, help="new model (default: 4)")
+    model.add_argument(
+        "--no-nvp", action="store_true", help="new model: volume-preserving flow (shift only, learned prior variance)"
+    )
 
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step")
-    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    recipe.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    recipe.add_argument("--min-lr", type=float, default=1e-6, help="start and end of the schedule (Apple: 1e-6)")
-    recipe.add_argument("--warmup-steps", type=int, default=None, help="default: one epoch (Apple), at most 10%%")
-    recipe.add_argument("--weight-decay", type=float, default=1e-4)
-    recipe.add_argument("--adam-beta1", type=float, default=0.9)
-    recipe.add_argument("--adam-beta2", type=float, default=0.95)
-    recipe.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    recipe.add_argument("--epochs", type=int, default=1, help="training length, unless --max-steps is given")
-    recipe.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    recipe.add_argument(
+        "--batch-size", type=positive_int, default=128, help="global batch per optimizer step (default: %(default)s)"
+    )
+    recipe.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="(default: %(default)s)")
+    recipe.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"peak learning rate (default: {TRAIN_LR} for a new model, {FINE_TUNE_LR} with --init-from)",
+    )
+    recipe.add_argument(
+        "--min-lr",
+        type=non_negative_float,
+        default=1e-6,
+        help="start and end of the schedule (default: %(default)s, Apple's)",
+    )
+    recipe.add_argument(
+        "--warmup-steps",
+        type=non_negative_int,
+        default=None,
+        help="linear warm-up steps (default: a new model one epoch as Apple, at most 10%% of the steps; "
+        "with --init-from 10%% of the steps, at least 1)",
+    )
+    recipe.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="(default: %(default)s)")
+    recipe.add_argument("--adam-beta1", type=unit_interval_float, default=0.9, help="(default: %(default)s)")
+    recipe.add_argument("--adam-beta2", type=unit_interval_float, default=0.95, help="(default: %(default)s)")
+    recipe.add_argument(
+        "--max-grad-norm", type=non_negative_float, default=1.0, help="0 disables clipping (default: %(default)s)"
+    )
+    recipe.add_argument(
+        "--epochs", type=positive_int, default=1, help="training length, unless --max-steps is given (default: 1)"
+    )
+    recipe.add_argument(
+        "--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs worth of steps)"
+    )
     recipe.add_argument(
         "--stop-after-steps",
-        type=int,
+        type=positive_int,
         default=None,
-        help="checkpoint and stop at this step, keeping the schedule of the full run (time-sliced jobs)",
+        help="checkpoint and stop at this step, keeping the schedule of the full run (time-sliced jobs; "
+        "default: run to the end)",
     )
-    recipe.add_argument("--noise-type", choices=("gaussian", "uniform"), default="gaussian")
-    recipe.add_argument("--noise-std", type=float, default=0.05, help="Gaussian noise std (Apple's noise_std)")
-    recipe.add_argument("--drop-label", type=float, default=0.1, help="probability of replacing a label by -1")
-    recipe.add_argument("--ema-decay", type=float, default=0.999, help="0 disables EMA")
-    recipe.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    recipe.add_argument(
+        "--noise-type", choices=("gaussian", "uniform"), default="gaussian", help="(default: %(default)s)"
+    )
+    recipe.add_argument(
+        "--noise-std",
+        type=non_negative_float,
+        default=None,
+        help=f"Gaussian noise std, Apple's noise_std (default: {TRAIN_NOISE_STD} for a new model; "
+        "with --init-from the model's own)",
+    )
+    recipe.add_argument(
+        "--drop-label",
+        type=unit_interval_float,
+        default=0.1,
+        help="probability of replacing a label by -1 (default: %(default)s)",
+    )
+    recipe.add_argument(
+        "--ema-decay", type=unit_interval_float, default=0.999, help="0 disables EMA (default: %(default)s)"
+    )
+    recipe.add_argument(
+        "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="(default: %(default)s)"
+    )
     recipe.add_argument("--compile", action="store_true", help="torch.compile the model")
-    recipe.add_argument("--seed", type=int, default=0)
-    recipe.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
-    recipe.add_argument("--default-guidance-scale", type=float, default=None, help="stored in the config")
+    recipe.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
+    recipe.add_argument(
+        "--num-workers", type=non_negative_int, default=0, help="data loader workers per process (default: 0)"
+    )
+    recipe.add_argument(
+        "--default-guidance-scale",
+        type=finite_float,
+        default=None,
+        help="guidance a pipeline uses when none is given, stored in the config (default: 1.0 for a new model; "
+        "with --init-from the model's own)",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="run folder: checkpoints/, samples/, metrics.jsonl, model/")
-    out.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    out.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: none)")
-    out.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
-    out.add_argument("--log-every", type=int, default=20, help="steps between metric lines")
-    out.add_argument("--sample-every", type=int, default=0, help="steps between sample grids (0: at the end only)")
-    out.add_argument("--sample-guidance-scale", type=float, default=None, help="guidance of the sample grids")
-    out.add_argument("--report-to", default=None, help="accelerate trackers: tensorboard, wandb, all")
+    out.add_argument(
+        "--resume",
+        default=None,
+        help="'latest' (the newest intact checkpoint) or a checkpoint folder; resuming from an earlier checkpoint "
+        "moves the later ones aside (renamed, not deleted) (default: start afresh)",
+    )
+    out.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=500,
+        help="steps between checkpoints, 0 for none (default: %(default)s)",
+    )
+    out.add_argument(
+        "--keep-checkpoints", type=positive_int, default=2, help="how many checkpoints to keep (default: %(default)s)"
+    )
+    out.add_argument(
+        "--log-every", type=positive_int, default=20, help="steps between metric lines (default: %(default)s)"
+    )
+    out.add_argument(
+        "--sample-every",
+        type=non_negative_int,
+        default=0,
+        help="steps between sample grids, 0 for the final grid only (default: %(default)s)",
+    )
+    out.add_argument(
+        "--sample-guidance-scale",
+        type=finite_float,
+        default=None,
+        help="guidance of the sample grids (default: the model's default guidance scale)",
+    )
+    out.add_argument(
+        "--report-to",
+        default=None,
+        metavar="TRACKERS",
+        help="comma list of accelerate trackers (tensorboard, wandb, ...) or 'all': metrics and sample grids; the "
+        "tracker's package must be installed (default: none)",
+    )
+    out.add_argument(
+        "--license",
+        default=None,
+        help="Hub license id for the model card (default: the fine-tuned model's, else 'other')",
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    out.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the final pipeline folder")
-    out.add_argument("--hub-private", action="store_true")
-    out.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads")
+    out.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="upload the final pipeline folder (default: no upload)"
+    )
+    out.add_argument("--hub-private", action="store_true", help="make a new Hub repository private")
+    out.add_argument(
+        "--torch-threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     out.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+
+
+# Defaults of `tarflow-hf train` that depend on fine-tuning (`--init-from`) or not.
+TRAIN_LR = 2e-3
+FINE_TUNE_LR = 1e-4
+TRAIN_NOISE_STD = 0.05
+
+
+def _number(text: str, kind: type = float) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    return _number(text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unit_interval_float(text: str) -> float:
+    """argparse type: a number in [0, 1) (probabilities, decays, Adam's betas)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return value
 
 
 def evaluate(parser: argparse.ArgumentParser) -> None:
     """`tarflow-hf evaluate`."""
-    parser.add_argument("model", help="pipeline folder or Hub repo id")
+    parser.add_argument("model", help="pipeline folder, Hub repo id, or 'bundled' (the MNIST model of the package)")
     parser.add_argument("--dataset", default=None, help="'mnist', 'fashion-mnist', an image folder, ... (bpd/FID)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--split", default="test")
@@ -117,7 +279,9 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
         "--metrics", default=None, help="comma list of bpd,fid,accuracy (default: all the inputs allow)"
     )
     parser.add_argument("--bpd-noise", default="uniform", help="uniform, gaussian or uniform,gaussian")
-    parser.add_argument("--bpd-max-images", type=int, default=None)
+    parser.add_argument(
+        "--bpd-max-images", type=int, default=None, metavar="N", help="bits/dim on the first N images (default: all)"
+    )
     parser.add_argument("--bpd-unconditional", action="store_true", help="evaluate p(x) with the mean class")
     parser.add_argument("--num-samples", type=int, default=1000, help="generated samples for FID")
     parser.add_argument("--fid-reference-images", type=int, default=None, help="default: the whole split")
@@ -138,6 +302,7 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-samples", default=None, help="write a PNG grid of the accuracy samples")
     parser.add_argument("--output", default=None, help="JSON file for the metrics (also printed)")
     parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def convert(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +341,33 @@ def convert(parser: argparse.ArgumentParser) -> None:
         "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    starflow = parser.add_argument_group("apple/ml-starflow checkpoints (recognised by their weights)")
+    starflow.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="Apple's training config (default: the released configs/starflow_3B_t2i_256x256.yaml values)",
+    )
+    starflow.add_argument(
+        "--license-file",
+        default=None,
+        metavar="FILE",
+        help="copy this license text (Apple's LICENSE_MODEL) into the output as LICENSE",
+    )
+    starflow.add_argument(
+        "--transformer-only",
+        action="store_true",
+        help="write the converted model alone (OUTPUT/transformer/), without text encoder, tokenizer and VAE",
+    )
+    starflow.add_argument(
+        "--text-encoder",
+        default=None,
+        metavar="ID_OR_PATH",
+        help=f"T5 model whose encoder and tokenizer the pipeline uses (default: {DEFAULT_TEXT_ENCODER})",
+    )
+    starflow.add_argument(
+        "--vae", default=None, metavar="ID_OR_PATH", help=f"diffusers AutoencoderKL (default: {DEFAULT_VAE})"
+    )
 
 
 def sample(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +387,32 @@ def sample(parser: argparse.ArgumentParser) -> None:
         metavar="LABEL",
         help="class id or name (repeat for several classes); -1 or none at all samples the unconditional branch",
     )
-    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per class label (default: 4)")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        dest="prompts",
+        metavar="TEXT",
+        help="text-to-image (STARFlow) models: the prompt (repeat for several); the grid's captions",
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        action="append",
+        dest="negative_prompts",
+        metavar="TEXT",
+        help="STARFlow: guidance's unconditional text (one for all prompts, or one per prompt; default empty)",
+    )
+    parser.add_argument("--height", type=int, default=None, help="STARFlow: image height (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="STARFlow: image width (default: the model's)")
+    parser.add_argument(
+        "--num-images", metavar="N", type=int, default=4, help="images per class label or prompt (default: 4)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        metavar="B",
+        type=int,
+        default=16,
+        help="images sampled at once (default: 16); bounds memory, the images do not depend on it",
+    )
     parser.add_argument(
         "--guidance-scale",
         metavar="W",
@@ -253,6 +470,8 @@ __all__ = [
     "APPLE_FILE_NAME_PATTERN",
     "ARGUMENTS",
     "DEFAULT_NUM_CHANNELS",
+    "DEFAULT_TEXT_ENCODER",
+    "DEFAULT_VAE",
     "DTYPE_NAMES",
     "non_negative_float",
     "positive_int",

@@ -193,15 +193,16 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         message = str(error)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if unsafe:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", message)
+        called = unsafe.group(1) or unsafe.group(2) if unsafe else _pickled_call(path)
+        if called:
             raise ValueError(
-                f"refusing to load {path}: it pickles the Python object {unsafe.group(1)}, and unpickling it "
-                "could run arbitrary code; only plain state dicts of tensors (torch.save(model.state_dict())) "
-                "are loaded, with torch.load(weights_only=True)"
+                f"refused: the file tries to run code (unsafe pickle): {path} calls {called} when unpickled; only "
+                "plain state dicts of tensors (torch.save(model.state_dict())) are loaded, with "
+                "torch.load(weights_only=True)"
             ) from None
-        reason = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
-        detail = reason.group(1) if reason else "not a torch.save file"
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]*(?:\n\n[^\n]+)?)", message)
+        detail = " ".join(reason.group(1).split()) if reason and reason.group(1).strip() else "not a torch.save file"
         raise ValueError(
             f"{path} is not a PyTorch state dict that torch.load(weights_only=True) can read ({detail})"
         ) from None
@@ -210,6 +211,36 @@ def _torch_load(path: Path) -> Any:
             f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); expected a .pth file written "
             "by torch.save(model.state_dict())"
         ) from None
+
+
+_SAFE_PICKLE_MODULES = ("torch.", "collections.OrderedDict", "_codecs.encode")
+
+
+def _pickled_call(path: Path) -> str | None:
+    """The function a plain (not torch.save) pickle file calls when unpickled, if any: `module.name` of its first
+    GLOBAL / STACK_GLOBAL followed by a call (REDUCE, OBJ, INST, NEWOBJ). Read without unpickling (pickletools)."""
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        return None
+    strings: list[str] = []
+    name = None
+    try:
+        with path.open("rb") as handle:
+            for opcode, argument, _ in pickletools.genops(handle):
+                if isinstance(argument, str):
+                    strings.append(argument)
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = str(argument).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                if opcode.name in ("REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX", "INST") and name:
+                    if not name.startswith(_SAFE_PICKLE_MODULES):  # tensors and ordered dicts are rebuilt by calls
+                        return name
+                    name = None
+    except Exception:  # not a pickle at all: the caller's message stands
+        return None
+    return None
 
 
 def load_apple_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -512,10 +543,27 @@ def _count(number: int, singular: str, plural: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ building models
+def non_finite_weights(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or infinite values (meta tensors are not read)."""
+    return [
+        f"{key!r} ({'NaN' if tensor.isnan().any() else 'inf'})"
+        for key, tensor in state.items()
+        if tensor.is_floating_point() and not tensor.is_meta and not tensor.isfinite().all()
+    ]
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN / infinite weights up front: sampling would otherwise only report non-finite output."""
+    bad = non_finite_weights(state)
+    if bad:
+        raise ValueError(f"{source} holds NaN or infinite weights: {_list_keys(bad)}; the checkpoint is broken")
+
+
 def _check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
     not_float = [f"{key!r} ({tensor.dtype})" for key, tensor in state.items() if not tensor.is_floating_point()]
     if not_float:
         raise ValueError(f"{source}: every weight must be a floating-point tensor; got {', '.join(not_float[:6])}")
+    check_finite(state, source)
     for key, mask in state.items():
         if key.endswith(".attn_mask") and not mask.is_meta and not torch.equal(mask, torch.ones_like(mask).tril()):
             raise ValueError(
@@ -713,7 +761,26 @@ def export_ml_tarflow_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------ command line
+STARFLOW_ONLY_FLAGS = (
+    ("--config", "config"),
+    ("--license-file", "license_file"),
+    ("--transformer-only", "transformer_only"),
+    ("--text-encoder", "text_encoder"),
+    ("--vae", "vae"),
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    from . import convert_starflow
+
+    if convert_starflow.is_starflow_source(args.source):  # an ml-starflow .pth, or (--reverse) a STARFlow folder
+        return convert_starflow.run(args)
+    given = [flag for flag, name in STARFLOW_ONLY_FLAGS if getattr(args, name, None)]
+    if given:
+        raise CommandError(
+            f"{', '.join(given)} apply to apple/ml-starflow checkpoints; {args.source} is not one (an ml-tarflow "
+            "checkpoint takes --noise-std, --in-channels, --labels)"
+        )
     try:
         if args.reverse:
             conversion_flags = (
@@ -758,6 +825,7 @@ __all__ = [
     "add_arguments",
     "apple_key_to_hf",
     "apple_to_hf_state_dict",
+    "check_finite",
     "check_state_dict",
     "convert_ml_tarflow_checkpoint",
     "describe_config",
@@ -772,6 +840,7 @@ __all__ = [
     "load_ml_tarflow_checkpoint",
     "main",
     "model_from_apple_state_dict",
+    "non_finite_weights",
     "parse_checkpoint_name",
     "read_tarflow_folder",
     "run",

@@ -42,8 +42,9 @@ import torch
 
 from .cli import CommandError
 from .configuration_starflow import StarFlowConfig
-from .convert import check_state_dict, is_tarflow_folder, load_apple_state_dict
+from .convert import check_finite, check_state_dict, is_tarflow_folder, load_apple_state_dict
 from .fileio import atomic_file, atomic_folder
+from .hub import APPLE_AMLR
 from .modeling_starflow import StarFlowModel
 
 VAE_DOWNSAMPLING = 8
@@ -101,10 +102,7 @@ SUPPORTED_FLAGS: dict[str, Any] = {
 }
 _DROPPED = re.compile(r"^(var|blocks\.\d+\.attn_mask|feat_rope\.freqs_(cos|sin))$")
 _RENAMES = [(".attn_blocks.", ".layers."), (".mlp.main.0.", ".mlp.fc1."), (".mlp.main.2.", ".mlp.fc2.")]
-LICENSE_NOTE = (
-    "Apple's STARFlow weights are released for research purposes only under the Apple Machine Learning Research "
-    "Model License (LICENSE_MODEL in apple/ml-starflow)."
-)
+LICENSE_NOTE = APPLE_AMLR.note
 
 
 # ------------------------------------------------------------------------------------------------- yaml
@@ -395,6 +393,17 @@ def load_ml_starflow_checkpoint(
 
 
 # -------------------------------------------------------------------------------------------- model card
+def conversion_note(source: str) -> str:
+    """What a converted folder is: Apple's tensors, renamed, in another file format."""
+    return (
+        f"A format conversion of Apple's STARFlow checkpoint `{Path(source).name}` (\"STARFlow: Scaling Latent "
+        'Normalizing Flows for High-resolution Image Synthesis", Gu et al. 2025; code and weights: '
+        "[apple/ml-starflow](https://github.com/apple/ml-starflow)) for tarflow-hf. The tensors are Apple's, "
+        "unchanged; only their names and file format differ, and `tarflow-hf convert --reverse` writes the original "
+        "`.pth` back. All credit for the model goes to its authors at Apple."
+    )
+
+
 def model_card(config: StarFlowConfig, source: str) -> str:
     """README.md of a converted folder: what it is, where it comes from, and the weights' license."""
     return f"""---
@@ -410,11 +419,7 @@ tags:
 
 # STARFlow (converted)
 
-A format conversion of Apple's STARFlow checkpoint `{Path(source).name}` ("STARFlow: Scaling Latent Normalizing
-Flows for High-resolution Image Synthesis", Gu et al. 2025; code and weights:
-[apple/ml-starflow](https://github.com/apple/ml-starflow)) into a transformers `StarFlowModel` (tarflow-hf). The
-tensors are Apple's, unchanged; only their names and file format differ, and `convert_starflow --reverse` writes
-the original `.pth` back.
+{conversion_note(source)}
 
 **License.** {LICENSE_NOTE} Use of these weights is subject to that license; `LICENSE` in this folder holds its
 text when the conversion was given `--license-file`. All credit for the model goes to its authors at Apple.
@@ -458,8 +463,8 @@ def _model_directory(folder: Path) -> Path:
         raise FileNotFoundError(f"folder not found: {folder}")
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; --reverse takes a converted model folder")
-    if (folder / "model_index.json").is_file() and (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"
+    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"  # a pipeline folder, or a --transformer-only conversion
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a model folder (config.json + model.safetensors)")
     return folder
@@ -511,13 +516,102 @@ def export_ml_starflow_checkpoint(
     return path
 
 
+# ------------------------------------------------------------------------------------------ pipelines
+def is_converted_folder(folder: Path) -> bool:
+    """What `--overwrite` may replace: a TarFlow/STARFlow pipeline or model folder, or a `--transformer-only`
+    output (a folder whose `transformer/` is a STARFlow or TarFlow model folder)."""
+    return is_tarflow_folder(folder) or is_tarflow_folder(folder / "transformer")
+
+
+def _load_component(kind: str, load: Any, name: str) -> Any:
+    try:
+        return load(name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        flag = "--text-encoder" if kind != "VAE" else "--vae"
+        raise CommandError(
+            f"could not load the {kind} {name!r} ({first_line}); give a local folder with {flag}, or convert the "
+            "transformer alone with --transformer-only"
+        ) from None
+
+
+def load_pipeline_components(text_encoder: str | None = None, vae: str | None = None) -> dict[str, Any]:
+    """The components around a STARFlow transformer: T5's encoder (only the encoder's weights are loaded) and its
+    tokenizer from `text_encoder`, and a diffusers AutoencoderKL from `vae` (defaults: Apple's choices)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from .arguments import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+
+    text_encoder = text_encoder or DEFAULT_TEXT_ENCODER
+    vae = vae or DEFAULT_VAE
+    return {
+        "text_encoder": _load_component("text encoder", T5EncoderModel.from_pretrained, text_encoder).eval(),
+        "tokenizer": _load_component("tokenizer", AutoTokenizer.from_pretrained, text_encoder),
+        "vae": _load_component("VAE", AutoencoderKL.from_pretrained, vae).eval(),
+    }
+
+
+def convert_ml_starflow_pipeline(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    config_yaml: str | os.PathLike | None = None,
+    license_file: str | os.PathLike | None = None,
+    text_encoder: str | None = None,
+    vae: str | None = None,
+    transformer_only: bool = False,
+    overwrite: bool = False,
+    warn_assumed: bool = True,
+) -> StarFlowConfig:
+    """Convert an Apple `.pth` into a `StarFlowPipeline` folder (`StarFlowPipeline.from_pretrained(output_dir)`):
+    the converted transformer, T5's encoder and tokenizer from `text_encoder`, the VAE from `vae`, the model card
+    and (with `license_file`) the license as `LICENSE`. With `transformer_only`, `output_dir/transformer/` alone
+    (with its card and license). Written atomically; the components are loaded before anything is written."""
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if license_file is not None and not Path(license_file).is_file():
+        raise FileNotFoundError(f"license file not found: {license_file}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()):  # refused before the (long) loading, not after
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory {output_dir} exists and is not empty; pass --overwrite to replace it"
+            )
+        if not is_converted_folder(output_dir):
+            raise FileExistsError(
+                f"refusing to replace {output_dir}: it is not a TarFlow/STARFlow pipeline or model folder; remove it "
+                "yourself or choose another output directory"
+            )
+    model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
+    check_finite(model.state_dict(), f"checkpoint {checkpoint}")
+    components = None if transformer_only else load_pipeline_components(text_encoder, vae)
+    with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_converted_folder) as tmp:
+        if components is None:
+            model.save_pretrained(tmp / "transformer")
+            documents = tmp / "transformer"
+            (documents / "README.md").write_text(model_card(model.config, str(checkpoint)), encoding="utf-8")
+        else:  # the pipeline's card (tarflow_hf.hub), told that this is a conversion
+            from .pipeline_starflow import StarFlowPipeline
+
+            pipeline = StarFlowPipeline(transformer=model, **components)
+            description = conversion_note(str(checkpoint))
+            pipeline.save_pretrained(tmp, model_card={"description": description, "repo_id": output_dir.name})
+            documents = tmp
+        if license_file is not None:
+            shutil.copyfile(license_file, documents / "LICENSE")
+    return model.config
+
+
 # ------------------------------------------------------------------------------------------ command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .arguments import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+
     parser.add_argument(
         "source", metavar="CHECKPOINT", help="apple/ml-starflow .pth state dict (with --reverse: a converted folder)"
     )
-    parser.add_argument("destination", metavar="OUTPUT", help="model folder to create (with --reverse: the .pth)")
-    parser.add_argument("--reverse", action="store_true", help="convert a model folder back to an Apple .pth")
+    parser.add_argument("destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth)")
+    parser.add_argument("--reverse", action="store_true", help="convert a converted folder back to an Apple .pth")
     parser.add_argument(
         "--config",
         default=None,
@@ -530,6 +624,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="copy this license text (Apple's LICENSE_MODEL) into the folder as LICENSE",
     )
+    parser.add_argument(
+        "--transformer-only", action="store_true", help="write OUTPUT/transformer/ alone (no text encoder, VAE)"
+    )
+    parser.add_argument(
+        "--text-encoder", default=None, metavar="ID_OR_PATH", help=f"T5 encoder + tokenizer ({DEFAULT_TEXT_ENCODER})"
+    )
+    parser.add_argument("--vae", default=None, metavar="ID_OR_PATH", help=f"AutoencoderKL ({DEFAULT_VAE})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
@@ -537,6 +638,8 @@ def run(args: argparse.Namespace) -> int:
     """Run a conversion from parsed arguments. Also takes `tarflow-hf convert`'s namespace (its ml-tarflow-only
     flags must then be unset), so that command can hand STARFlow sources over (see `is_starflow_source`)."""
     config_yaml, license_file = getattr(args, "config", None), getattr(args, "license_file", None)
+    transformer_only = getattr(args, "transformer_only", False)
+    text_encoder, vae = getattr(args, "text_encoder", None), getattr(args, "vae", None)
     tarflow_only = [
         flag
         for flag, name in (("--noise-std", "noise_std"), ("--in-channels", "in_channels"), ("--labels", "labels"))
@@ -546,20 +649,36 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{', '.join(tarflow_only)} apply to ml-tarflow checkpoints; a STARFlow checkpoint takes --config FILE.yaml"
         )
+    if transformer_only and (text_encoder or vae):
+        given = ", ".join(flag for flag, value in (("--text-encoder", text_encoder), ("--vae", vae)) if value)
+        raise CommandError(f"--transformer-only writes no text encoder or VAE; drop {given}")
     try:
         if args.reverse:
-            given = [flag for flag, value in (("--config", config_yaml), ("--license-file", license_file)) if value]
+            given = [
+                flag
+                for flag, value in (
+                    ("--config", config_yaml),
+                    ("--license-file", license_file),
+                    ("--transformer-only", transformer_only),
+                    ("--text-encoder", text_encoder),
+                    ("--vae", vae),
+                )
+                if value
+            ]
             if given:
                 raise CommandError(f"--reverse takes no {', '.join(given)}: they only matter when converting a .pth")
             print(f"wrote {export_ml_starflow_checkpoint(args.source, args.destination, overwrite=args.overwrite)}")
             return 0
         if config_yaml is None:
             print(assumed_settings_note())
-        config = convert_ml_starflow_checkpoint(
+        config = convert_ml_starflow_pipeline(
             args.source,
             args.destination,
             config_yaml=config_yaml,
             license_file=license_file,
+            text_encoder=text_encoder,
+            vae=vae,
+            transformer_only=transformer_only,
             overwrite=args.overwrite,
             warn_assumed=False,  # printed above
         )
@@ -567,7 +686,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     except OSError as error:  # permissions, a full disk...: the user's environment, not a bug
         raise CommandError(str(error)) from error
-    print(f"converted {args.source} -> {args.destination}: {describe_config(config)}")
+    what = "transformer" if transformer_only else "pipeline"
+    print(f"converted {args.source} -> {args.destination} ({what}): {describe_config(config)}")
     print(LICENSE_NOTE)
     return 0
 
@@ -620,12 +740,15 @@ __all__ = [
     "add_arguments",
     "apple_to_hf_state_dict",
     "convert_ml_starflow_checkpoint",
+    "convert_ml_starflow_pipeline",
     "deprecated_buffers",
     "export_ml_starflow_checkpoint",
     "hf_to_apple_state_dict",
+    "is_converted_folder",
     "is_starflow_checkpoint_keys",
     "is_starflow_source",
     "load_ml_starflow_checkpoint",
+    "load_pipeline_components",
     "read_apple_yaml",
     "run",
     "starflow_config_from_apple",

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,23 @@ class _Single:
 
     def wait_for_everyone(self) -> None:
         pass
+
+
+# Progress bars (tqdm, on stderr): on in the main process unless `--quiet` turns them off (`set_progress`).
+_PROGRESS = {"enabled": True}
+
+
+def set_progress(enabled: bool) -> None:
+    _PROGRESS["enabled"] = enabled
+
+
+def _progress(steps: range, description: str, accelerator) -> Any:
+    """`steps` with a tqdm bar (in batches) in the main process, when progress is on and there is more than one."""
+    if not _PROGRESS["enabled"] or not accelerator.is_main_process or len(steps) < 2:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=description, unit="batch", leave=False)
 
 
 def _shard(count: int, accelerator) -> tuple[range, int]:
@@ -109,12 +127,15 @@ def bits_per_dim(
     if noise not in ("uniform", "gaussian"):
         raise ValueError(f"bpd noise must be 'uniform' or 'gaussian', got {noise!r}")
     accelerator = accelerator or _Single()
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--bpd-max-images must be >= 1 (or left out for the whole split), got {max_images}")
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     indices, _ = _shard(count, accelerator)
     generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
     total = torch.zeros(2, dtype=torch.float64)
     conditional = use_labels and model.config.num_classes > 0
-    for start in range(indices.start, indices.stop, batch_size):
+    starts = range(indices.start, indices.stop, batch_size)
+    for start in _progress(starts, f"bits/dim ({noise})", accelerator):
         items = [dataset[i] for i in range(start, min(start + batch_size, indices.stop))]
         images = torch.stack([image for image, _ in items])
         labels = torch.tensor([label for _, label in items]) if conditional else None
@@ -153,7 +174,7 @@ def generate(
     latents = torch.randn(count, config.num_patches, config.patch_dim, generator=generator)
     indices, padded = _shard(count, accelerator)
     chunks = []
-    for start in range(indices.start, indices.stop, batch_size):
+    for start in _progress(range(indices.start, indices.stop, batch_size), "sampling", accelerator):
         stop = min(start + batch_size, indices.stop)
         chunk_labels = None if labels is None else labels[start:stop]
         images = model.inverse(
@@ -196,7 +217,10 @@ class InceptionFeatures:
     def __init__(self, network: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 50):
         if network is None:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: the file is TorchScript
+                # torch.jit.load warns that TorchScript is deprecated (DeprecationWarning or, in some torch
+                # versions, FutureWarning): the fid-helper file is TorchScript, nothing the user can change.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
                 network = torch.jit.load(str(inception_path()), map_location="cpu")
         self.network = network
         if isinstance(self.network, torch.nn.Module):
@@ -314,20 +338,28 @@ def evaluate(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from .data import load_image_dataset
-    from .pipeline_tarflow import TarFlowPipeline
 
     chosen = _selected_metrics(args)
+    _check_arguments(args, chosen)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    for name in ("num_samples", "samples_per_class", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    set_progress(not getattr(args, "quiet", False))
+    from .sample import _progress_bars, load_pipeline
     from .train import use_cpu
 
     accelerator = Accelerator(cpu=use_cpu(False))
-    model: TarFlowModel = TarFlowPipeline.from_pretrained(args.model).transformer
+    with _progress_bars(enabled=not getattr(args, "quiet", False)):
+        model: TarFlowModel = load_pipeline(args.model, None, torch.float32).transformer
     model = model.float().to(accelerator.device).eval()
     config = model.config
+    classifier = None
+    if "accuracy" in chosen:
+        if not config.num_classes:
+            raise ValueError("class-consistency accuracy needs a class-conditional model (num_classes > 0)")
+        from .classifier import load_classifier
+
+        classifier = load_classifier(args.classifier)
+        _check_classifier(classifier, config, args.classifier)
     guidance = config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     results: dict = {
         "model": str(args.model),
@@ -397,12 +429,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         results.update(fid_samples=args.num_samples, fid_reference_images=reference_count)
         timings["fid_s"] = round(time.time() - start, 1)
     if "accuracy" in chosen:
-        if not config.num_classes:
-            raise ValueError("class-consistency accuracy needs a class-conditional model (num_classes > 0)")
-        from .classifier import load_classifier
-
         start = time.time()
-        classifier = load_classifier(args.classifier)
         labels = balanced_labels(config.num_classes, args.samples_per_class)
         samples = generate(
             model,
@@ -428,16 +455,66 @@ def evaluate(args: argparse.Namespace) -> dict:
     return results
 
 
+def _check_arguments(args: argparse.Namespace, chosen: list[str]) -> None:
+    """Mistakes in the arguments, refused before anything is loaded or computed."""
+    for name in ("num_samples", "samples_per_class", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "bpd" in chosen and args.bpd_max_images is not None and args.bpd_max_images < 1:
+        raise ValueError(f"--bpd-max-images must be >= 1 (or left out for the whole split), got {args.bpd_max_images}")
+    for flag, path in (("--output", args.output), ("--save-samples", args.save_samples)):
+        _check_output_file(flag, path)
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """Refuse an output that cannot be written before any metric is computed."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path!r} is an existing folder; give a file name")
+    parent = next((folder for folder in target.absolute().parents if folder.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{flag} {path!r} cannot be written: {parent} is a file, not a folder")
+
+
+def _check_classifier(classifier, config, folder: str) -> None:
+    """The classifier must know the model's classes (same count, same names when both have names) and channels."""
+    have = classifier.config
+    if have["num_classes"] != config.num_classes:
+        raise ValueError(
+            f"classifier {folder} has {have['num_classes']} classes but the model has {config.num_classes}; "
+            "class-consistency accuracy needs a classifier trained on the model's classes"
+        )
+    if have["num_channels"] != config.num_channels:
+        raise ValueError(
+            f"classifier {folder} takes {have['num_channels']}-channel images but the model makes "
+            f"{config.num_channels}-channel ones"
+        )
+    names = getattr(classifier, "class_names", None)
+    model_names = [str((config.id2label or {}).get(i, "")) for i in range(config.num_classes)]
+    generic = all(name in ("", f"LABEL_{i}", str(i)) for i, name in enumerate(model_names))
+    if names and not generic and [str(name) for name in names] != model_names:
+        differ = next(i for i, (a, b) in enumerate(zip(names, model_names, strict=True)) if str(a) != b)
+        raise ValueError(
+            f"classifier {folder} names class {differ} {names[differ]!r} but the model names it "
+            f"{model_names[differ]!r}; the classes do not match"
+        )
+
+
 def _save_grid(samples: torch.Tensor, rows: int, per_row: int, path: Path, max_columns: int = 10) -> None:
+    """Row r of the grid: the first `max_columns` samples of class r (samples are uint8, class by class)."""
     from PIL import Image
 
+    from .grids import make_grid
+
     columns = min(per_row, max_columns)
-    grid = samples.view(rows, per_row, *samples.shape[1:])[:, :columns]
-    c, h, w = samples.shape[1:]
-    grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
-    array = grid.squeeze(-1).numpy() if c == 1 else grid.numpy()
+    kept = samples.view(rows, per_row, *samples.shape[1:])[:, :columns].flatten(0, 1)
+    array = kept.permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image) for image in array]
+    grid = make_grid(images, columns)
     with atomic_file(path) as staging:
-        Image.fromarray(array).save(staging, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        grid.save(staging, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -539,8 +539,9 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 callback(step, self.unpatchify(x))
         if not torch.isfinite(x).all():
             raise FloatingPointError(
-                "sampling produced non-finite values (exp overflow of the log-scale); with float16 or bfloat16 "
-                "try float32, a lower guidance_scale, or smaller latents"
+                "sampling produced non-finite values (NaN or inf): NaN latents or weights give NaN samples; "
+                "otherwise the log-scale overflowed: with float16 or bfloat16 try float32, a lower guidance_scale, "
+                "or smaller latents"
             )
         images = self.unpatchify(x)
         return (images, stats) if return_stats else images

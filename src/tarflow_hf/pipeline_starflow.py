@@ -7,22 +7,21 @@ padding rows zeroed), the prior noise is mapped back through the flow (deep bloc
 Gaussian-product classifier-free guidance against the empty prompt's encoding), the sample takes one score
 ("Tweedie") denoising step with the conditional likelihood, and the VAE decodes `latents / scaling_factor`.
 
-The file imports nothing from `tarflow_hf` by name and no sibling module relatively, so a saved folder that carries
-it loads with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`; the transformer is used only
-through its methods (`forward`, `inverse`, `denoise`).
+A saved folder (see `tarflow_hf.hub`) carries this file, the shared `pipeline_utils.py` and `images.py` it imports
+relatively, and the transformer's own code in `transformer/`; the text encoder, tokenizer and VAE are standard
+transformers/diffusers components. So the file imports nothing from `tarflow_hf` by name (and imports every sibling
+it needs directly: diffusers copies a local folder's *direct* relative imports only), and the folder loads with
+`StarFlowPipeline.from_pretrained(folder)` (the installed classes) and, without tarflow-hf, with
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. The transformer is used only through its
+methods (`forward`, `inverse`, `denoise`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,18 +31,24 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
 
-# True when imported as part of the installed tarflow-hf package; False when diffusers loaded this file from a
-# saved folder (`trust_remote_code=True`).
-_PACKAGED = __name__ == "tarflow_hf.pipeline_starflow"
+from .images import ImageInput, to_tensor
+from .pipeline_utils import (
+    PACKAGED,
+    FlowPipelineMixin,
+    Generator,
+    callback_inputs,
+    check_count,
+    check_latents,
+    check_output_type,
+    normal_noise,
+    run_in_chunks,
+)
 
 OUTPUT_TYPES = ("latent", "pil", "np", "pt")
 SAMPLERS = ("sequential", "block_jacobi", "jacobi", "newton")
-ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 PromptInput = str | Sequence[str] | None
-Generator = torch.Generator | list[torch.Generator] | None
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -82,46 +87,10 @@ class StarFlowPipelineOutput(BaseOutput):
     stats: Any | None = None
 
 
-class StarFlowPipeline(DiffusionPipeline):
-    r"""
-    Pipeline for text-to-image generation with STARFlow, and what only a normalizing flow can do: the exact
-    log-likelihood of an image's latent under a caption, and zero-shot captioning by Bayes' rule over candidate
-    captions.
+class PromptMixin:
+    """Text conditioning of a STARFlow pipeline: prompts -> the T5 embeddings the flow reads (Apple's
+    `utils.encode_text`), their checks, and one embedding row per image for the likelihood tools."""
 
-    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
-    (downloading, saving, running on a device, CPU offload).
-
-    Parameters:
-        transformer ([`StarFlowModel`]):
-            The latent normalizing flow (a transformers `PreTrainedModel`); its config gives the text length
-            (`max_text_length`), the default guidance scale and the training noise (`noise_std`, the denoising step).
-        text_encoder ([`T5EncoderModel`]):
-            The text encoder (Apple: `google/flan-t5-xl`'s encoder, run in float32).
-        tokenizer ([`PreTrainedTokenizerBase`]):
-            Its tokenizer (T5's: appends `</s>`, pads with `<pad>`).
-        vae ([`AutoencoderKL`]):
-            The latent autoencoder (Apple: `stabilityai/sd-vae-ft-ema`, scaling factor 0.18215, downsampling 8).
-    """
-
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _optional_components = []  # noqa: RUF012 (diffusers reads these class attributes as lists)
-    _callback_tensor_inputs = ["latents"]  # noqa: RUF012
-
-    def __init__(
-        self,
-        transformer: PreTrainedModel,
-        text_encoder: T5EncoderModel,
-        tokenizer: PreTrainedTokenizerBase,
-        vae: AutoencoderKL,
-    ):
-        super().__init__()
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
-        self.image_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
-        )
-
-    # --------------------------------------------------------------------------------------------------- text
     def _encode(self, prompt: list[str], device: torch.device, max_length: int) -> torch.Tensor:
         """Apple's `encode_text`: T5 tokens padded to `max_length` (truncated, `</s>` kept), the encoder's last
         hidden state times the attention mask (padding rows zeroed; the flow itself never sees a mask)."""
@@ -188,22 +157,14 @@ class StarFlowPipeline(DiffusionPipeline):
         negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
-    # ------------------------------------------------------------------------------------------------- checks
-    def check_inputs(
+    def check_prompt_inputs(
         self,
         prompt: PromptInput,
         negative_prompt: PromptInput,
         prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
-        height: int,
-        width: int,
-        num_images_per_prompt: int,
-        guidance_scale: float,
-        sampler: str,
-        output_type: str,
-        callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
-        """Validate the arguments before the (long) sampling loop starts: one-line `ValueError`s naming the argument."""
+        """The prompt arguments of `__call__`: one-line `ValueError`s naming the argument."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either prompt or prompt_embeds, not both")
         if prompt is None and prompt_embeds is None:
@@ -231,10 +192,79 @@ class StarFlowPipeline(DiffusionPipeline):
                     f"negative_prompt_embeds must have the shape of prompt_embeds, got "
                     f"{tuple(negative_prompt_embeds.shape)} and {tuple(prompt_embeds.shape)}"
                 )
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+
+    def _text_rows(
+        self, prompt: PromptInput, prompt_embeds: torch.Tensor | None, batch: int, name: str = "prompt"
+    ) -> torch.Tensor:
+        """Embeddings of one prompt (broadcast) or one per image, (batch, text_length, hidden)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(f"pass either {name} or prompt_embeds (exactly one)")
+        embeds, _ = self.encode_prompt(prompt, prompt_embeds=prompt_embeds, do_classifier_free_guidance=False)
+        if embeds.shape[0] == 1:
+            embeds = embeds.expand(batch, -1, -1)
+        if embeds.shape[0] != batch:
+            raise ValueError(f"got {embeds.shape[0]} prompts for {batch} images; pass one prompt, or one per image")
+        return embeds
+
+
+class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
+    r"""
+    Pipeline for text-to-image generation with STARFlow, and what only a normalizing flow can do: the exact
+    log-likelihood of an image's latent under a caption, and zero-shot captioning by Bayes' rule over candidate
+    captions.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
+    (downloading, saving, running on a device, CPU offload).
+
+    Parameters:
+        transformer ([`StarFlowModel`]):
+            The latent normalizing flow (a transformers `PreTrainedModel`); its config gives the text length
+            (`max_text_length`), the default guidance scale and the training noise (`noise_std`, the denoising step).
+        text_encoder ([`T5EncoderModel`]):
+            The text encoder (Apple: `google/flan-t5-xl`'s encoder, run in float32).
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Its tokenizer (T5's: appends `</s>`, pads with `<pad>`).
+        vae ([`AutoencoderKL`]):
+            The latent autoencoder (Apple: `stabilityai/sd-vae-ft-ema`, scaling factor 0.18215, downsampling 8).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _transformer_module, _transformer_class = "modeling_starflow", "StarFlowModel"
+    _optional_components = []  # noqa: RUF012 (diffusers reads these class attributes as lists)
+    _callback_tensor_inputs = ["latents"]  # noqa: RUF012
+
+    def __init__(
+        self,
+        transformer: PreTrainedModel,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vae: AutoencoderKL,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
+        )
+
+    # ------------------------------------------------------------------------------------------------- checks
+    def check_inputs(
+        self,
+        prompt: PromptInput,
+        negative_prompt: PromptInput,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        height: int,
+        width: int,
+        num_images_per_prompt: int,
+        guidance_scale: float,
+        sampler: str,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> None:
+        """Validate the arguments before the (long) sampling loop starts: one-line `ValueError`s naming the argument."""
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        check_count("num_images_per_prompt", num_images_per_prompt)
         grid = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
             if isinstance(size, bool) or not isinstance(size, int) or size < grid or size % grid:
@@ -249,12 +279,8 @@ class StarFlowPipeline(DiffusionPipeline):
             )
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        _check_output_type(output_type)
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has {unknown}; allowed are {self._callback_tensor_inputs}"
-            )
+        check_output_type(output_type, OUTPUT_TYPES)
+        callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     # ---------------------------------------------------------------------------------------------- latents
     def prepare_latents(
@@ -272,30 +298,14 @@ class StarFlowPipeline(DiffusionPipeline):
         channels = self.transformer.config.in_channels
         shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must have shape {shape} (batch, channels, height / 8, width / 8), got {got}")
-            if not latents.is_floating_point():
-                raise ValueError(f"latents must be floating point, got dtype {latents.dtype}")
+            latents = check_latents(latents, shape, f"{shape} (batch, channels, height / 8, width / 8)")
             return latents.to(device=device, dtype=torch.float32)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators for {batch_size} images; pass one generator per "
-                "image (or a single generator)"
-            )
-        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-
-    def _onload_transformer(self) -> None:
-        # With `enable_model_cpu_offload`, accelerate moves a model to the accelerator when its `forward` runs;
-        # sampling calls `inverse`, so run the hook by hand (as diffusers' `apply_forward_hook` does for VAEs).
-        hook = getattr(self.transformer, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self.transformer)
+        return normal_noise(shape, generator, device)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil") -> Any:
         """Flow latents (scaled) -> images: `vae.decode(latents / scaling_factor + shift_factor)`, mapped from
         [-1, 1] to [0, 1] (clipped) as PIL images, a NumPy array or a tensor."""
-        _check_output_type(output_type)
+        check_output_type(output_type, OUTPUT_TYPES)
         if output_type == "latent":
             return latents
         config = self.vae.config
@@ -395,8 +405,9 @@ class StarFlowPipeline(DiffusionPipeline):
             [`StarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the stats when
             asked for.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
         config = self.transformer.config
         if guidance_scale is None:
             guidance_scale = config.default_guidance_scale
@@ -441,15 +452,8 @@ class StarFlowPipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
 
         # 4. Invert the flow, one progress step per block (and one for denoising).
-        self._onload_transformer()
-        with self.progress_bar(total=config.num_blocks + int(denoise)) as progress_bar:
-
-            def on_block(step: int, current: torch.Tensor) -> None:
-                if callback_on_step_end is not None:
-                    callback_kwargs = {name: current for name in callback_on_step_end_tensor_inputs}
-                    callback_on_step_end(self, step, config.num_blocks - 1 - step, callback_kwargs)
-                progress_bar.update()
-
+        progress = self._block_progress(denoise, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        with progress as (on_block, denoised):
             latents, stats = self.transformer.inverse(
                 latents,
                 encoder_hidden_states=prompt_embeds,
@@ -469,7 +473,7 @@ class StarFlowPipeline(DiffusionPipeline):
             # 5. Score denoising with the conditional likelihood (no guidance), one sample at a time.
             if denoise:
                 latents = self.transformer.denoise(latents, encoder_hidden_states=prompt_embeds)
-                progress_bar.update()
+                denoised()
 
         # 6. Decode.
         images = self.decode_latents(latents, output_type)
@@ -481,17 +485,16 @@ class StarFlowPipeline(DiffusionPipeline):
 
     # --------------------------------------------------------------------------------------------- likelihood
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images (PIL, NumPy (batch, height, width, 3) or tensors (batch, 3, height, width), values in [0, 1]) ->
-        the VAE's input, float32 (batch, 3, height, width) in [-1, 1], via diffusers' `VaeImageProcessor` (no
-        resizing: height and width must be multiples of `vae_scale_factor * patch_size`)."""
-        if isinstance(images, (list, tuple)) and not images:
-            raise ValueError("images is empty")
-        pixels = self.image_processor.preprocess(images)
+        """Images (PIL, channels-last NumPy (batch, height, width, 3) or tensors (batch, 3, height, width), values in
+        [0, 1]; transparency flattened onto white, see `tarflow_hf.images`) -> the VAE's input, float32 (batch, 3,
+        height, width) in [-1, 1] (no resizing: height and width must be multiples of `vae_scale_factor *
+        patch_size`)."""
+        pixels = to_tensor(images, self.vae.config.in_channels)
         grid = self.vae_scale_factor * self.transformer.config.patch_size
         height, width = pixels.shape[-2:]
         if height % grid or width % grid:
             raise ValueError(f"images are {height}x{width} pixels; height and width must be multiples of {grid}")
-        return pixels
+        return VaeImageProcessor.normalize(pixels)
 
     @torch.no_grad()
     def encode_images(
@@ -512,29 +515,14 @@ class StarFlowPipeline(DiffusionPipeline):
         shift = getattr(config, "shift_factor", None) or 0.0
         return ((z - shift) * config.scaling_factor).float()
 
-    def _text_rows(
-        self, prompt: PromptInput, prompt_embeds: torch.Tensor | None, batch: int, name: str = "prompt"
-    ) -> torch.Tensor:
-        """Embeddings of one prompt (broadcast) or one per image, (batch, text_length, hidden)."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError(f"pass either {name} or prompt_embeds (exactly one)")
-        embeds, _ = self.encode_prompt(prompt, prompt_embeds=prompt_embeds, do_classifier_free_guidance=False)
-        if embeds.shape[0] == 1:
-            embeds = embeds.expand(batch, -1, -1)
-        if embeds.shape[0] != batch:
-            raise ValueError(f"got {embeds.shape[0]} prompts for {batch} images; pass one prompt, or one per image")
-        return embeds
-
     def _log_likelihood(self, latents: torch.Tensor, embeds: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
         """The flow's forward pass in chunks: (log_likelihood, bits_per_dim), float32."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        parts = []
-        for start in range(0, latents.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            out = self.transformer(latents[rows].to(self.transformer.dtype), embeds[rows])
-            parts.append((out.log_likelihood.float(), out.bits_per_dim.float()))
-        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+        def forward(chunk: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.transformer(chunk.to(self.transformer.dtype), text)
+            return out.log_likelihood.float(), out.bits_per_dim.float()
+
+        return run_in_chunks(forward, batch_size, latents, embeds)
 
     @torch.no_grad()
     def log_likelihood(
@@ -636,77 +624,8 @@ class StarFlowPipeline(DiffusionPipeline):
         log_likelihood, _ = self._log_likelihood(latents[image_index], embeds[caption_index], batch_size)
         return log_likelihood.view(num_images, num_candidates).softmax(dim=-1)
 
-    # ------------------------------------------------------------------------------------------ saving/loading
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ) -> None:
-        r"""
-        Save the pipeline as a diffusers folder: `model_index.json`, one subfolder per component (`transformer/`,
-        `text_encoder/`, `tokenizer/`, `vae/`, with safetensors weights) and this pipeline's code
-        (`pipeline_starflow.py`, named in `model_index.json`). It loads with `StarFlowPipeline.from_pretrained(folder)`
-        and, with tarflow-hf installed, with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
-        Arguments as [`DiffusionPipeline.save_pretrained`]; with `push_to_hub=True` the folder is uploaded to `repo_id`
-        (defaults to the folder's name; also `token`, `private`, `commit_message`, `create_pr`).
-        """
-        push = {
-            key: kwargs.pop(key)
-            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
-            if key in kwargs
-        }
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=False,
-            **kwargs,
-        )
-        folder = Path(save_directory)
-        index_path = folder / "model_index.json"
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        index["_class_name"] = [Path(__file__).stem, type(self).__name__]  # the code copy below
-        index.pop("_name_or_path", None)
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        shutil.copyfile(__file__, folder / Path(__file__).name)
-        if push_to_hub:
-            from huggingface_hub import create_repo
 
-            token = push.get("token")
-            repo_id = push.get("repo_id") or folder.absolute().name
-            repo_id = create_repo(repo_id, exist_ok=True, private=push.get("private"), token=token).repo_id
-            self._upload_folder(
-                str(folder),
-                repo_id,
-                token=token,
-                commit_message=push.get("commit_message"),
-                create_pr=push.get("create_pr", False),
-            )
-
-    @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
-        config = super()._dict_from_json_file(json_file)
-        if _PACKAGED and cls.__name__ == "StarFlowPipeline" and isinstance(config.get("_class_name"), list):
-            # `StarFlowPipeline.from_pretrained`: the installed class, not the code copy shipped with the folder.
-            config["_class_name"] = cls.__name__
-        return config
-
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-
-
-# diffusers resolves the transformer component of a saved folder (`["tarflow_hf.modeling_starflow", "StarFlowModel"]`
-# in model_index.json) from the imported modules only, so import the model's module whenever this one is imported.
-with contextlib.suppress(ImportError):  # without tarflow-hf (a folder's copy of this file): pass the transformer
-    importlib.import_module("tarflow_hf.modeling_starflow")
-if _PACKAGED:
+if PACKAGED:  # AutoModel finds the package's model wherever this pipeline is importable
     importlib.import_module(__package__).register_auto_classes()
 
 __all__ = ["StarFlowPipeline", "StarFlowPipelineOutput"]

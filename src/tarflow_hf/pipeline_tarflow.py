@@ -4,8 +4,9 @@ A saved folder (see `tarflow_hf.hub`) carries this file and the sibling modules 
 repository works both ways:
 
 - with tarflow-hf installed: `TarFlowPipeline.from_pretrained(repo)` (the installed classes; no remote code);
-- without it: `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` (this file, `labels.py` and the
-  model's own `transformer/modeling_tarflow.py`, all shipped in the repository).
+- without it: `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` (this file, the shared
+  `pipeline_utils.py`, `images.py` and `labels.py`, and the model's own `transformer/modeling_tarflow.py`, all
+  shipped in the repository).
 
 Hence the file imports nothing from `tarflow_hf` by name, only sibling modules relatively (and diffusers copies a
 local folder's *direct* relative imports only, so every sibling this file needs is imported here directly). The
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,19 +29,26 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
 
+from .images import ImageInput, to_tensor
 from .labels import aliases, ids_for_names, label2id, resolve_class_ids
-
-# True when imported as part of the installed tarflow-hf package; False when diffusers loaded this file from a
-# saved folder or Hub repository (`trust_remote_code=True`).
-_PACKAGED = __name__ == "tarflow_hf.pipeline_tarflow"
+from .pipeline_utils import (
+    PACKAGED,
+    FlowPipelineMixin,
+    Generator,
+    callback_inputs,
+    check_batch_size,
+    check_count,
+    check_latents,
+    check_output_type,
+    normal_noise,
+    run_in_chunks,
+    uniform_noise,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image | np.ndarray | torch.Tensor]
 LabelInput = int | str | Sequence[int | str] | torch.Tensor | np.ndarray | None
-Generator = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -66,62 +72,10 @@ class TarFlowPipelineOutput(BaseOutput):
     stats: Any | None = None
 
 
-class TarFlowPipeline(DiffusionPipeline):
-    r"""
-    Pipeline for TarFlow ("Normalizing Flows are Capable Generative Models", Zhai et al. 2024): image generation
-    with classifier-free guidance, and what only a normalizing flow can do, exact log-likelihoods, an invertible
-    encoder/decoder and a generative classifier.
+class ClassLabelsMixin:
+    """Class names and class-label inputs of a class-conditional pipeline: names (with aliases) from the
+    `id2label` in the pipeline's config, ids, names or tensors of ids -> a label tensor for the transformer."""
 
-    Parameters:
-        transformer ([`TarFlowModel`]):
-            The flow (a transformers `PreTrainedModel`).
-        id2label (`dict[int, str]`, *optional*):
-            Class names, one per class id; defaults to the transformer config's `id2label`. A name may hold several
-            comma-separated aliases (ImageNet style, `"tench, Tinca tinca"`); each alias selects the class. Saved to
-            `model_index.json`.
-
-    Examples:
-
-    ```python
-    >>> import torch
-    >>> from tarflow_hf import TarFlowPipeline
-
-    >>> pipe = TarFlowPipeline.from_pretrained("path/or/repo-id")
-    >>> image = pipe(class_labels=["golden retriever"], guidance_scale=3.0, generator=torch.manual_seed(0)).images[0]
-    >>> image.save("dog.png")
-
-    >>> # Exact likelihood of images, in bits per dimension (PIL images, or arrays / tensors in [0, 1]).
-    >>> pipe.bits_per_dim([image], class_labels=["golden retriever"], generator=torch.manual_seed(0))
-
-    >>> # The flow is invertible: decode(encode(x)) == x, so latent interpolation is a one-liner.
-    >>> z = pipe.encode([image_a, image_b])
-    >>> t = torch.linspace(0, 1, 8).view(-1, 1, 1)
-    >>> frames = pipe.decode(torch.cos(t * torch.pi / 2) * z[:1] + torch.sin(t * torch.pi / 2) * z[1:])
-
-    >>> # Bayes' rule over the class-conditional likelihoods.
-    >>> probabilities = pipe.classify([image])  # (1, num_classes)
-    ```
-    """
-
-    model_cpu_offload_seq = "transformer"
-    _callback_tensor_inputs = ["images"]  # noqa: RUF012 (diffusers reads this class attribute as a list)
-
-    def __init__(self, transformer: PreTrainedModel, id2label: dict[int, str] | dict[str, str] | None = None):
-        super().__init__()
-        self.register_modules(transformer=transformer)
-        num_classes = transformer.config.num_classes
-        if id2label is None:
-            id2label = dict(transformer.config.id2label or {}) if num_classes else {}
-        id2label = {int(key): str(name) for key, name in id2label.items()}
-        if sorted(id2label) != list(range(num_classes)):
-            raise ValueError(
-                f"id2label must name each class id 0..{num_classes - 1} exactly once (the transformer has "
-                f"num_classes={num_classes}), got ids {sorted(id2label)[:10]}"
-            )
-        self.register_to_config(id2label=id2label)
-        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
-
-    # ------------------------------------------------------------------------------------------------- labels
     @property
     def id2label(self) -> dict[int, str]:
         """Class id -> name (possibly several comma-separated aliases)."""
@@ -160,6 +114,11 @@ class TarFlowPipeline(DiffusionPipeline):
         num_classes = self.transformer.config.num_classes
         if not num_classes:
             return resolve_class_ids(self.id2label, 0, class_labels)  # raises, naming what was passed
+        if isinstance(class_labels, (Mapping, Set)):
+            raise ValueError(
+                f"class_labels must be an id, a name, a list of them or a tensor/array of ids, got a "
+                f"{type(class_labels).__name__} (its order or its values would be guessed)"
+            )
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             if isinstance(class_labels, torch.Tensor):
                 integral = not (class_labels.is_floating_point() or class_labels.is_complex())
@@ -184,6 +143,63 @@ class TarFlowPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(ids)} class labels for {batch_size} images; pass one label, or one per image")
         return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
 
+
+class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
+    r"""
+    Pipeline for TarFlow ("Normalizing Flows are Capable Generative Models", Zhai et al. 2024): image generation
+    with classifier-free guidance, and what only a normalizing flow can do, exact log-likelihoods, an invertible
+    encoder/decoder and a generative classifier.
+
+    Parameters:
+        transformer ([`TarFlowModel`]):
+            The flow (a transformers `PreTrainedModel`).
+        id2label (`dict[int, str]`, *optional*):
+            Class names, one per class id; defaults to the transformer config's `id2label`. A name may hold several
+            comma-separated aliases (ImageNet style, `"tench, Tinca tinca"`); each alias selects the class. Saved to
+            `model_index.json`.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from tarflow_hf import TarFlowPipeline
+
+    >>> pipe = TarFlowPipeline.from_pretrained("path/or/repo-id")
+    >>> image = pipe(class_labels=["golden retriever"], guidance_scale=3.0, generator=torch.manual_seed(0)).images[0]
+    >>> image.save("dog.png")
+
+    >>> # Exact likelihood of images, in bits per dimension (PIL images, or arrays / tensors in [0, 1]).
+    >>> pipe.bits_per_dim([image], class_labels=["golden retriever"], generator=torch.manual_seed(0))
+
+    >>> # The flow is invertible: decode(encode(x)) == x, so latent interpolation is a one-liner.
+    >>> z = pipe.encode([image_a, image_b])
+    >>> t = torch.linspace(0, 1, 8).view(-1, 1, 1)
+    >>> frames = pipe.decode(torch.cos(t * torch.pi / 2) * z[:1] + torch.sin(t * torch.pi / 2) * z[1:])
+
+    >>> # Bayes' rule over the class-conditional likelihoods.
+    >>> probabilities = pipe.classify([image])  # (1, num_classes)
+    ```
+    """
+
+    model_cpu_offload_seq = "transformer"
+    _transformer_module, _transformer_class = "modeling_tarflow", "TarFlowModel"
+    _callback_tensor_inputs = ["images"]  # noqa: RUF012 (diffusers reads this class attribute as a list)
+
+    def __init__(self, transformer: PreTrainedModel, id2label: dict[int, str] | dict[str, str] | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer)
+        num_classes = transformer.config.num_classes
+        if id2label is None:
+            id2label = dict(transformer.config.id2label or {}) if num_classes else {}
+        id2label = {int(key): str(name) for key, name in id2label.items()}
+        if sorted(id2label) != list(range(num_classes)):
+            raise ValueError(
+                f"id2label must name each class id 0..{num_classes - 1} exactly once (the transformer has "
+                f"num_classes={num_classes}), got ids {sorted(id2label)[:10]}"
+            )
+        self.register_to_config(id2label=id2label)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
     # ----------------------------------------------------------------------------------------------- sampling
     def check_inputs(
         self,
@@ -195,22 +211,14 @@ class TarFlowPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
         """Validate what the transformer does not check before the (long) sampling loop starts."""
-        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int):
-            raise ValueError(f"num_images_per_label must be a positive integer, got {num_images_per_label!r}")
-        if num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
+        check_count("num_images_per_label", num_images_per_label)
         if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
         if not math.isfinite(denoise_strength):
             raise ValueError(f"denoise_strength must be a finite number, got {denoise_strength}")
-        if isinstance(denoise_batch_size, bool) or not isinstance(denoise_batch_size, int) or denoise_batch_size < 1:
-            raise ValueError(f"denoise_batch_size must be an integer >= 1, got {denoise_batch_size!r}")
-        _check_output_type(output_type)
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has {unknown}; allowed are {self._callback_tensor_inputs}"
-            )
+        check_batch_size(denoise_batch_size, "denoise_batch_size")
+        check_output_type(output_type, OUTPUT_TYPES, LATENT_HINT if output_type == "latent" else "")
+        callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def prepare_latents(
         self, batch_size: int, generator: Generator, latents: torch.Tensor | None, device: torch.device
@@ -219,27 +227,10 @@ class TarFlowPipeline(DiffusionPipeline):
         noise drawn as diffusers' `randn_tensor` does (on the generator's device, one generator per image when a
         list is given; `batch_size` is then the number of images)."""
         config = self.transformer.config
-        shape = (batch_size, config.num_patches, config.patch_dim)
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or latents.dim() != 3 or latents.shape[1:] != shape[1:]:
-                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise ValueError(f"latents must have shape (batch, {shape[1]}, {shape[2]}), got {got}")
-            if not latents.is_floating_point():
-                raise ValueError(f"latents must be floating point, got dtype {latents.dtype}")
-            return latents.to(device)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
-                "(or a single generator)"
-            )
-        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-
-    def _onload_transformer(self) -> None:
-        # With `enable_model_cpu_offload`, accelerate moves the model to the accelerator when its `forward` runs;
-        # sampling calls `inverse`, so run the hook by hand (as diffusers' `apply_forward_hook` does for VAEs).
-        hook = getattr(self.transformer, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self.transformer)
+            shape = (None, config.num_patches, config.patch_dim)
+            return check_latents(latents, shape, f"(batch, {shape[1]}, {shape[2]})").to(device)
+        return normal_noise((batch_size, config.num_patches, config.patch_dim), generator, device)
 
     def _postprocess(self, images: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """Model space [-1, 1] -> [0, 1] (x / 2 + 0.5, clipped) in float32, as a tensor, array or PIL images."""
@@ -352,8 +343,9 @@ class TarFlowPipeline(DiffusionPipeline):
             [`TarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the trajectory
             and the stats when asked for.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
         self.check_inputs(
             num_images_per_label,
             noise_std,
@@ -382,17 +374,14 @@ class TarFlowPipeline(DiffusionPipeline):
 
         # 3. Invert the flow, one progress step per block (and one for denoising).
         trajectory = [] if return_trajectory else None
-        self._onload_transformer()
-        with self.progress_bar(total=config.num_blocks + int(denoise)) as progress_bar:
 
-            def on_block(step: int, images: torch.Tensor) -> None:
-                if trajectory is not None:
-                    trajectory.append(self._postprocess(images, output_type))
-                if callback_on_step_end is not None:
-                    callback_kwargs = {name: images for name in callback_on_step_end_tensor_inputs}
-                    callback_on_step_end(self, step, config.num_blocks - 1 - step, callback_kwargs)
-                progress_bar.update()
+        def record(images: torch.Tensor) -> None:
+            trajectory.append(self._postprocess(images, output_type))
 
+        progress = self._block_progress(
+            denoise, callback_on_step_end, callback_on_step_end_tensor_inputs, record if return_trajectory else None
+        )
+        with progress as (on_block, denoised):
             images, stats = self.transformer.inverse(
                 latents.to(self.transformer.dtype),
                 class_labels=labels,
@@ -418,7 +407,7 @@ class TarFlowPipeline(DiffusionPipeline):
                     strength=denoise_strength,
                     batch_size=denoise_batch_size,
                 )
-                progress_bar.update()
+                denoised()
 
         self.maybe_free_model_hooks()
         images = self._postprocess(images, output_type)
@@ -432,76 +421,14 @@ class TarFlowPipeline(DiffusionPipeline):
         r"""
         Images in the pipeline's output formats -> a float32 tensor (batch, channels, height, width) in [0, 1].
 
-        Accepts a PIL image or a list of them (converted to the model's mode, `"L"` or `"RGB"`), a NumPy array
-        (height, width[, channels]) or (batch, height, width, channels), a tensor (channels, height, width) or
-        (batch, channels, height, width), or lists of arrays / tensors. Floats must lie in [0, 1]; uint8 is divided
-        by 255. Images are not resized.
+        Accepts a PIL image or a list of them (converted to the model's mode, `"L"` or `"RGB"`; transparency is
+        flattened onto white), a channels-last NumPy array (height, width[, channels]) or (batch, height, width,
+        channels), a tensor (channels, height, width) or (batch, channels, height, width), or lists of arrays /
+        tensors. Floats must lie in [0, 1]; uint8 is divided by 255. Images are not resized. Anything ambiguous (a
+        channels-first array, an empty batch) is refused; see `tarflow_hf.images`.
         """
         config = self.transformer.config
-        channels, size = config.num_channels, config.image_size
-        if isinstance(images, PIL.Image.Image):
-            images = [images]
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError("images is empty")
-            if all(isinstance(image, PIL.Image.Image) for image in images):
-                mode = {1: "L", 3: "RGB"}.get(channels)
-                if mode is None:
-                    raise ValueError(f"PIL images cannot hold the model's {channels} channels; pass arrays or tensors")
-                sizes = {image.size for image in images}
-                if sizes != {(size, size)}:
-                    raise ValueError(f"images must be {size}x{size} pixels, got sizes {sorted(sizes)}")
-                arrays = [np.asarray(image.convert(mode)) for image in images]
-                images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-            elif all(isinstance(image, np.ndarray) for image in images):
-                images = np.stack([image if image.ndim == 3 else image[..., None] for image in images])
-            elif all(isinstance(image, torch.Tensor) for image in images):
-                images = torch.stack(list(images))
-            else:
-                kinds = sorted({type(image).__name__ for image in images})
-                raise ValueError(f"a list of images must hold PIL images, arrays or tensors of one kind, got {kinds}")
-        if isinstance(images, np.ndarray):
-            if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] == channels and images.shape[0] == size):
-                images = images.reshape(1, *images.shape[:2], -1)  # one image
-            elif images.ndim == 3 and channels == 1:
-                images = images[..., None]  # a batch of grayscale images
-            images = self._array_to_tensor(images)
-        elif isinstance(images, torch.Tensor):
-            if images.dim() == 3:
-                images = images.unsqueeze(0)
-            images = self._scale_to_unit(images.detach().cpu())
-        else:
-            raise ValueError(f"images must be PIL images, NumPy arrays or torch tensors, got {type(images).__name__}")
-        expected = (channels, size, size)
-        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images must have shape (batch, {', '.join(map(str, expected))}) as a tensor (or (batch, {size}, "
-                f"{size}, {channels}) as an array), got {tuple(images.shape)}"
-            )
-        return images
-
-    def _array_to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        if images.ndim != 4:
-            raise ValueError(f"image arrays must be (batch, height, width, channels), got shape {images.shape}")
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 255.0
-        elif not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"image arrays must be uint8 or floating point in [0, 1], got dtype {images.dtype}")
-        return self._scale_to_unit(VaeImageProcessor.numpy_to_pt(np.ascontiguousarray(images)))
-
-    @staticmethod
-    def _scale_to_unit(images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            return images.float() / 255.0
-        if not images.is_floating_point():
-            raise ValueError(f"image tensors must be uint8 or floating point in [0, 1], got dtype {images.dtype}")
-        images = images.float()
-        if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
-            raise ValueError(
-                f"image values must lie in [0, 1] (the pipeline's output range), got values in "
-                f"[{images.min().item():.4g}, {images.max().item():.4g}]; map model-space images x to x / 2 + 0.5"
-            )
-        return images
+        return to_tensor(images, config.num_channels, config.image_size)
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] -> the model's [-1, 1], on its device and in its dtype."""
@@ -509,14 +436,12 @@ class TarFlowPipeline(DiffusionPipeline):
 
     def _forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None, batch_size: int):
         """The model's forward pass in chunks, concatenated: (log_likelihood, bits_per_dim, latents)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        outputs = []
-        for start in range(0, pixel_values.shape[0], batch_size):
-            chunk_labels = None if labels is None else labels[start : start + batch_size]
-            out = self.transformer(pixel_values[start : start + batch_size], chunk_labels)
-            outputs.append((out.log_likelihood, out.bits_per_dim, out.latents))
-        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+        def forward(pixels: torch.Tensor, chunk_labels: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+            out = self.transformer(pixels, chunk_labels)
+            return out.log_likelihood, out.bits_per_dim, out.latents
+
+        return run_in_chunks(forward, batch_size, pixel_values, labels)
 
     @torch.no_grad()
     def log_likelihood(self, images: ImageInput, class_labels: LabelInput = None, batch_size: int = 64) -> torch.Tensor:
@@ -573,7 +498,7 @@ class TarFlowPipeline(DiffusionPipeline):
         """
         levels = (self.preprocess(images) * 255).round()
         if dequantize:
-            noise = _uniform_noise(levels.shape, generator)
+            noise = uniform_noise(levels.shape, generator)
             unit = (levels + noise) / 256
         else:
             unit = levels / 255
@@ -615,7 +540,7 @@ class TarFlowPipeline(DiffusionPipeline):
         >>> frames = pipe.decode(torch.cos(t * torch.pi / 2) * z[:1] + torch.sin(t * torch.pi / 2) * z[1:])
         ```
         """
-        _check_output_type(output_type)
+        check_output_type(output_type, OUTPUT_TYPES)
         latents = self.prepare_latents(0, None, latents, self._execution_device)
         labels = self._labels_tensor(self._class_ids(class_labels), latents.shape[0])
         self._onload_transformer()
@@ -651,215 +576,34 @@ class TarFlowPipeline(DiffusionPipeline):
         num_classes = self.transformer.config.num_classes
         if num_classes == 0:
             raise ValueError("classify needs a class-conditional model; this one is unconditional (num_classes=0)")
-        log_prior = torch.zeros(num_classes)
-        if prior is not None:
-            prior = torch.as_tensor(prior, dtype=torch.float64)
-            if (
-                prior.shape != (num_classes,)
-                or not torch.isfinite(prior).all()
-                or (prior < 0).any()
-                or prior.sum() <= 0
-            ):
-                raise ValueError(f"prior must be {num_classes} non-negative finite numbers, not all zero")
-            log_prior = prior.log().float()
+        log_prior = _log_prior(prior, num_classes)
         pixel_values = self._model_input(self.preprocess(images))
         batch = pixel_values.shape[0]
         image_index = torch.arange(batch, device=pixel_values.device).repeat_interleave(num_classes)
         classes = torch.arange(num_classes, device=pixel_values.device).repeat(batch)
-        log_likelihood = self._forward_pairs(pixel_values, image_index, classes, batch_size)
+        (log_likelihood,) = run_in_chunks(
+            lambda rows, labels: (self.transformer(pixel_values[rows], labels).log_likelihood,),
+            batch_size,
+            image_index,
+            classes,
+        )
         scores = log_likelihood.view(batch, num_classes).float() + log_prior.to(log_likelihood.device)
         return scores.softmax(dim=-1)
 
-    def _forward_pairs(
-        self, pixel_values: torch.Tensor, image_index: torch.Tensor, classes: torch.Tensor, batch_size: int
-    ) -> torch.Tensor:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        parts = []
-        for start in range(0, image_index.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            parts.append(self.transformer(pixel_values[image_index[rows]], classes[rows]).log_likelihood)
-        return torch.cat(parts)
 
-    # ------------------------------------------------------------------------------------------- saving (hub.py)
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        model_card: Any = None,
-        overwrite_model_card: bool = False,
-        **kwargs,
-    ) -> None:
-        r"""
-        Save the pipeline in a folder that loads with `TarFlowPipeline.from_pretrained` (tarflow-hf installed) and
-        with `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (without it): `model_index.json`
-        (with the class names `id2label`), the pipeline's code, `transformer/` (config, safetensors weights and the
-        model's code) and a model card `README.md`; see `tarflow_hf.hub`.
-
-        The folder is written next to its destination and then moved in place, so an interrupted save leaves no
-        half-written files; other files already in the folder are kept.
-
-        Args:
-            save_directory (`str` or `os.PathLike`): the folder (created if needed).
-            safe_serialization (`bool`): must stay `True`: weights are saved as safetensors only.
-            variant, max_shard_size: as in [`DiffusionPipeline.save_pretrained`].
-            push_to_hub (`bool`): then upload the folder to `repo_id` (a keyword argument; defaults to the folder
-                name), see [`~TarFlowPipeline.push_to_hub`]. Also accepts `token`, `private`, `commit_message`,
-                `create_pr`.
-            model_card (`ModelCard` or `dict`, *optional*): the card to write, or keyword arguments for
-                [`~TarFlowPipeline.model_card`] (for instance `{"license": "apple-amlr", "repo_id": "me/tarflow"}`).
-            overwrite_model_card (`bool`): replace a README.md already in the folder even if it was not generated by
-                tarflow-hf (a card written by hand or by training code is kept otherwise).
-        """
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False is not supported: TarFlow pipelines are saved as safetensors")
-        push_kwargs = {
-            key: kwargs.pop(key)
-            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
-            if key in kwargs
-        }
-        if kwargs:
-            raise ValueError(f"unexpected arguments to save_pretrained: {sorted(kwargs)}")
-        hub = _hub()
-        repo_id = push_kwargs.pop("repo_id", None)
-        card = model_card
-        if repo_id and not isinstance(card, hub.ModelCard):
-            card = {"repo_id": repo_id, **(card or {})}
-        folder = hub.save_pipeline(
-            self,
-            save_directory,
-            card=card,
-            overwrite_model_card=overwrite_model_card,
-            variant=variant,
-            max_shard_size=max_shard_size,
-        )
-        if push_to_hub:
-            hub.upload_folder(folder, repo_id or folder.name, overwrite_model_card=overwrite_model_card, **push_kwargs)
-
-    def model_card(self, repo_id: str | None = None, license: str = "other", **kwargs) -> Any:
-        r"""
-        A model card (`huggingface_hub.ModelCard`) for this pipeline: metadata (library, tags, pipeline tag,
-        license, datasets, base model), the model's configuration, and how to load and sample it with and without
-        tarflow-hf installed. Keyword arguments as `tarflow_hf.hub.model_card` (`datasets`, `base_model`,
-        `description`, `training`, `evaluation`).
-        """
-        return _hub().model_card(self, repo_id=repo_id, license=license, **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        model_card: Any = None,
-        overwrite_model_card: bool = False,
-    ) -> Any:
-        r"""
-        Upload the pipeline to the Hub (creating the repository if needed), in the layout of
-        [`~TarFlowPipeline.save_pretrained`], with a generated model card. A README.md already in the repository
-        that was not generated by tarflow-hf is kept unless `overwrite_model_card=True`; a pipeline loaded from a
-        folder with a generated card keeps that card's training and evaluation sections.
-
-        Example:
-
-        ```python
-        >>> pipe.push_to_hub("me/tarflow-afhq", model_card={"license": "apple-amlr"})
-        ```
-        """
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False is not supported: TarFlow pipelines are saved as safetensors")
-        return _hub().push_pipeline(
-            self,
-            repo_id,
-            card=model_card,
-            overwrite_model_card=overwrite_model_card,
-            token=token,
-            private=private,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            variant=variant,
-        )
-
-    # ------------------------------------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> TarFlowPipeline:
-        r"""
-        Load a saved pipeline (a folder or a Hub id), as [`DiffusionPipeline.from_pretrained`].
-
-        With tarflow-hf installed the installed classes are used and no remote code runs, whatever the folder
-        ships; `torch_dtype`/`dtype` and `device_map` apply to the transformer. Without tarflow-hf, use
-        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
-        """
-        if _PACKAGED and kwargs.get("transformer") is None:
-            kwargs.pop("transformer", None)
-            kwargs["transformer"] = cls._load_transformer(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @staticmethod
-    def _load_transformer(pretrained_model_name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Any:
-        model_class = importlib.import_module(f"{__package__}.modeling_tarflow").TarFlowModel
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, dict):
-            dtype = dtype.get("transformer", dtype.get("default"))
-        passed = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant")
-        options = {key: kwargs[key] for key in passed if kwargs.get(key) is not None}
-        device_map = kwargs.pop("device_map", None)
-        if device_map is not None:
-            options["device_map"] = device_map
-        return model_class.from_pretrained(
-            pretrained_model_name_or_path, subfolder="transformer", dtype=dtype or torch.float32, **options
-        )
-
-    @classmethod
-    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
-        config = super()._dict_from_json_file(json_file)
-        if _PACKAGED and "transformer" in config:
-            # The saved model_index.json names the remote-code classes shipped with the folder; the installed
-            # package uses its own pipeline class instead, and `from_pretrained` passes the transformer it loaded.
-            config["_class_name"] = cls.__name__
-            config["transformer"] = [None, None]
-        return config
+def _log_prior(prior: torch.Tensor | Sequence[float] | None, num_classes: int) -> torch.Tensor:
+    """log p(y) of `classify`'s class prior (uniform when `None`; need not be normalized), float32."""
+    if prior is None:
+        return torch.zeros(num_classes)
+    prior = torch.as_tensor(prior, dtype=torch.float64)
+    if prior.shape != (num_classes,) or not torch.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
+        raise ValueError(f"prior must be {num_classes} non-negative finite numbers, not all zero")
+    return prior.log().float()
 
 
-def _hub() -> ModuleType:
-    """`tarflow_hf.hub` (saving, cards, uploads). Looked up by name, not imported relatively, so that a saved folder
-    need not carry it; a copy loaded as remote code cannot save."""
-    if not _PACKAGED:
-        raise RuntimeError(
-            "saving or pushing a pipeline loaded as remote code needs the tarflow-hf package: pip install tarflow-hf, "
-            "then load it with TarFlowPipeline.from_pretrained"
-        )
-    return importlib.import_module(f"{__package__}.hub")
+LATENT_HINT = " (TarFlow samples in pixel space: its latents are the prior noise, see `latents` and `encode`)"
 
-
-def _check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        hint = ""
-        if output_type == "latent":
-            hint = " (TarFlow samples in pixel space: its latents are the prior noise, see `latents` and `encode`)"
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}{hint}")
-
-
-def _uniform_noise(shape: torch.Size, generator: Generator) -> torch.Tensor:
-    """U[0, 1) noise in float32, drawn on the generator's device and returned on the CPU; one generator per image
-    when a list is given (as diffusers' `randn_tensor`)."""
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for {shape[0]} images; pass one per image")
-        return torch.cat(
-            [torch.rand((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).cpu() for g in generator]
-        )
-    device = generator.device if generator is not None else "cpu"
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).cpu()
-
-
-if _PACKAGED:  # AutoModel finds the package's model wherever this pipeline is importable
+if PACKAGED:  # AutoModel finds the package's model wherever this pipeline is importable
     importlib.import_module(__package__).register_auto_classes()
 
 __all__ = ["TarFlowPipeline", "TarFlowPipelineOutput"]

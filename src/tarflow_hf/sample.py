@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,23 +26,24 @@ from typing import Any
 import PIL.Image
 import torch
 from diffusers.utils import logging as diffusers_logging
-from PIL import ImageDraw, ImageFont
 from transformers.utils import logging as transformers_logging
 
 from .arguments import sample as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
 from .cli import CommandError
 from .fileio import atomic_file
+from .grids import PADDING, make_grid  # noqa: F401 (PADDING re-exported)
 from .hub import REPO_ID
 from .labels import display_name, parse_label, resolve_class_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PADDING = 2
 
 
 def run(args: argparse.Namespace) -> int:
     output = _check_output(args.output)
     if args.num_images < 1:
         raise CommandError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed is not None and not 0 <= args.seed < 2**62:
         raise CommandError(f"--seed must be between 0 and 2**62, got {args.seed}")
     if args.columns is not None and args.columns < 1:
@@ -48,21 +51,73 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--guidance-scale", args.guidance_scale), ("--noise-std", args.noise_std)):
         if value is not None and not math.isfinite(value):
             raise CommandError(f"{flag} must be a finite number, got {value}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise CommandError(f"{flag} must be >= 1, got {value}")
+    if args.prompts and args.class_labels:
+        raise CommandError("give --prompt (text-to-image STARFlow models) or --class-label (TarFlow models), not both")
+    if args.negative_prompts and not args.prompts:
+        raise CommandError("--negative-prompt goes with --prompt")
+    if args.negative_prompts and len(args.negative_prompts) not in (1, len(args.prompts)):
+        raise CommandError(
+            f"give one --negative-prompt, or one per --prompt ({len(args.prompts)}); got {len(args.negative_prompts)}"
+        )
     device = _device(args.device)
     labels = [parse_label(label) for label in args.class_labels or []]
     # Not torch's global generator: it starts from the same seed in every process.
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
 
     with _progress_bars(enabled=not args.quiet):
-        pipe = _load(args.model, args.revision, DTYPES[args.dtype]).to(device)
+        pipe = load_pipeline(args.model, args.revision, DTYPES[args.dtype])
+    _check_weights(pipe.transformer, args.model)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
-    ids = _class_ids(pipe, labels)
-    num_images = (len(ids) if ids else 1) * args.num_images
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
+    if _is_text_to_image(pipe):
+        images, captions, groups = _sample_text_to_image(pipe, args, seed)
+    else:
+        images, captions, groups = _sample_class_conditional(pipe, args, labels, seed)
+
+    num_images = len(images)
+    columns = args.columns or (args.num_images if groups > 1 else math.ceil(math.sqrt(num_images)))
+    grid = make_grid(images, columns, captions if args.captions else None)
     try:
-        images = pipe(
-            class_labels=ids,
-            num_images_per_label=args.num_images,
+        with atomic_file(output) as temporary:  # readers never see a half-written file
+            grid.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
+    except OSError as error:  # a full disk, a permission refused...: the user's environment, not a bug
+        raise CommandError(f"could not write --output {str(output)!r}: {error.strerror or error}") from None
+    print(f"wrote {output} ({num_images} image{'s' if num_images != 1 else ''}, seed {seed})")
+    return 0
+
+
+def _batches(count: int, batch_size: int) -> list[range]:
+    return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
+def _call(pipe: Any, **kwargs: Any) -> list[PIL.Image.Image]:
+    try:
+        return pipe(**kwargs).images
+    except FloatingPointError as error:
+        raise CommandError(str(error)) from None
+
+
+def _sample_class_conditional(
+    pipe: Any, args: argparse.Namespace, labels: list[int | str], seed: int
+) -> tuple[list[PIL.Image.Image], list[str] | None, int]:
+    """TarFlow: `--num-images` per class label (or unconditional), drawn `--batch-size` at a time; image i from a
+    generator seeded `seed + i`, so the batch size changes nothing."""
+    if args.prompts:
+        raise CommandError("this TarFlow model is not text-to-image; drop --prompt (use --class-label)")
+    if args.height is not None or args.width is not None:
+        raise CommandError("--height/--width apply to STARFlow models; a TarFlow model has one image size")
+    ids = _class_ids(pipe, labels)
+    per_image = [class_id for class_id in ids for _ in range(args.num_images)] if ids else None
+    num_images = len(per_image) if per_image else args.num_images
+    images: list[PIL.Image.Image] = []
+    for batch in _batches(num_images, args.batch_size):
+        images += _call(
+            pipe,
+            class_labels=None if per_image is None else per_image[batch.start : batch.stop],
+            num_images_per_label=1 if per_image else len(batch),
             guidance_scale=args.guidance_scale,
             guidance_target=args.guidance_target,
             guidance_schedule=args.guidance_schedule,
@@ -72,45 +127,73 @@ def run(args: argparse.Namespace) -> int:
             jacobi_window=args.jacobi_window,
             denoise=args.denoise,
             noise_std=args.noise_std,
-            generator=generator,
-        ).images
-    except FloatingPointError as error:
-        raise CommandError(str(error)) from None
-
+            generator=[torch.Generator().manual_seed(seed + i) for i in batch],
+        )
     captions = None
-    if args.captions and pipe.transformer.config.num_classes:
+    if pipe.transformer.config.num_classes:
         captions = [_caption(pipe, class_id) for class_id in ids or [-1] for _ in range(args.num_images)]
-    columns = args.columns or (args.num_images if ids and len(ids) > 1 else math.ceil(math.sqrt(num_images)))
-    grid = make_grid(images, columns, captions)
-    with atomic_file(output) as temporary:  # readers never see a half-written file
-        grid.save(temporary, format=PIL.Image.registered_extensions()[output.suffix.lower()])
-    print(f"wrote {output} ({num_images} image{'s' if num_images != 1 else ''}, seed {seed})")
-    return 0
+    return images, captions, len(ids) if ids else 1
 
 
-def make_grid(images: list[PIL.Image.Image], columns: int, captions: list[str] | None = None) -> PIL.Image.Image:
-    """Tile images row by row on a white background, with a caption under each when given (PIL's default font).
-    Cells widen to fit the longest caption."""
-    font = ImageFont.load_default()
-    width = images[0].width
-    caption_height = 0
-    if captions:
-        boxes = [font.getbbox(text) for text in captions]
-        width = max(width, *(box[2] - box[0] + 2 * PADDING for box in boxes))
-        caption_height = max(box[3] for box in boxes) + 2 * PADDING
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    cell_w, cell_h = width + PADDING, images[0].height + caption_height + PADDING
-    grid = PIL.Image.new("RGB", (columns * cell_w + PADDING, rows * cell_h + PADDING), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        left = PADDING + (index % columns) * cell_w
-        top = PADDING + (index // columns) * cell_h
-        grid.paste(image.convert("RGB"), (left + (width - image.width) // 2, top))
-        if captions:
-            text_width = draw.textlength(captions[index], font=font)
-            draw.text((left + (width - text_width) / 2, top + image.height + PADDING), captions[index], "black", font)
-    return grid
+def _sample_text_to_image(
+    pipe: Any, args: argparse.Namespace, seed: int
+) -> tuple[list[PIL.Image.Image], list[str], int]:
+    """STARFlow: `--num-images` per `--prompt`, drawn `--batch-size` at a time, captioned with their prompts."""
+    if args.class_labels:
+        raise CommandError("this STARFlow model is text-to-image; give --prompt TEXT instead of --class-label")
+    if not args.prompts:
+        raise CommandError("this STARFlow model is text-to-image; give --prompt TEXT (repeat for several prompts)")
+    tarflow_only = [
+        flag
+        for flag, given in (
+            ("--noise-std", args.noise_std is not None),
+            ("--guidance-target", args.guidance_target != "both"),
+            ("--guidance-schedule", args.guidance_schedule != "constant"),
+        )
+        if given
+    ]
+    if tarflow_only:
+        raise CommandError(f"{', '.join(tarflow_only)} apply to TarFlow models, not to this STARFlow model")
+    prompts = [prompt for prompt in args.prompts for _ in range(args.num_images)]
+    negatives = None
+    if args.negative_prompts:
+        per_prompt = args.negative_prompts * len(args.prompts) if len(args.negative_prompts) == 1 else None
+        negatives = [negative for negative in per_prompt or args.negative_prompts for _ in range(args.num_images)]
+    images: list[PIL.Image.Image] = []
+    for batch in _batches(len(prompts), args.batch_size):
+        try:
+            images += _call(
+                pipe,
+                prompt=prompts[batch.start : batch.stop],
+                negative_prompt=None if negatives is None else negatives[batch.start : batch.stop],
+                height=args.height,
+                width=args.width,
+                guidance_scale=args.guidance_scale,
+                attention_temperature=args.attention_temperature,
+                sampler=args.sampler,
+                jacobi_tolerance=args.jacobi_tolerance,
+                jacobi_window=args.jacobi_window,
+                denoise=args.denoise,
+                generator=[torch.Generator().manual_seed(seed + i) for i in batch],
+            )
+        except ValueError as error:  # check_inputs: a size the model cannot take, ...
+            raise CommandError(str(error).strip().splitlines()[0]) from None
+    return images, prompts, len(args.prompts)
+
+
+def _is_text_to_image(pipe: Any) -> bool:
+    return hasattr(pipe, "text_encoder")
+
+
+def _check_weights(model: torch.nn.Module, name: str) -> None:
+    """NaN or infinite weights make every sample non-finite: say so up front, naming them, rather than let
+    sampling fail with a message about numeric overflow."""
+    from .convert import non_finite_weights
+
+    bad = non_finite_weights(model.state_dict())
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CommandError(f"the weights of {name!r} hold NaN or infinite values: {shown}; the model is broken")
 
 
 def _check_output(path: str) -> Path:
@@ -118,9 +201,16 @@ def _check_output(path: str) -> Path:
     if output.is_dir():
         raise CommandError(f"--output {path!r} is a folder; give an image file name")
     extensions = PIL.Image.registered_extensions()
-    if output.suffix.lower() not in extensions:
-        common = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".bmp", ".tiff") if ext in extensions)
-        raise CommandError(f"--output {path!r} has no image extension PIL can write; use one of {common}")
+    writable = [ext for ext, image_format in extensions.items() if image_format in PIL.Image.SAVE]
+    if output.suffix.lower() not in writable:
+        common = ", ".join(ext for ext in (".png", ".jpg", ".webp", ".bmp", ".tiff") if ext in writable)
+        what = f"extension {output.suffix!r}" if output.suffix else "no extension"
+        raise CommandError(f"--output {path!r}: PIL cannot write images with {what}; use one of {common}")
+    existing = next(folder for folder in output.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise CommandError(f"--output {path!r} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise CommandError(f"--output {path!r} cannot be written: permission denied")
     return output
 
 
@@ -150,9 +240,10 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _load(model: str, revision: str | None, dtype: torch.dtype) -> Any:
+def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> Any:
+    """A TarFlowPipeline or StarFlowPipeline (by the folder's model_index.json) from a folder, a Hub id, or
+    'bundled'; a mistake is one line."""
     from . import BUNDLED_MODEL
-    from .pipeline_tarflow import TarFlowPipeline
 
     if model == "bundled":
         model = BUNDLED_MODEL
@@ -168,10 +259,40 @@ def _load(model: str, revision: str | None, dtype: torch.dtype) -> Any:
     elif not REPO_ID.match(model):
         raise CommandError(f"MODEL {model!r} is neither an existing folder nor a Hub repo id (owner/name)")
     try:
-        return TarFlowPipeline.from_pretrained(model, revision=revision, dtype=dtype)
+        return _pipeline_class(model, revision).from_pretrained(model, revision=revision, dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(f"could not load {model!r}: {first_line}") from None
+
+
+_load = load_pipeline  # the earlier private name
+
+
+def _pipeline_class(model: str, revision: str | None) -> Any:
+    """StarFlowPipeline when model_index.json names it, else TarFlowPipeline."""
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(model, "model_index.json", revision=revision))
+        except Exception:  # offline, or not there: TarFlowPipeline reports what is wrong
+            index = None
+    class_name = None
+    if index is not None:
+        try:
+            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            class_name = None
+    if isinstance(class_name, list) and class_name:
+        class_name = class_name[-1]
+    if class_name == "StarFlowPipeline":
+        from .pipeline_starflow import StarFlowPipeline
+
+        return StarFlowPipeline
+    from .pipeline_tarflow import TarFlowPipeline
+
+    return TarFlowPipeline
 
 
 def _class_ids(pipe: Any, labels: list[int | str]) -> list[int] | None:

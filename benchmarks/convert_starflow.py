@@ -1,0 +1,78 @@
+"""Converting a STARFlow checkpoint with the released 3B layout: time and peak memory against the file size.
+
+    python benchmarks/convert_starflow.py                    # the full released layout (a 15.4 GB file)
+    python benchmarks/convert_starflow.py --deep-layers 4     # the same widths, a shallower deep block
+
+A random checkpoint in Apple's format (width 3072, heads of 64, 5 shallow blocks of 2 layers, a deep block of
+`--deep-layers` layers (24 released), 128 text tokens of width 2048, Apple's deprecated buffers included) is written
+with `torch.save`, then converted by the command line in a child process (`tarflow-hf convert --transformer-only`)
+and back (`--reverse`), each timed, with the child's peak resident memory. The converter memory-maps the file and
+assigns its tensors to a model built on the meta device, so the peak should stay near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tarflow_hf.configuration_starflow import StarFlowConfig
+from tarflow_hf.convert_starflow import deprecated_buffers, expected_apple_shapes
+
+RELEASED = dict(
+    sample_size=32,
+    in_channels=4,
+    patch_size=1,
+    hidden_size=3072,
+    head_dim=64,
+    text_hidden_size=2048,
+    max_text_length=128,
+)
+
+
+def random_checkpoint(config: StarFlowConfig, path: Path) -> int:
+    """Write Apple's state dict with random weights (deprecated buffers as Apple saves them); return its bytes."""
+    buffers = deprecated_buffers(config)
+    state = {}
+    for key, shape in expected_apple_shapes(config).items():
+        state[key] = buffers[key] if key in buffers else torch.empty(shape).normal_(0.0, 0.02)
+    torch.save(state, path)
+    return path.stat().st_size
+
+
+def timed_child(arguments: list[str]) -> tuple[float, float]:
+    """Run `python -m tarflow_hf ...`; return (seconds, peak resident memory of the children so far in GiB)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tarflow_hf", *arguments], check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deep-layers", type=int, default=24, help="layers of the deep block (released: 24)")
+    parser.add_argument("--workdir", type=Path, help="where to write the files (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    config = StarFlowConfig(**RELEASED, layers_per_block=[2, 2, 2, 2, 2, args.deep_layers])
+    with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
+        folder = Path(folder)
+        checkpoint, converted, back = folder / "starflow.pth", folder / "starflow-hf", folder / "again.pth"
+        size = random_checkpoint(config, checkpoint) / 2**30
+        parameters = sum(torch.Size(shape).numel() for shape in expected_apple_shapes(config).values())
+        print(
+            f"layout: widths 3072, blocks [2, 2, 2, 2, 2, {args.deep_layers}]; {parameters:,} elements, {size:.2f} GiB"
+        )
+        seconds, peak = timed_child(["convert", str(checkpoint), str(converted), "--transformer-only"])
+        print(f"convert:   {seconds:.1f} s, peak memory {peak:.2f} GiB = {peak / size:.2f}x the file")
+        seconds, peak = timed_child(["convert", "--reverse", str(converted), str(back)])
+        print(f"--reverse: {seconds:.1f} s, peak memory (either run) {peak:.2f} GiB = {peak / size:.2f}x the file")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
