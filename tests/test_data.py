@@ -200,3 +200,44 @@ def test_saved_hf_dataset_folder_is_read_through_datasets(tmp_path, monkeypatch)
     assert image.shape == (1, 8, 8) and label == 1
     with pytest.raises(ValueError, match="has splits"):
         load_image_dataset(str(folder), "validation")
+
+
+def test_image_folder_check_names_a_corrupt_file_before_any_is_decoded(tmp_path):
+    write_image_folder(tmp_path, {"a": 3, "b": 3})
+    broken = tmp_path / "b" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:-20])  # the header is intact: only the full read notices
+    dataset = load_image_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot read image .*b/1\.png"):
+        dataset.check()
+    (tmp_path / "b" / "2.png").write_bytes(b"not an image")
+    broken.unlink()
+    with pytest.raises(ValueError, match=r"cannot read image .*b/2\.png"):
+        load_image_dataset(str(tmp_path)).check()
+
+
+def test_image_folder_check_refuses_mixed_sizes_unless_resized(tmp_path):
+    write_image_folder(tmp_path, {"a": 2})
+    write_image_folder(tmp_path, {"b": 1}, size=12)
+    with pytest.raises(ValueError, match=r"different sizes \(8x8: 2, 12x12: 1; e\.g\. .*b/0\.png\).*--image-size"):
+        load_image_dataset(str(tmp_path)).check()
+    resized = load_image_dataset(str(tmp_path), image_size=8)
+    resized.check()  # one size after resizing
+    assert {resized[i][0].shape for i in range(3)} == {(1, 8, 8)}
+
+
+def test_relabeled_dataset_maps_labels_and_keeps_the_unlabelled():
+    from tarflow_hf.data import RelabeledDataset
+
+    class Pairs(torch.utils.data.Dataset):
+        class_names = ("x", "y")
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return torch.full((1, 2, 2), float(index)), [0, 1, -1][index]
+
+    relabeled = RelabeledDataset(Pairs(), [1, 0], ["y", "x"])
+    assert [relabeled[i][1] for i in range(3)] == [1, 0, -1]
+    assert relabeled.class_names == ["y", "x"] and len(relabeled) == 3
+    assert torch.equal(relabeled[2][0], torch.full((1, 2, 2), 2.0))

@@ -179,9 +179,11 @@ def test_checkpoints_are_rotated_and_atomic(idx_dir, tmp_path):
     assert names == ["checkpoint-4", "checkpoint-6"]  # no .tmp leftovers, oldest removed
 
 
-def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch):
+def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch, caplog):
     """Reruns whose writes fail midway (the serializer writes part of a file, then the disk is full) leave each
-    output of the earlier run as it was (sample grid, checkpoint, pipeline folder, summary) and no debris."""
+    output of the earlier run as it was (checkpoint, pipeline folder, summary) and no debris. A sample grid that
+    fails to be written is a warning: the run goes on, and the earlier grid stays. Resuming from checkpoint-2
+    moves the earlier checkpoint-4 aside (renamed, intact) before the new branch writes its own."""
     import pathlib
 
     import safetensors.torch
@@ -191,11 +193,28 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch)
     out = tmp_path / "run"
     flags = ["--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "5", "--sample-every", "4"]
     train(parse(base_args(idx_dir, out, *flags)))
-    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    rerun = parse(base_args(idx_dir, out, *flags, "--resume", str(out / "checkpoints" / "checkpoint-2")))
+
+    def snapshot(folder: Path) -> dict[Path, bytes]:
+        return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
     def disk_full(path, content: bytes = b"part") -> None:
         Path(path).write_bytes(content)
         raise OSError(28, "No space left on device")
+
+    def reset_accelerate() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    grid = out / "samples" / "step_0000004.png"
+    earlier_grid = grid.read_bytes()
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="tarflow_hf.train"):
+        patch.setattr(Image.Image, "save", lambda image, fp, *a, **k: disk_full(fp))
+        result = train(rerun)  # the run completes
+    reset_accelerate()
+    assert result.pipeline_dir is not None and grid.read_bytes() == earlier_grid
+    assert "step_0000004.png failed" in caplog.text and "No space left on device" in caplog.text
 
     write_text = pathlib.Path.write_text
 
@@ -205,23 +224,24 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch)
         disk_full(path, text[:5].encode())
 
     failures = [  # (what fails to be written, how)
-        (out / "samples" / "step_0000004.png", Image.Image, "save", lambda image, fp, *a, **k: disk_full(fp)),
         (out / "checkpoints" / "checkpoint-4", safetensors.torch, "save_file", lambda t, name, **k: disk_full(name)),
         (out / "model", transformers.modeling_utils, "safe_save_file", lambda t, name, *a, **k: disk_full(name)),
         (out / "train_summary.json", pathlib.Path, "write_text", summary_fails),
     ]
     for output, owner, name, failing in failures:
+        before = snapshot(output) if output.is_dir() else output.read_bytes()
+        aside_before = set((out / "checkpoints").iterdir())
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, failing)
             with pytest.raises(OSError, match="No space left on device"):
-                train(parse(base_args(idx_dir, out, *flags, "--resume", str(out / "checkpoints" / "checkpoint-2"))))
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-        files = [output] if output.is_file() else [path for path in output.rglob("*") if path.is_file()]
-        assert {path: path.read_bytes() for path in files} == {
-            path: content for path, content in before.items() if path == output or output in path.parents
-        }, output
+                train(rerun)
+        reset_accelerate()
+        if output.name == "checkpoint-4":  # moved aside intact; the new branch's checkpoint-4 was not written
+            (moved,) = set((out / "checkpoints").iterdir()) - aside_before
+            assert moved.name.startswith("checkpoint-4.superseded") and snapshot(moved) == before
+            assert not output.exists()
+        else:
+            assert (snapshot(output) if output.is_dir() else output.read_bytes()) == before, output
         assert not list(out.rglob(".*")), output  # no temporaries left
 
 

@@ -250,6 +250,27 @@ class ImageFolderDataset(Dataset):
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return to_model_space(array), label
 
+    def check(self) -> None:
+        """Open every file once, before training: an unreadable or corrupt image raises a `ValueError` naming it,
+        and so do images of different sizes when no `image_size` makes them one size. Reads the headers and checks
+        the files' integrity (PIL's `verify`: PNG checksums, ...) without decoding the pixels."""
+        sizes: dict[tuple[int, int], list[Path]] = {}
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    size = image.size
+                    image.verify()
+            except Exception as error:  # PIL raises many kinds (SyntaxError, struct.error, OSError, ...)
+                raise ValueError(f"cannot read image {path}: {error or type(error).__name__}") from error
+            sizes.setdefault(size, []).append(path)
+        if self.image_size is None and len(sizes) > 1:
+            counts = ", ".join(f"{w}x{h}: {len(paths)}" for (w, h), paths in sorted(sizes.items()))
+            odd = min(sizes.values(), key=len)[0]
+            raise ValueError(
+                f"images in {self.root} have different sizes ({counts}; e.g. {odd}); pass --image-size N to resize "
+                "and centre-crop them all to NxN"
+            )
+
 
 def _mode_of(path: Path) -> str:
     """'L' for grayscale files, 'RGB' otherwise (decides the channel count of a folder from its first image)."""
@@ -360,6 +381,31 @@ def load_image_dataset(
     return HFImageDataset(_load_hf_dataset(source, split, False), image_size, num_channels, image_column)
 
 
+def check_dataset(dataset: Dataset) -> None:
+    """Catch bad data before training starts: an image folder's files are all opened (see
+    `ImageFolderDataset.check`); other datasets are uniform by construction or checked when read."""
+    check = getattr(dataset, "check", None)
+    if check is not None:
+        check()
+
+
+class RelabeledDataset(Dataset):
+    """`dataset` with its labels mapped through `mapping` (label -> new label; -1 stays -1), and `class_names`
+    the names in the new label order."""
+
+    def __init__(self, dataset: Dataset, mapping: Sequence[int], class_names: Sequence[str]):
+        self.dataset = dataset
+        self.mapping = list(mapping)
+        self.class_names = list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return image, self.mapping[label] if label >= 0 else label
+
+
 def dataset_summary(dataset: Dataset) -> str:
     names = getattr(dataset, "class_names", [])
     return f"{len(dataset)} images, {len(names)} classes" if names else f"{len(dataset)} images, unconditional"
@@ -392,7 +438,9 @@ __all__ = [
     "EpochShuffleSampler",
     "HFImageDataset",
     "ImageFolderDataset",
+    "RelabeledDataset",
     "TensorImageDataset",
+    "check_dataset",
     "dataset_summary",
     "load_idx_dataset",
     "load_image_dataset",
