@@ -147,3 +147,33 @@ def test_a_mistake_shows_a_readable_message(server, browser, tmp_path):
     message = "no image: upload or draw one first"
     wait.until(lambda driver: message in driver.find_element(By.TAG_NAME, "body").text)
     save_screenshot(browser, tmp_path, "spaces-demo-error.png")
+
+
+def test_an_error_keeps_the_previous_outputs(server, browser, tmp_path):
+    """A refused request (an unknown class) shows its message and leaves the samples of the previous request on
+    the page: no panel is covered by Gradio's red "Error" badge."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server)
+    wait = WebDriverWait(browser, TIMEOUT)
+    button = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#generate-button")))
+    button.click()
+    wait.until(lambda driver: len(loaded_images(driver, "#samples img")) >= 4)
+    before = browser.find_element(By.CSS_SELECTOR, "#timing").text
+    assert before.startswith("4 image(s) in")
+    box = browser.find_element(By.CSS_SELECTOR, "input[aria-label^='Class']")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("pentagon", Keys.ENTER)
+    browser.find_element(By.TAG_NAME, "h1").click()  # leave the field: the typed value is kept
+    button.click()
+    message = "unknown class name 'pentagon'"
+    wait.until(lambda driver: message in driver.find_element(By.TAG_NAME, "body").text)
+    save_screenshot(browser, tmp_path, "spaces-demo-error-keeps-outputs.png")
+    for selector in ("#samples", "#timing", "#trajectory"):
+        assert "Error" not in browser.find_element(By.CSS_SELECTOR, selector).text, selector
+    assert len(loaded_images(browser, "#samples img")) == 4
+    assert browser.find_element(By.CSS_SELECTOR, "#timing").text == before

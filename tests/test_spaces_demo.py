@@ -83,6 +83,13 @@ def read(path: str) -> np.ndarray:
     return np.asarray(PIL.Image.open(path))
 
 
+def read_grey(path: str) -> np.ndarray:
+    """A grid (tarflow_hf.grids draws RGB) of grey images, as grey levels (exact: R = G = B)."""
+    image = PIL.Image.open(path)
+    assert image.mode == "RGB" and np.ptp(np.asarray(image), axis=-1).max() == 0
+    return np.asarray(image.convert("L"))
+
+
 def editor_value(path: Path) -> dict:
     """What the browser's sketchpad sends for an uploaded image."""
     return {"background": handle_file(str(path)), "layers": [], "composite": handle_file(str(path)), "id": None}
@@ -106,7 +113,13 @@ def generate_args(class_name="vertical bar", count=2, guidance=1.0, seed=0, samp
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def models_root(tmp_path_factory) -> Path:
+    """The operator's model root: the folders visitors may load by name when model change is on."""
+    return tmp_path_factory.mktemp("models-root")
+
+
+@pytest.fixture(scope="module")
+def model_dir(models_root) -> Path:
     """A tiny conditional TarFlow fit to bar images for TRAIN_STEPS steps (about 3 s), saved as a pipeline."""
     model = random_model(seed=0, id2label=dict(CLASS_NAMES)).train()
     generator = torch.Generator().manual_seed(0)
@@ -119,14 +132,14 @@ def model_dir(tmp_path_factory) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    folder = tmp_path_factory.mktemp("demo-model") / "bars"
+    folder = models_root / "bars"
     TarFlowPipeline(transformer=model.eval()).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def rgb_unconditional_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("demo-model") / "rgb-uncond"
+def rgb_unconditional_dir(models_root) -> Path:
+    folder = models_root / "rgb-uncond"
     TarFlowPipeline(transformer=random_model(seed=3, num_classes=0, num_channels=3)).save_pretrained(folder)
     return folder
 
@@ -145,8 +158,12 @@ def app() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def server(app, model_dir):
-    demo = app.build_demo(str(model_dir), concurrency_limit=CONCURRENCY, queue_size=64)
+def server(app, model_dir, models_root, rgb_unconditional_dir):
+    """The app with model change on (visitors may load the folders under `models_root`, by name)."""
+    demo = app.build_demo(
+        str(model_dir), concurrency_limit=CONCURRENCY, queue_size=64, allow_model_change=True,
+        model_root=str(models_root),
+    )  # fmt: skip
     port = free_port()
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
@@ -373,17 +390,17 @@ def test_a_drawing_is_inverted_centred_and_recognised(client, tmp_path):
 
 # -------------------------------------------------------------------------------------------- interpolation
 def test_interpolation_between_seeds_starts_and_ends_at_their_samples(client, app):
-    strip = read(client.predict("two seeds", 3, 4, None, None, "horizontal bar", 5, "spherical", 2.0, "no", False,
-                                api_name="/interpolate"))  # fmt: skip
+    strip = read_grey(client.predict("two seeds", 3, 4, None, None, "horizontal bar", 5, "spherical", 2.0, "no",
+                                     False, api_name="/interpolate"))  # fmt: skip
     tile = 96 // SIZE * SIZE
-    assert strip.shape == (tile, 5 * tile + 4 * 2)
+    assert strip.shape == (tile, 5 * tile)  # tarflow_hf.grids.make_grid: tiles side by side
     samples, *_ = client.predict(**generate_args("horizontal bar", count=2, seed=3, guidance=2.0), api_name="/generate")
     factor = upscale_factor(app)
     step = tile // SIZE
-    for sample, offset in ((samples[0], 0), (samples[1], 4 * (tile + 2))):
+    for sample, offset in ((samples[0], 0), (samples[1], 4 * tile)):
         expected = read(sample["image"])[::factor, ::factor].astype(int)
         assert np.abs(strip[::step, offset : offset + tile : step] - expected).max() <= 1  # batches of 5 and 2
-    middle = strip[::step, 2 * (tile + 2) : 2 * (tile + 2) + tile : step]
+    middle = strip[::step, 2 * tile : 3 * tile : step]
     assert not np.array_equal(middle, read(samples[0]["image"])[::factor, ::factor])
 
 
@@ -392,7 +409,7 @@ def test_interpolation_between_images_is_exact_at_the_ends(client, tmp_path):
     first, second = bars([0, 2], generator)
     paths = [to_png(first, tmp_path / "a.png"), to_png(second, tmp_path / "b.png")]
     for method in ("spherical", "linear"):
-        strip = read(client.predict("two images", 0, 1, handle_file(str(paths[0])), handle_file(str(paths[1])),
+        strip = read_grey(client.predict("two images", 0, 1, handle_file(str(paths[0])), handle_file(str(paths[1])),
                                     "(no class: unconditional branch)", 4, method, 1.0, "no", False,
                                     api_name="/interpolate"))  # fmt: skip
         tile = strip.shape[0]
@@ -403,27 +420,90 @@ def test_interpolation_between_images_is_exact_at_the_ends(client, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ models, sessions
-def test_each_session_loads_its_own_model(client, server, downloads, rgb_unconditional_dir, tmp_path):
-    shown, info, *_ = client.predict(str(rgb_unconditional_dir), api_name="/load_model")
-    assert shown == str(rgb_unconditional_dir.resolve())
-    assert "unconditional" in info and "8x8x3" in info
-    gallery, *_ = client.predict(**generate_args(class_name=None, count=2), api_name="/generate")
+def test_each_session_loads_its_own_model(client, server, downloads, rgb_unconditional_dir, models_root):
+    """Model change is on here: a visitor loads a folder of the operator's model root by its name, and sees that
+    name only (never the server's absolute path)."""
+    shown, info, *_ = client.predict("rgb-uncond", api_name="/load_model")
+    assert shown == "rgb-uncond"
+    assert "unconditional" in info and "8x8x3" in info and str(models_root) not in info
+    gallery, _timing, *_ = client.predict(**generate_args(class_name=None, count=2), api_name="/generate")
     assert [PIL.Image.open(item["image"]).mode for item in gallery] == ["RGB", "RGB"]
+    assert PIL.Image.open(gallery[0]["image"]).info["tarflow:model"] == "rgb-uncond"
     # Another session still has the default (grey, conditional) model.
     other = Client(server, verbose=False, analytics_enabled=False, download_files=str(downloads))
     gallery, *_ = other.predict(**generate_args(count=1), api_name="/generate")
     assert PIL.Image.open(gallery[0]["image"]).mode == "L"
-    (tmp_path / "empty").mkdir()
-    for path, message in ((tmp_path / "empty", "not a TarFlow pipeline folder"), ("no such model", "not a Hub id")):
-        with pytest.raises(AppError, match=message):
-            client.predict(str(path), api_name="/load_model")
+
+
+def test_visitors_load_only_hub_ids_and_folders_under_the_root(client, app, models_root, tmp_path, monkeypatch):
+    """Anything else gets one message, the same whether the path exists or not, with no server path in it."""
+    outside = tmp_path / "outside"
+    TarFlowPipeline(transformer=random_model(seed=5)).save_pretrained(outside)  # a real pipeline, not offered
+    (models_root / "escape").symlink_to(outside, target_is_directory=True)  # a link out of the root
+    (models_root / "broken").mkdir()
+    (models_root / "broken" / "model_index.json").write_text('{"_class_name": "SomethingElse"}')
+    hub_calls = []
+    monkeypatch.setattr(app, "fetch_from_hub", lambda repo: hub_calls.append(repo) or str(outside))
+    messages = {}
+    for text in (str(outside), str(tmp_path / "missing"), "../" + outside.name, "escape", "~", "/etc", "no such model"):
+        with pytest.raises(AppError) as error:
+            client.predict(text, api_name="/load_model")
+        messages[text] = str(error.value)
+        assert str(tmp_path) not in messages[text] and str(models_root) not in messages[text]
+        assert messages[text].startswith("not a model this server offers")
+    assert len(set(messages.values())) == 1, messages  # existing or not, inside or outside: one answer
+    with pytest.raises(AppError, match=re.escape("could not load 'broken' (not a TarFlow or STARFlow pipeline)")):
+        client.predict("broken", api_name="/load_model")
+    # A Hub id goes to the Hub (stubbed here), never to a folder of that name on the server.
+    shown, info, *_ = client.predict("someone/tarflow-model", api_name="/load_model")
+    assert hub_calls == ["someone/tarflow-model"] and shown == "someone/tarflow-model"
+    assert str(tmp_path) not in info
+    assert not hub_calls[1:]
+
+
+def test_model_change_is_off_by_default_even_for_raw_requests(app, model_dir, rgb_unconditional_dir, monkeypatch):
+    """With the defaults there is no model field, and no handler on the server loads a model: every registered
+    function, called by a raw queue request (fn_index over HTTP on loopback) with another model's folder for each
+    input, loads nothing."""
+    for name in ("TARFLOW_ALLOW_MODEL_CHANGE", "TARFLOW_MODEL_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    loads = []
+    real = TarFlowPipeline.from_pretrained.__func__
+
+    def spy(cls, location, *args, **kwargs):
+        loads.append(str(location))
+        return real(cls, location, *args, **kwargs)
+
+    monkeypatch.setattr(TarFlowPipeline, "from_pretrained", classmethod(spy))
+    demo = app.build_demo(str(model_dir))
+    assert not [block for block in demo.blocks.values() if type(block).__name__ == "Textbox"]
+    port = free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        base = f"http://127.0.0.1:{port}/gradio_api"
+        target = str(rgb_unconditional_dir)
+        for fn_index, fn in demo.fns.items():
+            session = f"raw-{fn_index}"
+            body = {"data": [target] * len(fn.inputs), "fn_index": fn_index, "session_hash": session}
+            joined = httpx.post(f"{base}/queue/join", json=body, timeout=30)
+            if joined.status_code != 200:
+                continue
+            deadline = time.monotonic() + 30
+            with httpx.stream("GET", f"{base}/queue/data", params={"session_hash": session}, timeout=30) as stream:
+                for line in stream.iter_lines():
+                    if '"process_completed"' in line or time.monotonic() > deadline:
+                        break
+        assert not [location for location in loads if Path(location).resolve() == rgb_unconditional_dir.resolve()]
+    finally:
+        demo.close()
 
 
 def test_model_comes_from_the_environment(app, rgb_unconditional_dir, monkeypatch):
     monkeypatch.setenv("TARFLOW_MODEL", str(rgb_unconditional_dir))
+    monkeypatch.setenv("TARFLOW_ALLOW_MODEL_CHANGE", "1")
     demo = app.build_demo()
     textboxes = [block for block in demo.blocks.values() if type(block).__name__ == "Textbox"]
-    assert [box.value for box in textboxes] == [str(rgb_unconditional_dir.resolve())]
+    assert [box.value for box in textboxes] == ["rgb-uncond"]  # its name: no server path on the page
     dropdowns = [block for block in demo.blocks.values() if type(block).__name__ == "Dropdown"]
     assert dropdowns and not any(dropdown.visible for dropdown in dropdowns)  # no class picker: unconditional
 
@@ -491,3 +571,170 @@ def test_slerp_keeps_the_ends_and_the_norm(app):
     straight = torch.lerp(start, end, 0.5).norm()
     assert norms.min() > straight  # the arc stays near the typical norm; the straight line dips
     assert torch.allclose(app.slerp(start, start, torch.tensor([0.3])), start)
+
+
+# --------------------------------------------------------------------------------------------- budget, uploads
+def test_expensive_requests_are_refused_before_any_work(client, app, pipe, monkeypatch):
+    """The newton sampler computes ~72x the rows of the sequential one here: 16 newton images are over a budget
+    that 16 sequential ones fit, and the refusal says what to lower, at once."""
+    monkeypatch.setenv("TARFLOW_MAX_ROWS", "20000")
+    app.ACTIVE_CALLS.reset()
+    start = time.perf_counter()
+    with pytest.raises(AppError) as error:
+        client.predict(**generate_args(count=16, guidance=2.0, sampler="newton"), api_name="/generate")
+    assert time.perf_counter() - start < 5
+    message = str(error.value)
+    assert "over this server's limit of 20,000" in message, message
+    assert "ask for at most 4 image(s) with the newton sampler" in message  # 4608 rows each
+    assert "or choose the sequential sampler" in message
+    gallery, *_ = client.predict(**generate_args(count=16, guidance=2.0, sampler="sequential"), api_name="/generate")
+    assert len(gallery) == 16
+    with pytest.raises(ValueError, match="over this server's limit"):  # the function itself checks too
+        app.generate_images(pipe, 1, 16, 2.0, 0, sampler="newton")
+
+
+def test_transparent_uploads_are_flattened_onto_white(client, tmp_path):
+    """An RGBA upload (a black bar on a transparent background whose hidden colour is black) is seen on white, as
+    the pipelines' preprocess sees it (tarflow_hf.images.flatten_alpha), in the interpolation's image inputs too."""
+    rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+    rgba[2:6, 3, 3] = 255  # an opaque black bar; everything else fully transparent black
+    path = tmp_path / "transparent.png"
+    PIL.Image.fromarray(rgba, mode="RGBA").save(path)
+    strip = read_grey(client.predict("two images", 0, 1, handle_file(str(path)), handle_file(str(path)),
+                                     "(no class: unconditional branch)", 3, "linear", 1.0, "no", False,
+                                     api_name="/interpolate"))  # fmt: skip
+    step = strip.shape[0] // SIZE
+    first = strip[::step, : strip.shape[0] : step].astype(int)
+    expected = np.full((SIZE, SIZE), 255)
+    expected[2:6, 3] = 0
+    assert np.abs(first - expected).max() <= 1, first
+
+
+def test_startup_prints_one_line_per_event(model_dir, tmp_path):
+    """`python spaces_demo/app.py MODEL`: no progress bars (diffusers printed "Loading pipeline components" twice)
+    and no INFO line per HTTP request from httpx."""
+    import subprocess
+
+    port = free_port()
+    log = tmp_path / "startup.log"
+    env = {**os.environ, "TARFLOW_MODEL": str(model_dir), "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_SERVER_NAME": "127.0.0.1", "TARFLOW_TORCH_THREADS": "1"}  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, str(APP_PATH)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "Running on local URL" not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.2)
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+            time.sleep(1.0)
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    text = log.read_text()
+    assert "Running on local URL" in text, text
+    assert text.count("Loading pipeline components") <= 1, text
+    assert "Loading weights" not in text and "it/s]" not in text, text
+    assert "INFO:httpx" not in text and "HTTP Request:" not in text, text
+    assert "loaded model bars (tarflow)" in text, text
+
+
+# ------------------------------------------------------------------------------------------------- STARFlow
+@pytest.fixture(scope="module")
+def starflow_dir(tmp_path_factory) -> Path:
+    """A tiny random STARFlow pipeline (32x32 images, 4x4x4 latents) with the T5 fixture and a word-level
+    tokenizer, saved as the operator's model."""
+    from diffusers import AutoencoderKL
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+    from tarflow_hf import StarFlowConfig, StarFlowModel, StarFlowPipeline
+
+    words = "a photo of cat dog red blue car fox in the snow sitting on sofa".split()  # noqa: SIM905
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")  # fmt: skip
+    torch.manual_seed(0)
+    config = StarFlowConfig(sample_size=4, hidden_size=32, layers_per_block=[1, 1], head_dim=32, text_hidden_size=32,
+                            max_text_length=8, default_guidance_scale=2.0)  # fmt: skip
+    transformer = StarFlowModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "proj_out" in name:
+                parameter.normal_(0.0, 0.05)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=32, scaling_factor=0.18215).eval()  # fmt: skip
+    text_encoder = T5EncoderModel.from_pretrained(REPO / "tests" / "fixtures" / "starflow" / "t5_tiny").eval()
+    folder = tmp_path_factory.mktemp("starflow") / "tiny-starflow"
+    StarFlowPipeline(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_starflow_mode_prompts_estimates_and_ranks_captions(app, starflow_dir, tmp_path, downloads, monkeypatch):
+    """The operator serves a STARFlow model: a prompt box with examples replaces the class picker, the expected
+    time is shown before running (from the startup calibration), the default sampler is the fastest exact-enough
+    one measured, and the likelihood tab ranks typed captions exactly as `pipe.classify` does."""
+    from tarflow_hf import StarFlowPipeline
+
+    monkeypatch.setenv("TARFLOW_MODEL", str(starflow_dir))
+    monkeypatch.delenv("TARFLOW_ALLOW_MODEL_CHANGE", raising=False)
+    demo = app.build_demo()
+    kinds = [type(block).__name__ for block in demo.blocks.values()]
+    assert "Dropdown" not in kinds and "Dataset" in kinds  # no class picker; example prompts
+    assert any(getattr(block, "elem_id", None) == "prompt" for block in demo.blocks.values())
+    calibration = app._CALIBRATIONS[str(starflow_dir.resolve())]
+    assert set(calibration.seconds) == set(app.STARFLOW_SAMPLERS) and calibration.deviation["sequential"] == 0
+    exact = [name for name in calibration.seconds if calibration.deviation[name] <= app.EXACT_ENOUGH_LEVELS]
+    assert calibration.default_sampler == min(exact, key=calibration.seconds.__getitem__)
+    radio = next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Sampler")
+    assert radio.value == calibration.default_sampler
+    port = free_port()
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False,
+                        download_files=str(downloads))  # fmt: skip
+        one = client.predict(1, "sequential", 2.0, api_name="/estimate")
+        four = client.predict(4, "sequential", 2.0, api_name="/estimate")
+        seconds = [float(re.search(r"about (\d+\.\d+) s", text).group(1)) for text in (one, four)]
+        assert 0 < seconds[0] < seconds[1], (one, four)
+        gallery, timing, slider, _ = client.predict("a red car", 2, 2.0, 7, "jacobi", True, 1.0, api_name="/generate")
+        assert len(gallery) == 2 and PIL.Image.open(gallery[0]["image"]).size == (192, 192)  # 32 px, x6 for display
+        assert "2 image(s) in" in timing and "jacobi sampler" in timing and slider["maximum"] == 3
+        pipe = StarFlowPipeline.from_pretrained(starflow_dir)
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe("a red car", num_images_per_prompt=2, guidance_scale=2.0, sampler="sequential",
+                        generator=[torch.Generator().manual_seed(s) for s in (7, 8)]).images  # fmt: skip
+        shown = read(gallery[1]["image"])[::6, ::6].astype(int)
+        assert np.abs(shown - np.asarray(expected[1], dtype=int)).max() <= 2
+        with pytest.raises(AppError, match="type a prompt"):
+            client.predict("  ", 1, 2.0, 0, "jacobi", True, 1.0, api_name="/generate")
+
+        # Ranking typed captions for an upload with transparency (flattened onto white first).
+        rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+        rgba[10:30, 10:30] = (200, 30, 30, 255)
+        path = tmp_path / "upload.png"
+        PIL.Image.fromarray(rgba, mode="RGBA").save(path)
+        captions = "a photo of a cat\n\na red car\na photo of a cat\na fox in the snow"
+        assert "ranking 3 captions" in client.predict(captions, api_name="/estimate_ranking")
+        fitted, ranking, details = client.predict(handle_file(str(path)), captions, api_name="/rank")
+        model_input = PIL.Image.open(fitted).convert("RGB").resize((32, 32), PIL.Image.Resampling.NEAREST)
+        assert np.asarray(model_input)[0, 0].tolist() == [255, 255, 255]  # the transparent corner, on white
+        flat = PIL.Image.alpha_composite(PIL.Image.new("RGBA", (40, 40), "white"), PIL.Image.fromarray(rgba))
+        reference = PIL.ImageOps.fit(flat.convert("RGB"), (32, 32), method=PIL.Image.Resampling.LANCZOS)
+        probabilities = pipe.classify([reference], ["a photo of a cat", "a red car", "a fox in the snow"])[0]
+        confidences = {item["label"]: item["confidence"] for item in ranking["confidences"]}
+        assert list(confidences) == sorted(confidences, key=confidences.get, reverse=True)
+        for caption, probability in zip(["a photo of a cat", "a red car", "a fox in the snow"], probabilities.tolist(),
+                                        strict=True):  # fmt: skip
+            assert confidences[caption] == pytest.approx(probability, abs=1e-4)
+        assert ranking["label"] in details
+        with pytest.raises(AppError, match="at least two different captions"):
+            client.predict(handle_file(str(path)), "a red car\na red car", api_name="/rank")
+    finally:
+        demo.close()
