@@ -14,6 +14,7 @@ import time
 import torch
 
 from tarflow_hf.classifier import load_classifier
+from tarflow_hf.fileio import write_json_atomic
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
 
 
@@ -51,8 +52,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.output, result)
 
 
 if __name__ == "__main__":
