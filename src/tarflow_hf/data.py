@@ -2,7 +2,8 @@
 
 Every dataset here yields `(image, label)` with `image` a float tensor `(C, H, W)` scaled to [-1, 1] (Apple's
 `Normalize((0.5,), (0.5,))`) and `label` an int (-1 when the data has no classes). Each carries `class_names`,
-the label table in label order.
+the label table in label order. Captioned data for text-to-image training (`load_captioned_dataset`: an image folder
+with `metadata.jsonl`, or a `datasets` dataset with a caption column) yields `(image, caption)` instead.
 
 Example:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import os
 import struct
 from collections.abc import Sequence
@@ -344,6 +346,121 @@ def _load_hf_dataset(name_or_path: str, split: str, from_disk: bool):
     return datasets.load_dataset(name_or_path, split=split)
 
 
+# --------------------------------------------------------------------------------------------- captioned images
+METADATA_FILE = "metadata.jsonl"
+
+
+class CaptionedImageFolder(Dataset):
+    """Captioned images for text-to-image training, laid out as `datasets`' `imagefolder` reads them: a
+    `metadata.jsonl` (in `root` or a sub-folder) with one JSON object per image, `file_name` relative to that file
+    and the caption in `caption_column` (default `text`). Yields `(image, caption)`: RGB in [-1, 1], resized and
+    centre-cropped to `image_size`. Images the metadata does not list are not used."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int | None = None, caption_column: str = "text"):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        files = sorted(root.rglob(METADATA_FILE))
+        if not files:
+            raise ValueError(
+                f"image folder {root} has no {METADATA_FILE}: text-to-image training needs captions, one JSON line "
+                f'per image such as {{"file_name": "0.png", "{caption_column}": "a caption"}} (datasets\' imagefolder)'
+            )
+        self.samples = [sample for path in files for sample in _read_metadata(path, caption_column)]
+        if not self.samples:
+            raise ValueError(f"{files[0]} lists no images")
+        self.root = root
+        self.image_size = image_size
+        self.class_names: list[str] = []
+        self.num_channels = 3
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path, caption = self.samples[index]
+        image = _resize_square(_load_image(path, "RGB"), self.image_size)
+        return to_model_space(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)), caption
+
+    def caption(self, index: int) -> str:
+        return self.samples[index][1]
+
+    def summary(self) -> str:
+        return f"{len(self)} captioned images"
+
+    def check(self) -> None:
+        """Every listed image opened once before training (see `ImageFolderDataset.check`)."""
+        ImageFolderDataset.check(self)
+
+
+def _read_metadata(path: Path, caption_column: str) -> list[tuple[Path, str]]:
+    """(image path, caption) for each line of a metadata.jsonl; a bad line is a ValueError naming it."""
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not JSON: {error}") from error
+        if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"{path} line {number} needs 'file_name' and '{caption_column}' (--caption-column), found {found}"
+            )
+        if not isinstance(row[caption_column], str):
+            raise ValueError(f"{path} line {number}: the caption '{caption_column}' must be a string")
+        image = path.parent / str(row["file_name"])
+        if not image.is_file():
+            raise ValueError(f"{path} line {number}: no image {image}")
+        samples.append((image, row[caption_column]))
+    return samples
+
+
+class HFCaptionedDataset(HFImageDataset):
+    """A `datasets.Dataset` with an image column and a caption column: `(image, caption)`, RGB in [-1, 1]."""
+
+    def __init__(self, dataset, image_size: int | None, image_column: str | None = None, caption_column: str = "text"):
+        if caption_column not in dataset.column_names:
+            raise ValueError(f"dataset has no caption column {caption_column!r} (columns: {dataset.column_names}); "
+                             "pass --caption-column")  # fmt: skip
+        super().__init__(dataset, image_size, 3, image_column)
+        self.caption_column = caption_column
+        self.class_names = []
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, _ = super().__getitem__(index)
+        return image, str(self.caption(index))
+
+    def caption(self, index: int) -> str:
+        return str(self.dataset[int(index)][self.caption_column])
+
+    def summary(self) -> str:
+        return f"{len(self)} captioned images"
+
+
+def load_captioned_dataset(
+    source: str,
+    split: str = "train",
+    image_size: int | None = None,
+    image_column: str | None = None,
+    caption_column: str = "text",
+) -> Dataset:
+    """Captioned images (text-to-image training): an image folder with `metadata.jsonl`, a folder written by
+    `datasets.save_to_disk`, or a Hub dataset name (the optional `datasets` package); `(image, caption)` items."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = _load_hf_dataset(source, split, True)
+            return HFCaptionedDataset(loaded, image_size, image_column, caption_column)
+        return CaptionedImageFolder(path, image_size, caption_column)
+    if path.exists():
+        raise ValueError(f"{source} is a file; expected an image folder with {METADATA_FILE} or a dataset name")
+    if source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data folder {source} does not exist")
+    return HFCaptionedDataset(_load_hf_dataset(source, split, False), image_size, image_column, caption_column)
+
+
 # ------------------------------------------------------------------------------------------------------ entry
 def load_image_dataset(
     source: str,
@@ -407,6 +524,9 @@ class RelabeledDataset(Dataset):
 
 
 def dataset_summary(dataset: Dataset) -> str:
+    summary = getattr(dataset, "summary", None)
+    if summary is not None:
+        return summary()
     names = getattr(dataset, "class_names", [])
     return f"{len(dataset)} images, {len(names)} classes" if names else f"{len(dataset)} images, unconditional"
 
@@ -435,13 +555,16 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 
 
 __all__ = [
+    "CaptionedImageFolder",
     "EpochShuffleSampler",
+    "HFCaptionedDataset",
     "HFImageDataset",
     "ImageFolderDataset",
     "RelabeledDataset",
     "TensorImageDataset",
     "check_dataset",
     "dataset_summary",
+    "load_captioned_dataset",
     "load_idx_dataset",
     "load_image_dataset",
     "read_idx",

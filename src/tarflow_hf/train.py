@@ -25,6 +25,22 @@ the model's configuration (noise level, default guidance, label names; `--replac
 class names when the class counts agree) and uses fine-tuning defaults (a learning rate of 1e-4, a warm-up of 10%
 of the steps).
 
+Fine-tune a STARFlow text-to-image pipeline (the family is read from the folder's model_index.json): the data is
+captioned images (an image folder with `metadata.jsonl`, `file_name` + `text` columns, as datasets' `imagefolder`,
+or a `datasets` dataset with `--caption-column`), trained in the VAE's latent space as Apple's `train.py` does:
+`z = vae.encode(img).latent_dist.sample() * scaling_factor + noise_std * N(0, 1)`, captions through the pipeline's
+`encode_prompt` (T5 frozen), a dropped caption is `""` (`--drop-label`), the model's loss. Only the transformer
+trains; the output is the whole pipeline folder (text encoder, tokenizer and VAE unchanged):
+
+```bash
+tarflow-hf train --init-from starflow-3b --dataset captioned/ --output-dir runs/sf --batch-size 32 --max-steps 1000
+accelerate launch --config_file fsdp.yaml -m tarflow_hf.train --init-from starflow-3b ...  # FSDP2, see README
+```
+
+The two families differ only in a small adapter (`TarFlowFamily`, `StarFlowFamily`: load, `encode_batch`,
+`sample_grid`, `build_pipeline`); everything else (schedule, EMA, accumulation, clipping, checkpoints, resume,
+grids, card) is shared.
+
 What is written, and in which order: a checkpoint before a sample grid of the same step; the pipeline folder before
 the final grid. A sample grid that fails is a warning; a non-finite loss stops the run with one line, keeping the
 checkpoints written so far.
@@ -41,6 +57,7 @@ import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +69,14 @@ from torch.utils.data import DataLoader, Dataset
 from .arguments import FINE_TUNE_LR, TRAIN_LR, TRAIN_NOISE_STD
 from .arguments import train as add_arguments
 from .configuration_tarflow import TarFlowConfig
-from .data import EpochShuffleSampler, RelabeledDataset, check_dataset, dataset_summary, load_image_dataset
+from .data import (
+    EpochShuffleSampler,
+    RelabeledDataset,
+    check_dataset,
+    dataset_summary,
+    load_captioned_dataset,
+    load_image_dataset,
+)
 from .fileio import atomic_file, atomic_folder, write_json_atomic
 from .modeling_tarflow import TarFlowModel
 
@@ -65,6 +89,10 @@ NEW_MODEL_DEFAULTS = {"patch_size": 4, "hidden_size": 128, "num_blocks": 4, "lay
 PRIOR_VARIANCE_MOMENTUM = 0.1
 # The package each accelerate tracker needs (pip name).
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+# STARFlow sample grids: prompts taken from the dataset, images per prompt, caption width in characters.
+SAMPLE_PROMPTS = 4
+SAMPLE_IMAGES_PER_PROMPT = 2
+SAMPLE_CAPTION_CHARS = 40
 # Keys of the arguments that do not describe the recipe.
 NOT_RECIPE = ("run", "command", "push_to_hub", "no_progress", "resume", "torch_threads")
 
@@ -214,8 +242,8 @@ class Progress:
 class TrainResult:
     """What `train` returns: the trained model (this process's copy), the EMA model, where things went."""
 
-    model: TarFlowModel
-    ema_model: TarFlowModel
+    model: Any  # TarFlowModel or StarFlowModel
+    ema_model: Any
     progress: Progress
     pipeline_dir: Path | None
 
@@ -229,8 +257,9 @@ class Run:
     accelerator: Any
     output_dir: Path
     trackers: list[str]
+    family: Any = None  # TarFlowFamily or StarFlowFamily
     dataset: Dataset | None = None
-    raw_model: TarFlowModel | None = None
+    raw_model: Any = None  # TarFlowModel or StarFlowModel
     model: Any = None  # the prepared (possibly wrapped) model
     forward: Any = None  # the model or its torch.compile
     optimizer: Any = None
@@ -361,8 +390,194 @@ def resolve_model_defaults(args: argparse.Namespace, model: TarFlowModel) -> Non
     model.config.noise_std = args.noise_std if args.noise_type == "gaussian" else 0.0
     if args.default_guidance_scale is not None:
         model.config.default_guidance_scale = args.default_guidance_scale
-    if model.config.num_classes == 0 and args.drop_label:
+    if getattr(model.config, "num_classes", None) == 0 and args.drop_label:
         args.drop_label = 0.0  # nothing to drop for an unconditional model
+
+
+# ------------------------------------------------------------------------------------------------- families
+def pipeline_class_name(source: str) -> str | None:
+    """The `_class_name` of `--init-from`'s model_index.json (a folder, or a Hub repo: the cache, else one request
+    without retries), or None when it cannot be read."""
+    path = resolve_init_from(source)
+    index: Any = Path(path, "model_index.json")
+    if not index.is_file():
+        index = _hub_model_index(path)
+    try:
+        name = json.loads(index.read_text(encoding="utf-8") if isinstance(index, Path) else index).get("_class_name")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if not name and Path(path, "transformer", "config.json").is_file():  # a folder without an index: the model
+        model_type = json.loads(Path(path, "transformer", "config.json").read_text()).get("model_type")
+        name = "StarFlowPipeline" if model_type == "starflow" else None
+    return name[-1] if isinstance(name, list) and name else name
+
+
+def _hub_model_index(repo_id: str) -> Any:
+    from huggingface_hub import hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        response = get_session().get(hf_hub_url(repo_id, "model_index.json"), headers=build_hf_headers(), timeout=10)
+        return response.text if response.status_code == 200 else None
+    except Exception:  # offline: the TarFlow loader reports what is wrong
+        return None
+
+
+def family_for(init_from: str | None) -> Any:
+    """The adapter of the model family `--init-from` names: STARFlow for a StarFlowPipeline, else TarFlow."""
+    if init_from and pipeline_class_name(init_from) == "StarFlowPipeline":
+        return StarFlowFamily()
+    return TarFlowFamily()
+
+
+class TarFlowFamily:
+    """TarFlow: class-conditional (or unconditional) images in pixel space; labels dropped to -1."""
+
+    title = "TarFlow"
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        pass
+
+    def load(self, run: Run) -> None:
+        """The model to train (new, or `--init-from`'s with its labels aligned) and the defaults it decides."""
+        args = run.args
+        dataset, num_channels, image_size = load_training_data(args)
+        class_names = list(getattr(dataset, "class_names", []))
+        model = build_model(args, class_names, num_channels, image_size)
+        if args.init_from:
+            dataset, table = align_labels(model, dataset, args.replace_labels, say=run.accelerator.print)
+            if table is not None:
+                run.accelerator.print(label_table(table))
+            run.base_license = base_model_license(args.init_from)
+        resolve_model_defaults(args, model)
+        run.dataset, run.raw_model = dataset, model
+
+    def encode_batch(self, run: Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(noisy images, labels with dropout, or None for an unconditional model)."""
+        images, labels = batch
+        args = run.args
+        inputs = add_noise(images, args.noise_type, args.noise_std, run.generator)
+        labels = drop_labels(labels, args.drop_label, run.generator) if run.raw_model.config.num_classes else None
+        return inputs, labels
+
+    def sample_grid(self, run: Run, model: TarFlowModel):
+        return render_sample_grid(model, run.sample_guidance, run.args.seed)
+
+    def build_pipeline(self, model: TarFlowModel):
+        from .pipeline_tarflow import TarFlowPipeline
+
+        return TarFlowPipeline(transformer=model)
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator | None = None) -> list[str]:
+    """Replace each caption by the empty prompt "" with `probability` (Apple's `drop_label` for text)."""
+    if probability <= 0:
+        return list(captions)
+    device = generator.device if generator is not None else "cpu"
+    drop = torch.rand(len(captions), generator=generator, device=device) < probability
+    return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apple's training latents: `vae.encode(img).latent_dist.sample() * scaling_factor` (less the VAE's
+    `shift_factor`, if it has one), float32; `images` in [-1, 1]."""
+    pixels = images.to(device=vae.device, dtype=vae.dtype)
+    z = vae.encode(pixels).latent_dist.sample(generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).float()
+
+
+class StarFlowFamily:
+    """STARFlow: captioned images, trained in the VAE's latent space with the frozen T5's embeddings; only the
+    transformer trains, the pipeline's other components are kept (and saved) as loaded."""
+
+    title = "STARFlow"
+
+    def __init__(self) -> None:
+        self.pipe: Any = None  # the loaded pipeline: frozen text encoder, tokenizer, VAE
+        self.prompts: list[str] = []  # the sample grids' prompts, from the dataset
+
+    def check_args(self, args: argparse.Namespace) -> None:
+        for flag, given in (
+            ("--unconditional", args.unconditional),
+            ("--replace-labels", args.replace_labels),
+            ("--noise-type uniform", args.noise_type == "uniform"),
+        ):
+            if given:
+                raise ValueError(f"{flag} does not apply to a STARFlow model (text-to-image, Gaussian latent noise)")
+
+    def load(self, run: Run) -> None:
+        from .pipeline_starflow import StarFlowPipeline
+
+        args, device = run.args, run.accelerator.device
+        # The data first (a mistake there is found before a large model loads), then sized to the model.
+        dataset = load_captioned_dataset(args.dataset, args.split, None, args.image_column, args.caption_column)
+        pipe = StarFlowPipeline.from_pretrained(resolve_init_from(args.init_from))
+        pipe.set_progress_bar_config(disable=True)
+        for frozen in (pipe.text_encoder, pipe.vae):
+            frozen.requires_grad_(False).eval().to(device)
+        model = pipe.transformer.float()
+        dataset.image_size = args.image_size or model.config.sample_size * pipe.vae_scale_factor
+        check_dataset(dataset)
+        self.prompts = pick_prompts(dataset)
+        self.pipe = pipe
+        run.base_license = base_model_license(args.init_from)
+        resolve_model_defaults(args, model)
+        run.dataset, run.raw_model = dataset, model
+
+    def encode_batch(self, run: Run, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, text embeddings): captions dropped to "" with `--drop-label`, encoded by the pipeline's
+        `encode_prompt`; latents sampled from the VAE posterior plus `noise_std` Gaussian noise (Apple's train.py)."""
+        images, captions = batch
+        args, device = run.args, run.accelerator.device
+        captions = drop_captions(list(captions), args.drop_label, run.generator)
+        embeds, _ = self.pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+        latents = encode_latents(self.pipe.vae, images, run.generator)
+        return add_noise(latents, "gaussian", args.noise_std, run.generator), embeds
+
+    def sample_grid(self, run: Run, model: Any):
+        """One row per prompt (SAMPLE_IMAGES_PER_PROMPT images, one seed each), the prompt under its first image."""
+        from .grids import make_grid
+
+        pipe = self.build_pipeline(model)
+        per = SAMPLE_IMAGES_PER_PROMPT
+        generators = [torch.Generator().manual_seed(run.args.seed + i) for i in range(len(self.prompts) * per)]
+        was_training = model.training
+        model.eval()
+        try:
+            images = pipe(
+                self.prompts, num_images_per_prompt=per, guidance_scale=run.sample_guidance, generator=generators
+            ).images
+        finally:
+            model.train(was_training)
+        captions = [textwrap.shorten(p, SAMPLE_CAPTION_CHARS) for p in self.prompts]
+        return make_grid(images, per, [captions[i // per] if i % per == 0 else "" for i in range(len(images))])
+
+    def build_pipeline(self, model: Any):
+        from .pipeline_starflow import StarFlowPipeline
+
+        pipe = StarFlowPipeline(
+            transformer=model, text_encoder=self.pipe.text_encoder, tokenizer=self.pipe.tokenizer, vae=self.pipe.vae
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def pick_prompts(dataset: Any, count: int = SAMPLE_PROMPTS) -> list[str]:
+    """Up to `count` distinct non-empty captions spread over the dataset, for the sample grids."""
+    prompts: list[str] = []
+    step = max(1, len(dataset) // (count * 4))
+    for index in range(0, len(dataset), step):
+        caption = dataset.caption(index).strip()
+        if caption and caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == count:
+            break
+    return prompts or ["a photo"]
 
 
 # -------------------------------------------------------------------------------------------- checkpointing
@@ -420,13 +635,14 @@ def save_checkpoint(accelerator, output_dir: Path, progress: Progress, ema: EMA 
     with owner as staging:
         staging = Path(broadcast_object_list([str(staging) if main else None])[0])
         accelerator.save_state(str(staging), safe_serialization=True)
+        ema_state = {k: _full(v).contiguous() for k, v in ema.shadow.items()} if ema is not None else None
         rank = accelerator.process_index
         save_file({"state": generator.get_state()}, str(staging / f"generator_{rank}.safetensors"))
         accelerator.wait_for_everyone()
         if main:
-            if ema is not None:
+            if ema_state is not None:
                 save_file(
-                    {k: v.contiguous() for k, v in ema.shadow.items()},
+                    ema_state,
                     str(staging / "ema.safetensors"),
                     metadata={"num_updates": str(ema.num_updates)},
                 )
@@ -453,10 +669,19 @@ def load_checkpoint(accelerator, path: Path, ema: EMA | None, generator) -> Prog
     generator.set_state(load_file(str(generator_file))["state"])
     if ema is not None:
         ema_file = path / "ema.safetensors"
-        ema.shadow = {k: v.float() for k, v in load_file(str(ema_file)).items()}
+        ema.shadow = {k: _shard_like(v.float(), ema.shadow[k]) for k, v in load_file(str(ema_file)).items()}
         with safe_open(str(ema_file), framework="pt") as handle:
             ema.num_updates = int(handle.metadata()["num_updates"])
     return progress
+
+
+def _shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` placed as `like`: sharded the same way under FSDP2 (DTensor), else on its device."""
+    if hasattr(like, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+    return tensor.to(like.device)
 
 
 def resume_training(run: Run) -> None:
@@ -490,7 +715,8 @@ def resume_training(run: Run) -> None:
 
 def checkpoint_now(run: Run) -> Path:
     """A checkpoint of the current step, unless the weights are no longer finite (then the last good one stays)."""
-    if not all(torch.isfinite(p).all() for p in run.raw_model.parameters()):
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in run.raw_model.parameters())  # FSDP2: own shard
+    if not all(torch.isfinite(p).all() for p in local):
         raise NonFiniteLossError(f"non-finite weights at step {run.progress.step}: {diverged_advice(run)}")
     run.progress.elapsed_seconds = time.time() - run.start_time
     args = run.args
@@ -538,14 +764,6 @@ def render_sample_grid(model: TarFlowModel, guidance_scale: float, seed: int, pe
     return make_grid(tiles, per_class, captions)
 
 
-def save_sample_grid(model: TarFlowModel, path: Path, guidance_scale: float, seed: int, per_class: int = 8):
-    """`render_sample_grid` written atomically as PNG; returns the image."""
-    grid = render_sample_grid(model, guidance_scale, seed, per_class)
-    with atomic_file(path) as staging:
-        grid.save(staging, format="PNG")
-    return grid
-
-
 def write_sample_grid(run: Run, model: TarFlowModel, name: str) -> None:
     """The main process's sample grid `samples/{name}.png` at the model's (or --sample-guidance-scale) guidance,
     also sent to the trackers. Never stops training: a failure is a warning."""
@@ -553,7 +771,9 @@ def write_sample_grid(run: Run, model: TarFlowModel, name: str) -> None:
         return
     path = run.output_dir / "samples" / f"{name}.png"
     try:
-        grid = save_sample_grid(model, path, run.sample_guidance, run.args.seed)
+        grid = run.family.sample_grid(run, model)
+        with atomic_file(path) as staging:
+            grid.save(staging, format="PNG")
         log_images(run, grid)
     except Exception as error:
         logger.warning("sample grid %s failed, training goes on: %s: %s", path, type(error).__name__, error)
@@ -578,7 +798,7 @@ def dataset_name(dataset: str) -> str:
 
 
 def save_pipeline_folder(
-    model: TarFlowModel,
+    pipe: Any,
     target: Path,
     args: argparse.Namespace,
     recipe: dict,
@@ -589,11 +809,10 @@ def save_pipeline_folder(
     """The final pipeline folder (replacing the one an earlier run of this output directory wrote), with a model card
     (tarflow_hf.hub) holding the recipe, the command and the last training metrics. The card names the Hub
     repository when the run pushes there, else the folder; fine-tuning names the base model when it is a Hub id
-    and keeps its license unless `--license` is given."""
-    from .hub import TrainingInfo, hub_id, model_card, save_pipeline
-    from .pipeline_tarflow import TarFlowPipeline
+    and keeps its license unless `--license` is given. `pipe` is the family's pipeline around the trained model,
+    saved with its own `save_pretrained`."""
+    from .hub import TrainingInfo, hub_id, model_card
 
-    pipe = TarFlowPipeline(transformer=model)
     card = model_card(
         pipe,
         repo_id=args.push_to_hub or str(target),
@@ -603,15 +822,15 @@ def save_pipeline_folder(
         training=TrainingInfo(recipe=recipe, command=command, metrics=summary),
     )
     with atomic_folder(target, overwrite=True) as staging:
-        save_pipeline(pipe, staging, card=card, overwrite_model_card=True)
+        pipe.save_pretrained(staging, model_card=card, overwrite_model_card=True)
     return target
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+def push_to_hub(folder: Path, repo_id: str, private: bool = False, title: str = "TarFlow") -> str:
     """Upload the pipeline folder as it is (tarflow_hf.hub's upload path); returns the commit URL."""
     from .hub import upload_folder
 
-    info = upload_folder(folder, repo_id, private=private, commit_message="Upload TarFlow trained with tarflow-hf")
+    info = upload_folder(folder, repo_id, private=private, commit_message=f"Upload {title} trained with tarflow-hf")
     return str(getattr(info, "commit_url", info))
 
 
@@ -635,12 +854,27 @@ def format_command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _ema_model(model: TarFlowModel, ema: EMA | None) -> TarFlowModel:
-    """A copy of `model` holding the EMA weights (or the model itself without EMA)."""
-    if ema is None:
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; every process must call this), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _ema_model(model: Any, ema: EMA | None) -> Any:
+    """An unsharded copy of `model` holding the EMA weights (without EMA the model itself, or under FSDP2 its
+    gathered copy). Every process calls it: gathering shards is collective."""
+    if ema is None and not _is_sharded(model):
         return model
-    copy = TarFlowModel(TarFlowConfig.from_dict(model.config.to_dict())).to(model.device)
-    ema.copy_to(copy)
+    state = ema.shadow if ema is not None else model.state_dict()
+    state = {name: _full(value) for name, value in state.items()}
+    with torch.device("meta"):  # no initialisation: every weight is loaded below
+        copy = type(model)(type(model.config).from_dict(model.config.to_dict()))
+    copy.to_empty(device=model.device)
+    dtypes = {name: value.dtype for name, value in copy.state_dict().items()}
+    copy.load_state_dict({name: value.to(dtypes[name]) for name, value in state.items()})
     copy.eval()
     return copy
 
@@ -681,19 +915,11 @@ def load_training_data(args: argparse.Namespace) -> tuple[Dataset, int, int]:
 
 
 def init_model(run: Run) -> None:
-    """The model to train (new, or `--init-from`'s with its labels aligned) and the defaults it decides."""
-    args = run.args
-    dataset, num_channels, image_size = load_training_data(args)
-    class_names = list(getattr(dataset, "class_names", []))
-    model = build_model(args, class_names, num_channels, image_size)
-    if args.init_from:
-        dataset, table = align_labels(model, dataset, args.replace_labels, say=run.accelerator.print)
-        if table is not None:
-            run.accelerator.print(label_table(table))
-        run.base_license = base_model_license(args.init_from)
-    resolve_model_defaults(args, model)
-    model.train()
-    run.dataset, run.raw_model = dataset, model
+    """The model to train, its data and the defaults it decides, as its family does it."""
+    run.family.load(run)
+    if run.args.gradient_checkpointing:
+        run.raw_model.gradient_checkpointing_enable()
+    run.raw_model.train()
 
 
 def prepare_training(run: Run) -> None:
@@ -764,18 +990,18 @@ def check_finite_loss(run: Run, loss: torch.Tensor, lr: float) -> None:
         )
 
 
-def training_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """One micro-batch: noise, label dropout, forward, backward, and the optimizer step when accumulation is done."""
+def training_step(run: Run, batch: Any) -> None:
+    """One micro-batch: the family's inputs (noise, label or caption dropout), forward, backward, and the optimizer
+    step when accumulation is done."""
     args, accelerator = run.args, run.accelerator
     lr = cosine_lr(run.progress.step, run.total_steps, run.warmup_steps, args.lr, args.min_lr)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    inputs = add_noise(images, args.noise_type, args.noise_std, run.generator)
-    labels = drop_labels(labels, args.drop_label, run.generator) if run.raw_model.config.num_classes else None
+    inputs, condition = run.family.encode_batch(run, batch)
     with accelerator.accumulate(run.model):
-        output = run.forward(inputs, labels)
+        output = run.forward(inputs, condition)
         check_finite_loss(run, output.loss, lr)
-        if not run.raw_model.config.nvp:
+        if not getattr(run.raw_model.config, "nvp", True):
             run.prior_window.append(output.latents.detach().float().square().mean(dim=0))
         accelerator.backward(output.loss)
         if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -850,9 +1076,9 @@ def run_epochs(run: Run) -> None:
         epoch_loader = run.loader
         if progress.batches_in_epoch:
             epoch_loader = accelerator.skip_first_batches(run.loader, progress.batches_in_epoch)
-        for images, labels in epoch_loader:
+        for batch in epoch_loader:
             progress.batches_in_epoch += 1
-            training_step(run, images, labels)
+            training_step(run, batch)
             if not accelerator.sync_gradients:
                 continue
             after_optimizer_step(run)
@@ -880,12 +1106,13 @@ def finish(run: Run) -> TrainResult:
     if run.is_main:
         summary = {**run.last_metrics, "train_wall_time_s": round(wall, 1), "ema": run.ema is not None}
         command = format_command(run.given)
-        save_pipeline_folder(final_model, final_dir, args, run.recipe, summary, command, run.base_license)
+        pipe = run.family.build_pipeline(final_model)
+        save_pipeline_folder(pipe, final_dir, args, run.recipe, summary, command, run.base_license)
         write_json_atomic(run.output_dir / "train_summary.json", summary)
         print(f"saved pipeline folder {final_dir} ({wall / 60:.1f} min)")
         write_sample_grid(run, final_model, "final")
         if args.push_to_hub:
-            url = push_to_hub(final_dir, args.push_to_hub, private=args.hub_private)
+            url = push_to_hub(final_dir, args.push_to_hub, private=args.hub_private, title=run.family.title)
             print(f"pushed to {url}")
     if run.trackers:
         accelerator.end_training()
@@ -897,6 +1124,8 @@ def finish(run: Run) -> TrainResult:
 def train(args: argparse.Namespace) -> TrainResult:
     """Run training as described by `args` (see `add_arguments`)."""
     _check_args(args)
+    family = family_for(args.init_from)
+    family.check_args(args)
     resolved = argparse.Namespace(**vars(args))
     if resolved.lr is None:
         resolved.lr = FINE_TUNE_LR if args.init_from else TRAIN_LR
@@ -905,6 +1134,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     trackers = resolve_trackers(args.report_to)
     accelerator = start_accelerator(resolved, trackers)
     run = Run(args=resolved, given=args, accelerator=accelerator, output_dir=Path(args.output_dir), trackers=trackers)
+    run.family = family
     init_model(run)
     prepare_training(run)
     resume_training(run)

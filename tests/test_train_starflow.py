@@ -1,0 +1,323 @@
+"""Fine-tuning a STARFlow pipeline with `tarflow-hf train --init-from STARFLOW_FOLDER`: latent-space training as
+Apple's train.py (VAE posterior sample * scaling factor + noise, frozen T5 through `encode_prompt`, captions dropped
+to ""), only the transformer moves, the whole pipeline folder comes out and samples, resume is exact, two processes
+stay in sync.
+
+Everything is tiny and built here: the fixture's random T5 (`t5_tiny`), a word-level tokenizer whose word `wN` is
+token N, a 4-level AutoencoderKL (downsampling 8) and a 2-block STARFlow on a 4x4 latent (32 px images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+from tarflow_hf.cli import main as cli_main
+from tarflow_hf.configuration_starflow import StarFlowConfig
+from tarflow_hf.data import load_captioned_dataset
+from tarflow_hf.modeling_starflow import StarFlowModel
+from tarflow_hf.pipeline_starflow import StarFlowPipeline
+from tarflow_hf.train import StarFlowFamily, add_arguments, drop_captions, family_for, train
+
+T5_TINY = Path(__file__).parent / "fixtures" / "starflow" / "t5_tiny"
+IMAGE_SIZE = 32  # 4x4 latent
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_pipeline(folder: Path) -> Path:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=0.18215,
+    )
+    config = StarFlowConfig(
+        sample_size=4, hidden_size=32, layers_per_block=[1, 1], head_dim=32, text_hidden_size=32,
+        max_text_length=8, noise_std=0.3, default_guidance_scale=2.0,
+    )  # fmt: skip
+    pipe = StarFlowPipeline(
+        transformer=StarFlowModel(config),
+        text_encoder=T5EncoderModel.from_pretrained(T5_TINY),
+        tokenizer=tiny_tokenizer(),
+        vae=vae,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tiny_pipeline(tmp_path_factory.mktemp("sf") / "base")
+
+
+def write_captioned_folder(root: Path, count: int = 8) -> Path:
+    """Images whose colour follows the caption, with a metadata.jsonl (`file_name`, `text`)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        colour = np.array([(i % 2) * 200, 100, 255 - (i % 2) * 200], dtype=np.uint8)
+        pixels = (colour + rng.integers(0, 40, (40, 48, 3))).clip(0, 255).astype(np.uint8)  # resized + cropped
+        Image.fromarray(pixels, "RGB").save(root / "images" / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"images/{i}.png", "text": f"w{5 + i % 2} w{10 + i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_captioned_folder(tmp_path_factory.mktemp("sf") / "data")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def argv(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--init-from", str(base), "--dataset", str(data), "--output-dir", str(output), "--batch-size", "4",
+        "--no-progress", "--log-every", "1", "--checkpoint-every", "0", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(output: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("elapsed_s")
+    return lines
+
+
+def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    files = sorted((folder / component).glob("*.safetensors"))
+    assert files, f"no weights in {folder / component}"
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def test_captioned_folder_reads_images_and_captions(data):
+    dataset = load_captioned_dataset(str(data), image_size=IMAGE_SIZE)
+    image, caption = dataset[1]
+    assert image.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and caption == "w6 w11"
+    assert image.min() >= -1.0 and image.max() <= 1.0
+    assert image[0].mean() > 0.2 and image[2].mean() < -0.2  # odd images are red-ish: the right file was read
+    assert len(dataset) == 8 and "8 captioned images" in dataset.summary()
+
+
+def test_a_folder_without_metadata_is_one_clear_line(base, tmp_path, capsys):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "0.png")
+    code = cli_main(["train", *argv(base, folder, tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "has no metadata.jsonl" in err and "file_name" in err
+
+
+def test_bad_metadata_lines_name_the_problem(tmp_path):
+    root = write_captioned_folder(tmp_path / "d", count=2)
+    (root / "metadata.jsonl").write_text('{"file_name": "images/0.png", "caption": "w5"}\n')
+    with pytest.raises(ValueError, match=r"line 1 needs 'file_name' and 'text'"):
+        load_captioned_dataset(str(root))
+    assert load_captioned_dataset(str(root), caption_column="caption")[0][1] == "w5"  # --caption-column
+    (root / "metadata.jsonl").write_text('{"file_name": "images/9.png", "text": "w5"}\n')
+    with pytest.raises(ValueError, match=r"no image .*9\.png"):
+        load_captioned_dataset(str(root))
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def test_family_is_read_from_the_init_folder(base, tmp_path):
+    assert isinstance(family_for(str(base)), StarFlowFamily)
+    assert not isinstance(family_for(None), StarFlowFamily)
+
+
+def test_caption_dropout_encodes_the_empty_prompt(base, data):
+    """A dropped caption becomes "" and its embedding is exactly the pipeline's empty-prompt (negative) encoding;
+    the latents are the VAE posterior sample times the scaling factor plus noise_std Gaussian noise."""
+    dropped = drop_captions(["a", "b", "c"] * 2000, 0.25, torch.Generator().manual_seed(0))
+    assert abs(dropped.count("") / 6000 - 0.25) < 0.02 and set(dropped) == {"", "a", "b", "c"}
+
+    run = train_setup(base, data, drop=0.5)
+    family = run.family
+    images, captions = next(iter(torch.utils.data.DataLoader(run.dataset, batch_size=8)))
+    state = run.generator.get_state()
+    inputs, embeds = family.encode_batch(run, (images, list(captions)))
+    # Replay the same random stream by hand.
+    run.generator.set_state(state)
+    kept = drop_captions(list(captions), 0.5, run.generator)
+    assert "" in kept and any(kept)
+    pipe = family.pipe
+    z = pipe.vae.encode(images).latent_dist.sample(run.generator) * pipe.vae.config.scaling_factor
+    noise = torch.randn(z.shape, generator=run.generator)
+    torch.testing.assert_close(inputs, z + 0.3 * noise)
+    _, empty = pipe.encode_prompt("w5", do_classifier_free_guidance=True)  # the default negative: ""
+    for row, caption in enumerate(kept):
+        expected = empty[0] if caption == "" else pipe.encode_prompt(caption, do_classifier_free_guidance=False)[0][0]
+        assert torch.equal(embeds[row], expected), (row, caption)
+    assert not torch.equal(embeds[kept.index("")], embeds[next(i for i, c in enumerate(kept) if c)])
+
+
+def train_setup(base: Path, data: Path, drop: float):
+    """A run set up as `train` does, stopped before the first step."""
+    from tarflow_hf import train as train_module
+
+    args = parse(argv(base, data, data.parent / "unused", "--drop-label", str(drop), "--ema-decay", "0"))
+    family = family_for(args.init_from)
+    resolved = argparse.Namespace(**{**vars(args), "lr": 1e-4})
+    accelerator = train_module.start_accelerator(resolved, [])
+    run = train_module.Run(args=resolved, given=args, accelerator=accelerator, output_dir=Path("."), trackers=[])
+    run.family = family
+    train_module.init_model(run)
+    run.generator = torch.Generator().manual_seed(0)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_fine_tuning_trains_only_the_transformer_and_saves_a_pipeline_that_samples(base, data, tmp_path):
+    out = tmp_path / "run"
+    result = train(parse(argv(base, data, out, "--max-steps", "12", "--lr", "3e-3", "--ema-decay", "0",
+                              "--warmup-steps", "1", "--sample-every", "12")))  # fmt: skip
+    metrics = read_metrics(out)
+    assert len(metrics) == 12 and all(np.isfinite(m["loss"]) for m in metrics)
+    first, last = np.mean([m["loss"] for m in metrics[:3]]), np.mean([m["loss"] for m in metrics[-3:]])
+    assert last < first - 0.05, (first, last)
+    folder = result.pipeline_dir
+    assert folder == out / "model"
+    # Only the transformer moved: text encoder and VAE weights are bit-identical to the base's.
+    for component in ("text_encoder", "vae"):
+        before, after = weights(base, component), weights(folder, component)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), component
+    moved = weights(base, "transformer"), weights(folder, "transformer")
+    assert any(not torch.equal(moved[0][k], moved[1][k]) for k in moved[0])
+    assert (folder / "tokenizer" / "tokenizer.json").is_file()
+    # The folder loads and samples; its card is a STARFlow card with the training section.
+    pipe = StarFlowPipeline.from_pretrained(folder)
+    images = pipe("w5 w10", num_images_per_prompt=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert images.images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(images.images).all()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "text-to-image" and "## Training recipe" in card.text
+    assert "--init-from" in card.text and str(tmp_path) not in card.content
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["model_type"] == "starflow" and config["noise_std"] == 0.3  # the model's own noise, kept
+    # Sample grids: the step's and the final one, captioned with prompts from the dataset.
+    for name in ("step_0000012", "final"):
+        grid = Image.open(out / "samples" / f"{name}.png")
+        assert grid.width > 2 * IMAGE_SIZE and grid.height > IMAGE_SIZE
+
+
+def test_resume_is_exact(base, data, tmp_path):
+    extra = ["--max-steps", "4", "--drop-label", "0.5", "--ema-decay", "0.9", "--lr", "1e-3"]
+    full = train(parse(argv(base, data, tmp_path / "full", *extra)))
+    reset_accelerate()
+    parted = tmp_path / "parted"
+    first = train(parse(argv(base, data, parted, *extra, "--stop-after-steps", "3")))  # mid-epoch (2 per epoch)
+    assert first.pipeline_dir is None and (parted / "checkpoints" / "checkpoint-3").is_dir()
+    reset_accelerate()
+    second = train(parse(argv(base, data, parted, *extra, "--resume", "latest")))
+    assert read_metrics(parted) == read_metrics(tmp_path / "full")
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    a, b = weights(full.pipeline_dir, "transformer"), weights(second.pipeline_dir, "transformer")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA weights too
+
+
+def test_options_that_do_not_apply_are_refused(base, data, tmp_path, capsys):
+    for flag in (["--noise-type", "uniform"], ["--unconditional"]):
+        code = cli_main(["train", *argv(base, data, tmp_path / "o"), *flag])
+        assert code == 2 and "does not apply to a STARFlow model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+WORKER = textwrap.dedent(
+    """
+    import argparse, hashlib, sys
+    from accelerate import PartialState
+    from tarflow_hf.train import add_arguments, train
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    result = train(parser.parse_args(sys.argv[2:]))
+    digest = hashlib.sha256()
+    for model in (result.model, result.ema_model):
+        for name, value in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    with open(f"{sys.argv[1]}/rank{PartialState().process_index}.txt", "w") as handle:
+        handle.write(digest.hexdigest())
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_fine_tuning_keeps_ranks_in_sync(base, data, tmp_path):
+    """DDP over gloo (accelerate runs FSDP only on accelerators: on CPU it falls back to MULTI_CPU)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(worker), str(out), *argv(base, data, tmp_path / "run", "--max-steps", "2", "--drop-label", "0.5",
+                                     "--checkpoint-every", "2", "--lr", "1e-3"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hashes = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert hashes[0] == hashes[1]
+    assert "2 process(es)" in done.stdout + done.stderr
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "generator_0.safetensors").is_file() and (checkpoint / "generator_1.safetensors").is_file()
+    trained, start = weights(tmp_path / "run" / "model", "transformer"), weights(base, "transformer")
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
