@@ -25,16 +25,6 @@ import torch
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import deprecated_buffers, expected_apple_shapes
 
-RELEASED = dict(
-    sample_size=32,
-    in_channels=4,
-    patch_size=1,
-    hidden_size=3072,
-    head_dim=64,
-    text_hidden_size=2048,
-    max_text_length=128,
-)
-
 
 def random_checkpoint(config: StarFlowConfig, path: Path) -> int:
     """Write Apple's state dict with random weights (deprecated buffers as Apple saves them); return its bytes."""
@@ -59,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deep-layers", type=int, default=24, help="layers of the deep block (released: 24)")
     parser.add_argument("--workdir", type=Path, help="where to write the files (default: a temporary folder)")
     args = parser.parse_args(argv)
-    config = StarFlowConfig(**RELEASED, layers_per_block=[2, 2, 2, 2, 2, args.deep_layers])
+    # StarFlowConfig's defaults are the released layout; only the deep block's depth varies here.
+    config = StarFlowConfig(layers_per_block=[2, 2, 2, 2, 2, args.deep_layers])
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         folder = Path(folder)
         checkpoint, converted, back = folder / "starflow.pth", folder / "starflow-hf", folder / "again.pth"

@@ -30,6 +30,7 @@ from tarflow_hf.fileio import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sampling_starflow  # the STARFlow mode, beside this file
+from apple_model import shared_model_arguments
 
 PRESETS = {
     # The mid-size CPU configuration.
@@ -53,11 +54,7 @@ def load_apple_module(checkout: Path):
 def build_apple_model(module, model: TarFlowModel):
     cfg = model.config
     apple = module.Model(
-        in_channels=cfg.num_channels,
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        channels=cfg.hidden_size,
-        num_blocks=cfg.num_blocks,
+        **shared_model_arguments(cfg, cfg.num_channels, cfg.image_size),
         layers_per_block=cfg.layers_per_block,
         nvp=cfg.nvp,
         num_classes=cfg.num_classes,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from apple_model import shared_model_arguments
 
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import hf_to_apple_state_dict
@@ -57,11 +58,7 @@ def load_apple_model(checkout: Path, model: StarFlowModel):
 
     cfg = model.config
     apple = transformer_flow.Model(
-        in_channels=cfg.in_channels,
-        img_size=cfg.sample_size,
-        patch_size=cfg.patch_size,
-        channels=cfg.hidden_size,
-        num_blocks=cfg.num_blocks,
+        **shared_model_arguments(cfg, cfg.in_channels, cfg.sample_size),
         layers_per_block=list(cfg.layers_per_block),
         head_dim=cfg.head_dim,
         rope=1,

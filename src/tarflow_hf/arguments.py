@@ -47,7 +47,12 @@ def positive_int(text: str) -> int:
 def train(parser: argparse.ArgumentParser) -> None:
     """`tarflow-hf train`. Every option's help shows its default; numbers are checked as they are parsed."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="'mnist', 'fashion-mnist', an image folder, or a datasets name")
+    data.add_argument(
+        "--dataset",
+        required=True,
+        help="'mnist', 'fashion-mnist', an image folder, or a datasets name; for STARFlow an image folder with "
+        "metadata.jsonl (file_name and caption columns, as datasets' imagefolder) or a datasets dataset with captions",
+    )
     data.add_argument(
         "--data-dir",
         default=None,
@@ -62,6 +67,7 @@ def train(parser: argparse.ArgumentParser) -> None:
         help="square image size: resize and centre-crop (IDX: pad) every image (default: the data's own)",
     )
     data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
+    data.add_argument("--caption-column", default="text", help="STARFlow: the captions' column (default: %(default)s)")
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -69,7 +75,8 @@ def train(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MODEL",
         help="fine-tune this pipeline folder, Hub repo id, or 'bundled' (the MNIST model shipped with the package); "
-        "it brings its own architecture, noise level, default guidance and label names (default: a new model)",
+        "it brings its own architecture, noise level, default guidance and label names; a StarFlowPipeline is "
+        "fine-tuned text-to-image in its VAE's latent space (only the transformer trains) (default: a new model)",
     )
     model.add_argument(
         "--replace-labels",
@@ -146,7 +153,7 @@ def train(parser: argparse.ArgumentParser) -> None:
         "--drop-label",
         type=unit_interval_float,
         default=0.1,
-        help="probability of replacing a label by -1 (default: %(default)s)",
+        help='probability of replacing a label by -1 (STARFlow: a caption by "") (default: %(default)s)',
     )
     recipe.add_argument(
         "--ema-decay", type=unit_interval_float, default=0.999, help="0 disables EMA (default: %(default)s)"
@@ -155,6 +162,9 @@ def train(parser: argparse.ArgumentParser) -> None:
         "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="(default: %(default)s)"
     )
     recipe.add_argument("--compile", action="store_true", help="torch.compile the model")
+    recipe.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)"
+    )
     recipe.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
     recipe.add_argument(
         "--num-workers", type=non_negative_int, default=0, help="data loader workers per process (default: 0)"

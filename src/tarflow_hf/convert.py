@@ -34,12 +34,13 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from transformers import PreTrainedConfig
 
 from .arguments import APPLE_FILE_NAME_PATTERN, DEFAULT_NUM_CHANNELS
 from .arguments import convert as add_arguments
@@ -56,6 +57,9 @@ APPLE_DATASET_LABELS = {"afhq": "afhq", "imagenet": "imagenet", "imagenet64": "n
 # What `--overwrite` may replace (see `is_tarflow_folder`).
 _OUR_PIPELINES = ("TarFlowPipeline", "StarFlowPipeline")
 _OUR_MODEL_TYPES = ("tarflow", "starflow")
+# A model and a config class, for `meta_model` and `read_model_config`.
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+ConfigT = TypeVar("ConfigT", bound=PreTrainedConfig)
 _APPLE_FILE_NAME = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch_size>\d+)_(?P<hidden_size>\d+)_(?P<num_blocks>\d+)_"
     r"(?P<layers_per_block>\d+)_(?P<noise>uniform|\d+(?:\.\d+)?)\.pth$"
@@ -119,21 +123,26 @@ def hf_to_apple_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return apple
 
 
-def _meta_model(config: TarFlowConfig) -> TarFlowModel:
-    # Parameters on the meta device have shapes but no storage: building even the largest model is free.
+def meta_model(model_class: Callable[[Any], ModelT], config: Any) -> ModelT:
+    """`model_class(config)` on the meta device (both families' converters use it): parameters there have shapes
+    but no storage, so building even the largest model is free."""
     with torch.device("meta"):
-        return TarFlowModel(config)
+        return model_class(config)
+
+
+def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Every key of a state dict and its shape, in the state dict's order."""
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
 def expected_hf_shapes(config: TarFlowConfig) -> dict[str, tuple[int, ...]]:
     """Every key of a `TarFlowModel(config)` state dict and its shape, without allocating weights."""
-    return {key: tuple(tensor.shape) for key, tensor in _meta_model(config).state_dict().items()}
+    return state_shapes(meta_model(TarFlowModel, config).state_dict())
 
 
 def expected_apple_shapes(config: TarFlowConfig) -> dict[str, tuple[int, ...]]:
     """Every key of the matching Apple state dict and its shape, in the order Apple's `state_dict()` has them."""
-    meta_state = _meta_model(config).state_dict()
-    return {key: tuple(tensor.shape) for key, tensor in hf_to_apple_state_dict(meta_state).items()}
+    return state_shapes(hf_to_apple_state_dict(meta_model(TarFlowModel, config).state_dict()))
 
 
 # ----------------------------------------------------------------------------------------- file names
@@ -579,7 +588,7 @@ def model_from_apple_state_dict(
     device and the tensors are assigned). Meta tensors give a meta model, which checks a configuration for free."""
     check_state_dict(state, expected_apple_shapes(config), source, f"the configuration {describe_config(config)}")
     _check_values(state, source)
-    model = _meta_model(config)
+    model = meta_model(TarFlowModel, config)
     model.load_state_dict(apple_to_hf_state_dict(state), strict=True, assign=True)
     return model.eval()
 
@@ -685,12 +694,17 @@ def convert_ml_tarflow_checkpoint(
     return model.config
 
 
-def _model_directory(folder: Path) -> Path:
-    """The model folder of a pipeline folder (its `transformer/`), or `folder` itself if it is a model folder."""
+def check_folder(folder: Path, expected: str) -> None:
+    """Refuse a `folder` that is missing or is not a folder (`--reverse` takes `expected`)."""
     if not folder.exists():
         raise FileNotFoundError(f"folder not found: {folder}")
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; --reverse takes a converted pipeline or model folder")
+        raise ValueError(f"{folder} is not a folder; --reverse takes {expected}")
+
+
+def _model_directory(folder: Path) -> Path:
+    """The model folder of a pipeline folder (its `transformer/`), or `folder` itself if it is a model folder."""
+    check_folder(folder, "a converted pipeline or model folder")
     if (folder / "model_index.json").is_file():
         folder = folder / "transformer"
     if not (folder / "config.json").is_file():
@@ -721,17 +735,23 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_tarflow_folder(folder: str | os.PathLike) -> tuple[TarFlowConfig, dict[str, torch.Tensor]]:
-    """The config and the exact stored tensors (dtypes as saved) of a converted pipeline or model folder."""
-    model_dir = _model_directory(Path(folder))
+def read_model_config(model_dir: Path, config_class: type[ConfigT]) -> ConfigT:
+    """`model_dir/config.json` as a `config_class`, refused when unreadable or another family's."""
     config_file = model_dir / "config.json"
     try:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        config = TarFlowConfig.from_json_file(config_file)
+        config = config_class.from_json_file(config_file)
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"cannot read {config_file}: {error}") from None
-    if model_type != TarFlowConfig.model_type:
-        raise ValueError(f"{config_file} is a {model_type!r} config, not a {TarFlowConfig.model_type!r} one")
+    if model_type != config_class.model_type:
+        raise ValueError(f"{config_file} is a {model_type!r} config, not a {config_class.model_type!r} one")
+    return config
+
+
+def read_tarflow_folder(folder: str | os.PathLike) -> tuple[TarFlowConfig, dict[str, torch.Tensor]]:
+    """The config and the exact stored tensors (dtypes as saved) of a converted pipeline or model folder."""
+    model_dir = _model_directory(Path(folder))
+    config = read_model_config(model_dir, TarFlowConfig)
     state = _read_safetensors(model_dir)
     check_state_dict(state, expected_hf_shapes(config), f"the weights in {model_dir}", "its config.json")
     return config, state
@@ -826,6 +846,7 @@ __all__ = [
     "apple_key_to_hf",
     "apple_to_hf_state_dict",
     "check_finite",
+    "check_folder",
     "check_state_dict",
     "convert_ml_tarflow_checkpoint",
     "describe_config",
@@ -839,9 +860,12 @@ __all__ = [
     "load_apple_state_dict",
     "load_ml_tarflow_checkpoint",
     "main",
+    "meta_model",
     "model_from_apple_state_dict",
     "non_finite_weights",
     "parse_checkpoint_name",
+    "read_model_config",
     "read_tarflow_folder",
     "run",
+    "state_shapes",
 ]

@@ -42,7 +42,16 @@ import torch
 
 from .cli import CommandError
 from .configuration_starflow import StarFlowConfig
-from .convert import check_finite, check_state_dict, is_tarflow_folder, load_apple_state_dict
+from .convert import (
+    check_finite,
+    check_folder,
+    check_state_dict,
+    is_tarflow_folder,
+    load_apple_state_dict,
+    meta_model,
+    read_model_config,
+    state_shapes,
+)
 from .fileio import atomic_file, atomic_folder
 from .hub import APPLE_AMLR
 from .modeling_starflow import StarFlowModel
@@ -180,7 +189,7 @@ def hf_to_apple_state_dict(state: Mapping[str, torch.Tensor], config: StarFlowCo
     dtype = next(iter(state.values())).dtype if state else torch.float32
     buffers = deprecated_buffers(config, dtype)
     # The model's own key order (safetensors files list keys alphabetically), then anything unexpected.
-    order = [key for key in _meta_model(config).state_dict() if key in state]
+    order = [key for key in meta_model(StarFlowModel, config).state_dict() if key in state]
     order += [key for key in state if key not in set(order)]
     blocks = {hf_key_to_apple(key): state[key] for key in order}
     blocks.update({key: value for key, value in buffers.items() if key.startswith("blocks.")})
@@ -193,20 +202,14 @@ def hf_to_apple_state_dict(state: Mapping[str, torch.Tensor], config: StarFlowCo
 
 
 # --------------------------------------------------------------------------------------- configuration
-def _meta_model(config: StarFlowConfig) -> StarFlowModel:
-    # Parameters on the meta device have shapes but no storage: building even the 3B model is free.
-    with torch.device("meta"):
-        return StarFlowModel(config)
-
-
 def expected_hf_shapes(config: StarFlowConfig) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(tensor.shape) for key, tensor in _meta_model(config).state_dict().items()}
+    """Every key of a `StarFlowModel(config)` state dict and its shape, without allocating weights (even 3B)."""
+    return state_shapes(meta_model(StarFlowModel, config).state_dict())
 
 
 def expected_apple_shapes(config: StarFlowConfig) -> dict[str, tuple[int, ...]]:
     """Every key of the matching Apple state dict with its shape, in Apple's order."""
-    meta = _meta_model(config).state_dict()
-    return {key: tuple(tensor.shape) for key, tensor in hf_to_apple_state_dict(meta, config).items()}
+    return state_shapes(hf_to_apple_state_dict(meta_model(StarFlowModel, config).state_dict(), config))
 
 
 def _block_indices(shapes: Mapping[str, Any], pattern: str) -> list[int]:
@@ -321,7 +324,7 @@ def starflow_config_from_apple(
 
 
 def describe_config(config: StarFlowConfig) -> str:
-    parameters = _meta_model(config).num_parameters()
+    parameters = meta_model(StarFlowModel, config).num_parameters()
     return (
         f"{config.in_channels}x{config.sample_size}x{config.sample_size} latents, patch {config.patch_size}, "
         f"{config.num_blocks} blocks {config.layers_per_block}, width {config.hidden_size}/{config.deep_hidden_size}, "
@@ -348,7 +351,7 @@ def model_from_apple_state_dict(
         expected.pop(key)
     check_state_dict(state, expected, source, f"the configuration {describe_config(config)}")
     _check_values(state, source)
-    model = _meta_model(config)
+    model = meta_model(StarFlowModel, config)
     model.load_state_dict(apple_to_hf_state_dict(state), strict=True, assign=True)
     return model.eval()
 
@@ -459,10 +462,7 @@ def convert_ml_starflow_checkpoint(
 
 
 def _model_directory(folder: Path) -> Path:
-    if not folder.exists():
-        raise FileNotFoundError(f"folder not found: {folder}")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; --reverse takes a converted model folder")
+    check_folder(folder, "a converted model folder")
     if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"  # a pipeline folder, or a --transformer-only conversion
     if not (folder / "config.json").is_file():
@@ -475,14 +475,7 @@ def read_starflow_folder(folder: str | os.PathLike) -> tuple[StarFlowConfig, dic
     from safetensors.torch import load_file
 
     model_dir = _model_directory(Path(folder))
-    config_file = model_dir / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        config = StarFlowConfig.from_json_file(config_file)
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"cannot read {config_file}: {error}") from None
-    if model_type != StarFlowConfig.model_type:
-        raise ValueError(f"{config_file} is a {model_type!r} config, not a {StarFlowConfig.model_type!r} one")
+    config = read_model_config(model_dir, StarFlowConfig)
     index = model_dir / "model.safetensors.index.json"
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]

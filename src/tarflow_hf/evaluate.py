@@ -370,15 +370,29 @@ def evaluate(args: argparse.Namespace) -> dict:
         "denoise": not args.no_denoise and config.noise_std > 0,
         "trained_noise_std": config.noise_std,
     }
+
+    def load_split(split: str):
+        """A split of `--dataset` at the model's image size and channels."""
+        return load_image_dataset(args.dataset, split, config.image_size, config.num_channels, args.data_dir)
+
+    def sample(labels: torch.Tensor | None, count: int, seed: int) -> torch.Tensor:
+        """`count` samples from `seed`, with the guidance, denoising and batch size of the arguments."""
+        return generate(
+            model,
+            labels,
+            count,
+            seed,
+            guidance_scale=guidance,
+            guidance_target=args.guidance_target,
+            guidance_schedule=args.guidance_schedule,
+            denoise=not args.no_denoise,
+            batch_size=args.batch_size,
+            accelerator=accelerator,
+        )
+
     dataset = None
     if args.dataset:
-        dataset = load_image_dataset(
-            args.dataset,
-            args.split,
-            image_size=config.image_size,
-            num_channels=config.num_channels,
-            data_dir=args.data_dir,
-        )
+        dataset = load_split(args.split)
         results.update(dataset=args.dataset, split=args.split)
     timings = {}
     if "bpd" in chosen:
@@ -404,45 +418,21 @@ def evaluate(args: argparse.Namespace) -> dict:
         reference_count = min(len(dataset), args.fid_reference_images or len(dataset))
         reference = reference_statistics(dataset, reference_count, features, args.fid_stats_cache, accelerator)
         if args.fid_real_split:
-            real = load_image_dataset(
-                args.dataset, args.fid_real_split, config.image_size, config.num_channels, args.data_dir
-            )
+            real = load_split(args.fid_real_split)
             samples = _dataset_uint8(real, min(args.num_samples, len(real)), accelerator)
             results["fid_real_split"] = args.fid_real_split
         else:
             labels = None
             if config.num_classes:
                 labels = torch.arange(args.num_samples) % config.num_classes  # balanced classes
-            samples = generate(
-                model,
-                labels,
-                args.num_samples,
-                args.seed,
-                guidance,
-                args.guidance_target,
-                args.guidance_schedule,
-                not args.no_denoise,
-                args.batch_size,
-                accelerator,
-            )
+            samples = sample(labels, args.num_samples, args.seed)
         results["fid"] = fid(samples, reference, features, accelerator)
         results.update(fid_samples=args.num_samples, fid_reference_images=reference_count)
         timings["fid_s"] = round(time.time() - start, 1)
     if "accuracy" in chosen:
         start = time.time()
         labels = balanced_labels(config.num_classes, args.samples_per_class)
-        samples = generate(
-            model,
-            labels,
-            len(labels),
-            args.seed + 1,
-            guidance,
-            args.guidance_target,
-            args.guidance_schedule,
-            not args.no_denoise,
-            args.batch_size,
-            accelerator,
-        )
+        samples = sample(labels, len(labels), args.seed + 1)
         consistency = class_consistency(classifier, samples, labels)
         results["class_accuracy"] = consistency["accuracy"]
         results["class_accuracy_per_class"] = consistency["per_class"]

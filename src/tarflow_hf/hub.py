@@ -49,7 +49,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
@@ -312,20 +312,26 @@ def push_pipeline(
         )
 
 
+class UploadOptions(TypedDict, total=False):
+    """The keyword arguments of `upload_folder` besides `overwrite_model_card`, each optional."""
+
+    token: str | None  # default: the logged-in user's
+    private: bool | None  # a new repository's visibility (default: the Hub's)
+    commit_message: str | None  # default: "Upload pipeline"
+    create_pr: bool  # open a pull request instead of committing to the main branch (default: False)
+
+
 def upload_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    overwrite_model_card: bool = False,
+    folder: str | os.PathLike, repo_id: str, *, overwrite_model_card: bool = False, **options: Unpack[UploadOptions]
 ) -> Any:
-    """The one upload path: create the model repository if needed and upload `folder`. A README.md already in the
-    repository that tarflow-hf did not generate is kept unless `overwrite_model_card`."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    """The one upload path: create the model repository if needed and upload `folder` (`options`: see
+    `UploadOptions`). A README.md already in the repository that tarflow-hf did not generate is kept unless
+    `overwrite_model_card`."""
+    unknown = [name for name in options if name not in UploadOptions.__annotations__]
+    if unknown:
+        raise TypeError(f"upload_folder() got an unexpected keyword argument {unknown[0]!r}")
+    api = HfApi(token=options.get("token"))
+    repo_id = api.create_repo(repo_id, private=options.get("private"), exist_ok=True).repo_id
     ignore = None
     if (
         not overwrite_model_card
@@ -336,8 +342,8 @@ def upload_folder(
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
-        commit_message=commit_message or "Upload pipeline",
-        create_pr=create_pr,
+        commit_message=options.get("commit_message") or "Upload pipeline",
+        create_pr=options.get("create_pr", False),
         ignore_patterns=ignore,
     )
 
@@ -598,6 +604,7 @@ __all__ = [
     "EvaluationInfo",
     "Family",
     "TrainingInfo",
+    "UploadOptions",
     "WeightsLicense",
     "code_files",
     "display_name",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -216,16 +216,10 @@ class StarFlowLayer(GradientCheckpointingLayer):
         self.attention = StarFlowAttention(config, width)
         self.mlp = FlowMLP(width, config.mlp_ratio)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None = None,
-        position: int = 0,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
-        hidden = hidden + self.attention(hidden, cos, sin, cache, position, temperature)
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Attention then MLP, each added to its input; the other arguments are [`StarFlowAttention.forward`]'s
+        (rotary `cos`, `sin`, then `cache`, `position`, `temperature`)."""
+        hidden = hidden + self.attention(hidden, *args, **kwargs)
         return hidden + self.mlp(hidden)
 
 

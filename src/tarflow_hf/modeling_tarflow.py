@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -141,15 +141,10 @@ class TarFlowLayer(GradientCheckpointingLayer):
         self.attention = TarFlowAttention(config)
         self.mlp = FlowMLP(config.hidden_size, config.mlp_ratio)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cache: KVCache | None = None,
-        position: int = 0,
-        temperatures: tuple[float, ...] = (1.0,),
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(hidden, cache, position, temperatures, output_attentions)
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention then MLP, each added to its input; the other arguments are [`TarFlowAttention.forward`]'s
+        (`cache`, `position`, `temperatures`, `output_attentions`), and so are the attention weights returned."""
+        attended, weights = self.attention(hidden, *args, **kwargs)
         hidden = hidden + attended
         return hidden + self.mlp(hidden), weights
 

@@ -48,6 +48,14 @@ from .pipeline_utils import (
 
 OUTPUT_TYPES = ("latent", "pil", "np", "pt")
 SAMPLERS = ("sequential", "block_jacobi", "jacobi", "newton")
+# Keyword arguments `__call__` passes on to `StarFlowModel.inverse` as they are.
+SAMPLER_OPTIONS = (
+    "jacobi_block_size",
+    "jacobi_threshold",
+    "jacobi_max_iterations",
+    "jacobi_tolerance",
+    "jacobi_window",
+)
 PromptInput = str | Sequence[str] | None
 
 EXAMPLE_DOC_STRING = """
@@ -250,10 +258,6 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------- checks
     def check_inputs(
         self,
-        prompt: PromptInput,
-        negative_prompt: PromptInput,
-        prompt_embeds: torch.Tensor | None,
-        negative_prompt_embeds: torch.Tensor | None,
         height: int,
         width: int,
         num_images_per_prompt: int,
@@ -262,8 +266,8 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
-        """Validate the arguments before the (long) sampling loop starts: one-line `ValueError`s naming the argument."""
-        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        """Validate the arguments other than the prompts (see `check_prompt_inputs`) before the (long) sampling loop
+        starts: one-line `ValueError`s naming the argument."""
         check_count("num_images_per_prompt", num_images_per_prompt)
         grid = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
@@ -332,16 +336,12 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         denoise: bool = True,
         sampler: str = "sequential",
         attention_temperature: float = 1.0,
-        jacobi_block_size: int = 16,
-        jacobi_threshold: float = 1e-3,
-        jacobi_max_iterations: int | None = None,
-        jacobi_tolerance: float = 1e-4,
-        jacobi_window: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_stats: bool = False,
+        **sampler_options: Any,
     ) -> StarFlowPipelineOutput | tuple:
         r"""
         Generate images from text: encode the prompts, draw prior noise, run the flow backwards block by block
@@ -381,8 +381,6 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                 `jacobi_tolerance`, `jacobi_window` tokens at a time); see [`StarFlowModel.inverse`].
             attention_temperature (`float`, defaults to 1.0):
                 Divides the attention logits of every layer (Apple's `attn_temp`).
-            jacobi_block_size, jacobi_threshold, jacobi_max_iterations, jacobi_tolerance, jacobi_window:
-                Options of the parallel samplers, see [`StarFlowModel.inverse`].
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` (float32 (batch, height, width, 3) in [0, 1]), `"pt"` (float32 (batch, 3, height,
                 width) in [0, 1]) or `"latent"` (the flow's latents, denoised when `denoise`, not decoded).
@@ -398,6 +396,9 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                 Tensors passed in `callback_kwargs`.
             return_stats (`bool`, defaults to `False`):
                 Also return the sampler's statistics (`output.stats`).
+            sampler_options (keyword arguments `jacobi_block_size`, `jacobi_threshold`, `jacobi_max_iterations`,
+                `jacobi_tolerance`, `jacobi_window`): options of the parallel samplers, passed to
+                [`StarFlowModel.inverse`] (see it for their defaults and meaning).
 
         Examples:
 
@@ -405,6 +406,9 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             [`StarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the stats when
             asked for.
         """
+        unknown = [name for name in sampler_options if name not in SAMPLER_OPTIONS]
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {unknown[0]!r}")
         callback_on_step_end_tensor_inputs = callback_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
@@ -420,11 +424,8 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         width = default_width if width is None else width
 
         # 1. Check the inputs.
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         self.check_inputs(
-            prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
             height,
             width,
             num_images_per_prompt,
@@ -461,13 +462,9 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                 guidance_scale=guidance_scale,
                 sampler=sampler,
                 attention_temperature=attention_temperature,
-                jacobi_block_size=jacobi_block_size,
-                jacobi_threshold=jacobi_threshold,
-                jacobi_max_iterations=jacobi_max_iterations,
-                jacobi_tolerance=jacobi_tolerance,
-                jacobi_window=jacobi_window,
                 return_stats=True,
                 callback=on_block,
+                **sampler_options,
             )
 
             # 5. Score denoising with the conditional likelihood (no guidance), one sample at a time.
@@ -549,31 +546,27 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         Returns:
             `torch.Tensor` of shape `(batch,)`, float32.
         """
-        latents = self.encode_images(images, generator=generator, sample_posterior=sample_posterior)
-        embeds = self._text_rows(prompt, prompt_embeds, latents.shape[0])
-        return self._log_likelihood(latents, embeds, batch_size)[0]
+        return self._likelihoods(images, prompt, prompt_embeds, generator, sample_posterior, batch_size)[0]
 
     @torch.no_grad()
-    def bits_per_dim(
-        self,
-        images: ImageInput,
-        prompt: PromptInput = None,
-        prompt_embeds: torch.Tensor | None = None,
-        generator: Generator = None,
-        sample_posterior: bool = False,
-        batch_size: int = 16,
-    ) -> torch.Tensor:
+    def bits_per_dim(self, images: ImageInput, prompt: PromptInput = None, **kwargs: Any) -> torch.Tensor:
         r"""
         Negative log-likelihood of the images' VAE latents in bits per latent dimension (`-log2 p(latent | prompt) /
-        (channels * height / 8 * width / 8)`), arguments as [`~StarFlowPipeline.log_likelihood`]. A continuous
+        (channels * height / 8 * width / 8)`), arguments as [`~StarFlowPipeline.log_likelihood`] (after `images`
+        and `prompt`, by keyword: `prompt_embeds`, `generator`, `sample_posterior`, `batch_size`). A continuous
         density of the latent: not comparable with pixel-space bits per dimension.
 
         Returns:
             `torch.Tensor` of shape `(batch,)`, float32.
         """
+        return self._likelihoods(images, prompt, **kwargs)[1]
+
+    def _likelihoods(self, images, prompt, prompt_embeds=None, generator=None, sample_posterior=False, batch_size=16):
+        """(log_likelihood, bits_per_dim) of the images' latents, float32; the arguments, and their defaults, are
+        [`~StarFlowPipeline.log_likelihood`]'s."""
         latents = self.encode_images(images, generator=generator, sample_posterior=sample_posterior)
         embeds = self._text_rows(prompt, prompt_embeds, latents.shape[0])
-        return self._log_likelihood(latents, embeds, batch_size)[1]
+        return self._log_likelihood(latents, embeds, batch_size)
 
     @torch.no_grad()
     def classify(

@@ -93,9 +93,20 @@ def _batches(count: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
-def _call(pipe: Any, **kwargs: Any) -> list[PIL.Image.Image]:
+def _call(pipe: Any, args: argparse.Namespace, seed: int, batch: range, **kwargs: Any) -> list[PIL.Image.Image]:
+    """The images of one batch: `pipe` with the sampling options both families take from the command line, image
+    i drawn from a generator seeded `seed + i`, and the family's own `kwargs`."""
     try:
-        return pipe(**kwargs).images
+        return pipe(
+            guidance_scale=args.guidance_scale,
+            attention_temperature=args.attention_temperature,
+            sampler=args.sampler,
+            jacobi_tolerance=args.jacobi_tolerance,
+            jacobi_window=args.jacobi_window,
+            denoise=args.denoise,
+            generator=[torch.Generator().manual_seed(seed + i) for i in batch],
+            **kwargs,
+        ).images
     except FloatingPointError as error:
         raise CommandError(str(error)) from None
 
@@ -116,18 +127,14 @@ def _sample_class_conditional(
     for batch in _batches(num_images, args.batch_size):
         images += _call(
             pipe,
+            args,
+            seed,
+            batch,
             class_labels=None if per_image is None else per_image[batch.start : batch.stop],
             num_images_per_label=1 if per_image else len(batch),
-            guidance_scale=args.guidance_scale,
             guidance_target=args.guidance_target,
             guidance_schedule=args.guidance_schedule,
-            attention_temperature=args.attention_temperature,
-            sampler=args.sampler,
-            jacobi_tolerance=args.jacobi_tolerance,
-            jacobi_window=args.jacobi_window,
-            denoise=args.denoise,
             noise_std=args.noise_std,
-            generator=[torch.Generator().manual_seed(seed + i) for i in batch],
         )
     captions = None
     if pipe.transformer.config.num_classes:
@@ -164,17 +171,13 @@ def _sample_text_to_image(
         try:
             images += _call(
                 pipe,
+                args,
+                seed,
+                batch,
                 prompt=prompts[batch.start : batch.stop],
                 negative_prompt=None if negatives is None else negatives[batch.start : batch.stop],
                 height=args.height,
                 width=args.width,
-                guidance_scale=args.guidance_scale,
-                attention_temperature=args.attention_temperature,
-                sampler=args.sampler,
-                jacobi_tolerance=args.jacobi_tolerance,
-                jacobi_window=args.jacobi_window,
-                denoise=args.denoise,
-                generator=[torch.Generator().manual_seed(seed + i) for i in batch],
             )
         except ValueError as error:  # check_inputs: a size the model cannot take, ...
             raise CommandError(str(error).strip().splitlines()[0]) from None
