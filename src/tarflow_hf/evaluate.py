@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .arguments import evaluate as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
 from .fileio import atomic_file, write_text_atomic
 from .modeling_tarflow import TarFlowModel
+from .pipeline_tarflow import TarFlowPipeline
 
 METRICS = ("bpd", "fid", "accuracy")
 INCEPTION_SIZE = 299
@@ -172,21 +173,24 @@ def generate(
     scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(count, config.num_patches, config.patch_dim, generator=generator)
+    pipe = TarFlowPipeline(transformer=model)
+    pipe.set_progress_bar_config(disable=True)
     indices, padded = _shard(count, accelerator)
     chunks = []
     for start in _progress(range(indices.start, indices.stop, batch_size), "sampling", accelerator):
         stop = min(start + batch_size, indices.stop)
         chunk_labels = None if labels is None else labels[start:stop]
-        images = model.inverse(
-            latents[start:stop].to(model.device),
-            chunk_labels,
+        images = pipe(  # the one generation path: sample, denoise, [0, 1]
+            class_labels=chunk_labels,
+            latents=latents[start:stop],
             guidance_scale=scale if chunk_labels is not None else 1.0,
             guidance_target=guidance_target,
             guidance_schedule=guidance_schedule,
-        )
-        if denoise and config.noise_std > 0:
-            images = model.denoise(images, chunk_labels, batch_size=stop - start)
-        chunks.append(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+            denoise=denoise and config.noise_std > 0,
+            denoise_batch_size=stop - start,
+            output_type="pt",
+        ).images
+        chunks.append((images * 255).round().to(torch.uint8).cpu())
     shape = (0, config.num_channels, config.image_size, config.image_size)
     local = torch.cat(chunks) if chunks else torch.empty(shape, dtype=torch.uint8)
     return _gather_rows(local, padded, count, accelerator)

@@ -733,29 +733,26 @@ def diverged_advice(run: Run) -> str:
 
 # ------------------------------------------------------------------------------------------------- outputs
 def render_sample_grid(model: TarFlowModel, guidance_scale: float, seed: int, per_class: int = 8):
-    """A PIL grid of samples (`tarflow_hf.grids.make_grid`), one row per class (at most 10, the class name under
-    the row's first image), or 4 rows for an unconditional model."""
-    from PIL import Image
-
+    """A PIL grid of samples drawn by the pipeline (the one generation path: sample, denoise, quantize), one row per
+    class (at most 10, the class name under the row's first image), or 4 rows for an unconditional model."""
     from .grids import make_grid
+    from .pipeline_tarflow import TarFlowPipeline
 
     config = model.config
     rows = min(config.num_classes, 10) if config.num_classes else 4
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(rows * per_class, config.num_patches, config.patch_dim, generator=generator)
     labels = torch.arange(rows).repeat_interleave(per_class) if config.num_classes else None
+    pipe = TarFlowPipeline(transformer=model)
+    pipe.set_progress_bar_config(disable=True)
     was_training = model.training
     model.eval()
     try:
-        images = model.inverse(
-            latents.to(model.device), labels, guidance_scale=guidance_scale if labels is not None else 1.0
-        )
-        if config.noise_std > 0:
-            images = model.denoise(images, labels)  # the Tweedie step the pipeline applies by default
+        tiles = pipe(
+            class_labels=labels, latents=latents, guidance_scale=guidance_scale if labels is not None else 1.0
+        ).images
     finally:
         model.train(was_training)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    tiles = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
     captions = None
     if labels is not None:
         captions = [
