@@ -351,6 +351,43 @@ def test_output_types():
     torch.testing.assert_close(as_tuple[0], latents, rtol=0, atol=0)
 
 
+def test_bfloat16_weights():
+    """`pipe.to(torch.bfloat16)`, the usual diffusers way to halve memory: every component in bf16, samples close
+    to float32's (a random model amplifies rounding along the sequence, hence the loose bound)."""
+    _, _, expected = reference()
+    common = dict(prompt_embeds=expected["y_cond"][:2], negative_prompt_embeds=expected["y_neg"][:2])
+    common.update(latents=expected["noise"][:2], guidance_scale=2.0, output_type="pt")
+    reference_images = make_pipe()(**common).images
+    half = make_pipe().to(torch.bfloat16)
+    assert half.transformer.dtype == half.vae.dtype == half.text_encoder.dtype == torch.bfloat16
+    images = half(**common).images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert (images - reference_images).abs().max() < 0.1
+
+
+def test_model_cpu_offload_runs_the_transformer_hook(monkeypatch):
+    """Sampling calls the transformer's `inverse`, not `forward`, so the pipeline itself must move it onto the
+    execution device under `enable_model_cpu_offload`."""
+    _, _, expected = reference()
+    pipe = make_pipe()
+    common = dict(prompt_embeds=expected["y_cond"][:2], latents=expected["noise"][:2], guidance_scale=1.0)
+    common.update(denoise=False, output_type="latent")
+    expected_latents = pipe(**common).images
+    pipe.enable_model_cpu_offload(device="cpu")
+    hook = pipe.transformer._hf_hook
+    onloads = []
+    original = hook.pre_forward
+
+    def pre_forward(module, *args, **kwargs):
+        onloads.append(module)
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(hook, "pre_forward", pre_forward)
+    latents = pipe(**common).images
+    assert onloads == [pipe.transformer]
+    torch.testing.assert_close(latents, expected_latents, rtol=0, atol=0)
+
+
 def test_callback_after_each_block():
     pipe = make_pipe()
     _, model, expected = reference()
