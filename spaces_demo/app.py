@@ -860,17 +860,18 @@ def generate_starflow(
             next_step = f"flow block {step + 2}" if step + 1 < num_blocks else ("denoising" if denoise else "done")
             on_block(step + 1, total, f"inverted flow block {step + 1}/{num_blocks}; next: {next_step}")
 
-    output = pipe(
-        prompt=prompt,
-        num_images_per_prompt=num_images,
-        guidance_scale=guidance_scale,
-        latents=latents,
-        sampler=sampler,
-        denoise=bool(denoise),
-        attention_temperature=attention_temperature,
-        callback_on_step_end=on_step,
-        return_stats=True,
-    )
+    options = {
+        "prompt": prompt,
+        "num_images_per_prompt": num_images,
+        "guidance_scale": guidance_scale,
+        "latents": latents,
+        "sampler": sampler,
+        "denoise": bool(denoise),
+        "attention_temperature": attention_temperature,
+        "callback_on_step_end": on_step,
+        "return_stats": True,
+    }
+    output = pipe(**options)
     images = list(output.images)
     if denoise and record_frames:
         frames.append(("denoised (final)", _frame(images)))
@@ -1176,8 +1177,82 @@ def on_step(recorded: list[tuple[str, PIL.Image.Image]], step: float):
 MODEL_EVENTS = {"concurrency_id": "model"}
 
 
-def _tarflow_page(pipe: TarFlowPipeline, header: tuple[Any, ...]) -> None:  # noqa: C901 (handlers nested)
+def _wire_generation(
+    button: Any,
+    check: Callable[..., Any],
+    handler: Callable[..., Any],
+    inputs: list,
+    trajectory: tuple[Any, ...],
+    random_button: Any,
+    seed: Any,
+    after: Callable[[Any], Any] | None = None,
+) -> None:
+    """The events both pages share around generation: the Generate button (checked, then `handler`, then what
+    `after(event)` chains to it), the trajectory slider and the random seed button."""
+    gallery, timing, frames_state, step_slider, step_image = trajectory
+    event = guarded(
+        button.click,
+        check,
+        handler,
+        inputs,
+        [gallery, timing, frames_state, step_slider, step_image],
+        "generate",
+        **MODEL_EVENTS,
+    )
+    if after is not None:
+        after(event)
+    step_slider.release(
+        on_step, [frames_state, step_slider], [step_slider, step_image], api_name="show_step", queue=False
+    )
+    random_button.click(
+        lambda: random.randint(0, MAX_SEED), None, seed, api_name="random_seed", queue=False, show_progress="hidden"
+    )
+    return event
+
+
+def _wire_model_loading(
+    header: tuple[Any, ...],
+    kind: str,
+    page_updates: Callable[[Any], tuple[Any, ...]],
+    page_outputs: list,
+    trajectory: tuple[Any, ...],
+) -> None:
+    """The Load model button, only where visitors may change the model: loads a `kind` pipeline and updates the
+    header, the page's own components (`page_outputs`, given `page_updates(pipe)`) and the trajectory slider."""
     catalog, model_state, model_box, load_button, model_info = header
+    _, _, frames_state, step_slider, _ = trajectory
+    if not catalog.allow_change:
+        return  # no handler that loads a model exists at all
+
+    def check_load(text: str):
+        catalog.resolve(text)
+
+    @model_call
+    def on_load(text: str):
+        ref, pipe = _load_checked(catalog, text, kind)
+        cfg = pipe.transformer.config
+        return (
+            ref,
+            ref.name,
+            describe(pipe, ref.name),
+            *page_updates(pipe),
+            gr.Slider(maximum=cfg.num_blocks + 1, value=0, label="Sampling step (0 = noise)"),
+            [],
+        )
+
+    guarded(
+        load_button.click,
+        check_load,
+        on_load,
+        [model_box],
+        [model_state, model_box, model_info, *page_outputs, step_slider, frames_state],
+        "load_model",
+        **MODEL_EVENTS,
+    )
+
+
+def _tarflow_page(pipe: TarFlowPipeline, header: tuple[Any, ...]) -> None:
+    model_state = header[1]
     config = pipe.transformer.config
     conditional = config.num_classes > 0
     choices = class_choices(pipe)
@@ -1220,7 +1295,7 @@ def _tarflow_page(pipe: TarFlowPipeline, header: tuple[Any, ...]) -> None:  # no
                 )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
-            gallery, timing, frames_state, step_slider, step_image = _trajectory_outputs(config.num_blocks)
+            trajectory = _trajectory_outputs(config.num_blocks)
 
     with gr.Tab("Likelihood"):
         gr.Markdown(LIKELIHOOD_HELP)
@@ -1449,20 +1524,14 @@ def _tarflow_page(pipe: TarFlowPipeline, header: tuple[Any, ...]) -> None:  # no
             make_grid([upscale(image, 96) for image in images], columns=len(images)), kind="interpolation"
         )
 
-    guarded(
-        generate_button.click,
+    _wire_generation(
+        generate_button,
         check_generate,
         on_generate,
         [model_state, class_box, num_images, guidance, seed, target, schedule, temperature, denoise, strength, sampler],
-        [gallery, timing, frames_state, step_slider, step_image],
-        "generate",
-        **MODEL_EVENTS,
-    )
-    step_slider.release(
-        on_step, [frames_state, step_slider], [step_slider, step_image], api_name="show_step", queue=False
-    )
-    random_button.click(
-        lambda: random.randint(0, MAX_SEED), None, seed, api_name="random_seed", queue=False, show_progress="hidden"
+        trajectory,
+        random_button,
+        seed,
     )
     guarded(
         analyze_button.click,
@@ -1496,51 +1565,24 @@ def _tarflow_page(pipe: TarFlowPipeline, header: tuple[Any, ...]) -> None:  # no
         **MODEL_EVENTS,
     )
 
-    if not catalog.allow_change:
-        return  # no handler that loads a model exists at all
-
-    def check_load(text: str):
-        catalog.resolve(text)
-
-    @model_call
-    def on_load(text: str):
-        ref, pipe = _load_checked(catalog, text, "tarflow")
+    def page_updates(pipe: TarFlowPipeline) -> tuple[Any, ...]:
         cfg = pipe.transformer.config
         options = [*class_choices(pipe), UNCONDITIONAL_CHOICE] if cfg.num_classes else [UNCONDITIONAL_CHOICE]
         return (
-            ref,
-            ref.name,
-            describe(pipe, ref.name),
             gr.Dropdown(choices=options, value=options[0], visible=cfg.num_classes > 0),
             gr.Dropdown(choices=options, value=options[0], visible=cfg.num_classes > 0),
             gr.Slider(value=cfg.default_guidance_scale),
             gr.Slider(value=cfg.default_guidance_scale),
             gr.Checkbox(value=cfg.num_channels == 1),
             gr.Label(value=None, visible=cfg.num_classes > 0),
-            gr.Slider(maximum=cfg.num_blocks + 1, value=0, label="Sampling step (0 = noise)"),
-            [],
         )
 
-    guarded(
-        load_button.click,
-        check_load,
-        on_load,
-        [model_box],
-        [
-            model_state,
-            model_box,
-            model_info,
-            class_box,
-            interp_class,
-            guidance,
-            interp_guidance,
-            center,
-            probabilities,
-            step_slider,
-            frames_state,
-        ],
-        "load_model",
-        **MODEL_EVENTS,
+    _wire_model_loading(
+        header,
+        "tarflow",
+        page_updates,
+        [class_box, interp_class, guidance, interp_guidance, center, probabilities],
+        trajectory,
     )
 
 
@@ -1552,8 +1594,8 @@ def estimator_for(model: ModelRef) -> TimeEstimator:
     return _ESTIMATORS.setdefault(model.location, TimeEstimator())
 
 
-def _starflow_page(pipe: StarFlowPipeline, header: tuple[Any, ...]) -> None:  # noqa: C901 (handlers nested)
-    catalog, model_state, model_box, load_button, model_info = header
+def _starflow_page(pipe: StarFlowPipeline, header: tuple[Any, ...]) -> None:
+    catalog, model_state = header[:2]
     config = pipe.transformer.config
     startup = catalog.startup
     if startup.location not in _CALIBRATIONS:
@@ -1615,7 +1657,7 @@ def _starflow_page(pipe: StarFlowPipeline, header: tuple[Any, ...]) -> None:  # 
             )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=2):
-            gallery, timing, frames_state, step_slider, step_image = _trajectory_outputs(config.num_blocks)
+            trajectory = _trajectory_outputs(config.num_blocks)
 
     with gr.Tab("Likelihood"):
         gr.Markdown(RANKING_HELP)
@@ -1716,20 +1758,17 @@ def _starflow_page(pipe: StarFlowPipeline, header: tuple[Any, ...]) -> None:  # 
         show_progress="hidden",
         api_name="estimate_ranking",
     )
-    guarded(
-        generate_button.click,
+    _wire_generation(
+        generate_button,
         check_generate,
         on_generate,
         [model_state, prompt, num_images, guidance, seed, sampler, denoise, temperature],
-        [gallery, timing, frames_state, step_slider, step_image],
-        "generate",
-        **MODEL_EVENTS,
-    ).success(generation_estimate, estimate_inputs, estimate, queue=False, show_progress="hidden", api_name=False)
-    step_slider.release(
-        on_step, [frames_state, step_slider], [step_slider, step_image], api_name="show_step", queue=False
-    )
-    random_button.click(
-        lambda: random.randint(0, MAX_SEED), None, seed, api_name="random_seed", queue=False, show_progress="hidden"
+        trajectory,
+        random_button,
+        seed,
+        after=lambda event: event.success(
+            generation_estimate, estimate_inputs, estimate, queue=False, show_progress="hidden", api_name=False
+        ),
     )
     guarded(
         rank_button.click,
@@ -1741,33 +1780,12 @@ def _starflow_page(pipe: StarFlowPipeline, header: tuple[Any, ...]) -> None:  # 
         **MODEL_EVENTS,
     )
 
-    if not catalog.allow_change:
-        return  # no handler that loads a model exists at all
-
-    def check_load(text: str):
-        catalog.resolve(text)
-
-    @model_call
-    def on_load(text: str):
-        ref, pipe = _load_checked(catalog, text, "starflow")
-        cfg = pipe.transformer.config
-        return (
-            ref,
-            ref.name,
-            describe(pipe, ref.name),
-            gr.Slider(value=cfg.default_guidance_scale),
-            gr.Slider(maximum=cfg.num_blocks + 1, value=0, label="Sampling step (0 = noise)"),
-            [],
-        )
-
-    guarded(
-        load_button.click,
-        check_load,
-        on_load,
-        [model_box],
-        [model_state, model_box, model_info, guidance, step_slider, frames_state],
-        "load_model",
-        **MODEL_EVENTS,
+    _wire_model_loading(
+        header,
+        "starflow",
+        lambda pipe: (gr.Slider(value=pipe.transformer.config.default_guidance_scale),),
+        [guidance],
+        trajectory,
     )
 
 

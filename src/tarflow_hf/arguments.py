@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from .labels import LABEL_CHOICES
 
@@ -44,6 +45,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _option(group: argparse._ArgumentGroup, flag: str, kind: Any, default: Any, text: str = "", **kwargs: Any) -> None:
+    """`group.add_argument(flag, type=kind, default=default, ...)` with the help `text` ending in "(default: ...)"."""
+    group.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)".lstrip(), **kwargs)
+
+
 def train(parser: argparse.ArgumentParser) -> None:
     """`tarflow-hf train`. Every option's help shows its default; numbers are checked as they are parsed."""
     data = parser.add_argument_group("data")
@@ -58,7 +64,7 @@ def train(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder with the IDX files for mnist / fashion-mnist (default: the installed offline copy)",
     )
-    data.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    _option(data, "--split", None, "train", "dataset split")
     data.add_argument("--image-column", default=None, help="image column of a `datasets` dataset (default: guessed)")
     data.add_argument(
         "--image-size",
@@ -67,7 +73,7 @@ def train(parser: argparse.ArgumentParser) -> None:
         help="square image size: resize and centre-crop (IDX: pad) every image (default: the data's own)",
     )
     data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
-    data.add_argument("--caption-column", default="text", help="STARFlow: the captions' column (default: %(default)s)")
+    _option(data, "--caption-column", None, "text", "STARFlow: the captions' column")
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -97,10 +103,8 @@ def train(parser: argparse.ArgumentParser) -> None:
     )
 
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument(
-        "--batch-size", type=positive_int, default=128, help="global batch per optimizer step (default: %(default)s)"
-    )
-    recipe.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="(default: %(default)s)")
+    _option(recipe, "--batch-size", positive_int, 128, "global batch per optimizer step")
+    _option(recipe, "--gradient-accumulation-steps", positive_int, 1)
     recipe.add_argument(
         "--lr",
         type=positive_float,
@@ -120,12 +124,10 @@ def train(parser: argparse.ArgumentParser) -> None:
         help="linear warm-up steps (default: a new model one epoch as Apple, at most 10%% of the steps; "
         "with --init-from 10%% of the steps, at least 1)",
     )
-    recipe.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="(default: %(default)s)")
-    recipe.add_argument("--adam-beta1", type=unit_interval_float, default=0.9, help="(default: %(default)s)")
-    recipe.add_argument("--adam-beta2", type=unit_interval_float, default=0.95, help="(default: %(default)s)")
-    recipe.add_argument(
-        "--max-grad-norm", type=non_negative_float, default=1.0, help="0 disables clipping (default: %(default)s)"
-    )
+    _option(recipe, "--weight-decay", non_negative_float, 1e-4)
+    _option(recipe, "--adam-beta1", unit_interval_float, 0.9)
+    _option(recipe, "--adam-beta2", unit_interval_float, 0.95)
+    _option(recipe, "--max-grad-norm", non_negative_float, 1.0, "0 disables clipping")
     recipe.add_argument(
         "--epochs", type=positive_int, default=1, help="training length, unless --max-steps is given (default: 1)"
     )
@@ -139,9 +141,7 @@ def train(parser: argparse.ArgumentParser) -> None:
         help="checkpoint and stop at this step, keeping the schedule of the full run (time-sliced jobs; "
         "default: run to the end)",
     )
-    recipe.add_argument(
-        "--noise-type", choices=("gaussian", "uniform"), default="gaussian", help="(default: %(default)s)"
-    )
+    _option(recipe, "--noise-type", None, "gaussian", "", choices=("gaussian", "uniform"))
     recipe.add_argument(
         "--noise-std",
         type=non_negative_float,
@@ -149,23 +149,20 @@ def train(parser: argparse.ArgumentParser) -> None:
         help=f"Gaussian noise std, Apple's noise_std (default: {TRAIN_NOISE_STD} for a new model; "
         "with --init-from the model's own)",
     )
-    recipe.add_argument(
+    _option(
+        recipe,
         "--drop-label",
-        type=unit_interval_float,
-        default=0.1,
-        help='probability of replacing a label by -1 (STARFlow: a caption by "") (default: %(default)s)',
+        unit_interval_float,
+        0.1,
+        'probability of replacing a label by -1 (STARFlow: a caption by "")',
     )
-    recipe.add_argument(
-        "--ema-decay", type=unit_interval_float, default=0.999, help="0 disables EMA (default: %(default)s)"
-    )
-    recipe.add_argument(
-        "--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="(default: %(default)s)"
-    )
+    _option(recipe, "--ema-decay", unit_interval_float, 0.999, "0 disables EMA")
+    _option(recipe, "--mixed-precision", None, "no", "", choices=("no", "bf16", "fp16"))
     recipe.add_argument("--compile", action="store_true", help="torch.compile the model")
     recipe.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)"
     )
-    recipe.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
+    _option(recipe, "--seed", non_negative_int, 0)
     recipe.add_argument(
         "--num-workers", type=non_negative_int, default=0, help="data loader workers per process (default: 0)"
     )
@@ -185,24 +182,10 @@ def train(parser: argparse.ArgumentParser) -> None:
         help="'latest' (the newest intact checkpoint) or a checkpoint folder; resuming from an earlier checkpoint "
         "moves the later ones aside (renamed, not deleted) (default: start afresh)",
     )
-    out.add_argument(
-        "--checkpoint-every",
-        type=non_negative_int,
-        default=500,
-        help="steps between checkpoints, 0 for none (default: %(default)s)",
-    )
-    out.add_argument(
-        "--keep-checkpoints", type=positive_int, default=2, help="how many checkpoints to keep (default: %(default)s)"
-    )
-    out.add_argument(
-        "--log-every", type=positive_int, default=20, help="steps between metric lines (default: %(default)s)"
-    )
-    out.add_argument(
-        "--sample-every",
-        type=non_negative_int,
-        default=0,
-        help="steps between sample grids, 0 for the final grid only (default: %(default)s)",
-    )
+    _option(out, "--checkpoint-every", non_negative_int, 500, "steps between checkpoints, 0 for none")
+    _option(out, "--keep-checkpoints", positive_int, 2, "how many checkpoints to keep")
+    _option(out, "--log-every", positive_int, 20, "steps between metric lines")
+    _option(out, "--sample-every", non_negative_int, 0, "steps between sample grids, 0 for the final grid only")
     out.add_argument(
         "--sample-guidance-scale",
         type=finite_float,

@@ -23,8 +23,9 @@ import importlib.util
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -448,17 +449,34 @@ def load_captioned_dataset(
 ) -> Dataset:
     """Captioned images (text-to-image training): an image folder with `metadata.jsonl`, a folder written by
     `datasets.save_to_disk`, or a Hub dataset name (the optional `datasets` package); `(image, caption)` items."""
+    return _open_dataset(
+        source,
+        split,
+        lambda loaded: HFCaptionedDataset(loaded, image_size, image_column, caption_column),
+        lambda path: CaptionedImageFolder(path, image_size, caption_column),
+        f"an image folder with {METADATA_FILE} or a dataset name",
+    )
+
+
+def _open_dataset(
+    source: str,
+    split: str,
+    from_datasets: Callable[[Any], Dataset],
+    from_folder: Callable[[Path], Dataset],
+    expected: str,
+) -> Dataset:
+    """`source` as a folder written by `datasets.save_to_disk` or a Hub dataset name (`from_datasets(loaded)`), or an
+    image folder (`from_folder(path)`); a file or a missing local path is an error saying `expected`."""
     path = Path(source)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            loaded = _load_hf_dataset(source, split, True)
-            return HFCaptionedDataset(loaded, image_size, image_column, caption_column)
-        return CaptionedImageFolder(path, image_size, caption_column)
+            return from_datasets(_load_hf_dataset(source, split, True))
+        return from_folder(path)
     if path.exists():
-        raise ValueError(f"{source} is a file; expected an image folder with {METADATA_FILE} or a dataset name")
+        raise ValueError(f"{source} is a file; expected {expected}")
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data folder {source} does not exist")
-    return HFCaptionedDataset(_load_hf_dataset(source, split, False), image_size, image_column, caption_column)
+    return from_datasets(_load_hf_dataset(source, split, False))
 
 
 # ------------------------------------------------------------------------------------------------------ entry
@@ -486,16 +504,13 @@ def load_image_dataset(
         if num_channels not in (None, dataset.num_channels):
             raise ValueError(f"{key} has {dataset.num_channels} channel(s), but num_channels={num_channels}")
         return dataset
-    path = Path(source)
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return HFImageDataset(_load_hf_dataset(source, split, True), image_size, num_channels, image_column)
-        return ImageFolderDataset(path, image_size, num_channels)
-    if path.exists():
-        raise ValueError(f"{source} is a file; expected 'mnist', 'fashion-mnist', an image folder or a dataset name")
-    if source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"data folder {source} does not exist")
-    return HFImageDataset(_load_hf_dataset(source, split, False), image_size, num_channels, image_column)
+    return _open_dataset(
+        source,
+        split,
+        lambda loaded: HFImageDataset(loaded, image_size, num_channels, image_column),
+        lambda path: ImageFolderDataset(path, image_size, num_channels),
+        "'mnist', 'fashion-mnist', an image folder or a dataset name",
+    )
 
 
 def check_dataset(dataset: Dataset) -> None:
