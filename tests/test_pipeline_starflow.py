@@ -8,6 +8,7 @@ Every comparison with Apple prints its largest error (`pytest -s` shows them); t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -84,6 +85,14 @@ def make_pipe(name: str = "sf_t2i") -> StarFlowPipeline:
     pipe = StarFlowPipeline(
         transformer=reference(name)[1], text_encoder=text_encoder(), tokenizer=tokenizer(), vae=vae()
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def private_pipe(name: str = "sf_t2i") -> StarFlowPipeline:
+    """A pipeline with its own copies of the cached components, for tests that change them (dtype, hooks)."""
+    components = dict(transformer=reference(name)[1], text_encoder=text_encoder(), vae=vae())
+    pipe = StarFlowPipeline(tokenizer=tokenizer(), **{key: copy.deepcopy(value) for key, value in components.items()})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -358,7 +367,7 @@ def test_bfloat16_weights():
     common = dict(prompt_embeds=expected["y_cond"][:2], negative_prompt_embeds=expected["y_neg"][:2])
     common.update(latents=expected["noise"][:2], guidance_scale=2.0, output_type="pt")
     reference_images = make_pipe()(**common).images
-    half = make_pipe().to(torch.bfloat16)
+    half = private_pipe().to(torch.bfloat16)
     assert half.transformer.dtype == half.vae.dtype == half.text_encoder.dtype == torch.bfloat16
     images = half(**common).images
     assert images.dtype == torch.float32 and torch.isfinite(images).all()
@@ -369,7 +378,7 @@ def test_model_cpu_offload_runs_the_transformer_hook(monkeypatch):
     """Sampling calls the transformer's `inverse`, not `forward`, so the pipeline itself must move it onto the
     execution device under `enable_model_cpu_offload`."""
     _, _, expected = reference()
-    pipe = make_pipe()
+    pipe = private_pipe()
     common = dict(prompt_embeds=expected["y_cond"][:2], latents=expected["noise"][:2], guidance_scale=1.0)
     common.update(denoise=False, output_type="latent")
     expected_latents = pipe(**common).images
