@@ -195,7 +195,8 @@ class SamplingStats:
     `jacobi_max_iterations` budget ran out (these are included in `iterations`)."""
     residuals: list[float] = field(default_factory=list)
     """Largest movement, in its last pass, of a token feeding one that a parallel block accepted (at most the
-    tolerance; 0.0 where every token was settled exactly)."""
+    tolerance; 0.0 where every token was settled exactly). Block Jacobi: the largest relative change of a chunk's
+    last pass (Apple's stopping statistic)."""
     rows_computed: list[int] = field(default_factory=list)
     """Transformer rows computed per image and branch: T - 1 for a sequential block; more for a parallel one,
     which recomputes unsettled tokens each pass (Newton: on 2 * token_dim + 1 copies). The compute cost, where
@@ -479,7 +480,7 @@ def sample_block_jacobi(
     weights = row_weights(condition.guidance, num_tokens - 1, z.device)
     x = z.clone()
     cache = block.new_cache(condition, batch, num_tokens)
-    chunk_iterations, rows_computed = [], 0
+    chunk_iterations, rows_computed, residual = [], 0, 0.0
     for start in range(0, num_tokens - 1, block_size):
         end = min(start + block_size, num_tokens - 1)
         weight = weights[:, start:end] if isinstance(weights, torch.Tensor) else weights
@@ -492,7 +493,8 @@ def sample_block_jacobi(
                 break
         chunk_iterations.append(iteration + 1)
         rows_computed += (iteration + 1) * (end - start)
-    return x, BlockRecord(sum(chunk_iterations), 0, 0.0, rows_computed, chunk_iterations)
+        residual = max(residual, change.item())
+    return x, BlockRecord(sum(chunk_iterations), 0, residual, rows_computed, chunk_iterations)
 
 
 __all__ = [
