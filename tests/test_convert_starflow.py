@@ -225,31 +225,12 @@ def local_components(root: Path) -> tuple[Path, Path]:
     """A T5 folder (t5_tiny's encoder + a word-level tokenizer saved beside it) and a tiny AutoencoderKL folder."""
     import shutil
 
-    from diffusers import AutoencoderKL
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from conftest import tiny_vae, word_tokenizer
 
     t5 = root / "t5"
     shutil.copytree(FIXTURES / "t5_tiny", t5)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.save_pretrained(t5)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    vae.save_pretrained(root / "vae")
+    word_tokenizer().save_pretrained(t5)
+    tiny_vae(64).save_pretrained(root / "vae")
     return t5, root / "vae"
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import REFERENCE_CASES, load_reference, random_model, tiny_config
+from conftest import (
+    REFERENCE_CASES,
+    load_reference,
+    offload_and_record_onloads,
+    random_model,
+    run_without_tarflow_hf,
+    tiny_config,
+)
 
 from tarflow_hf import TarFlowModel
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
@@ -417,16 +421,7 @@ def test_model_cpu_offload_runs_the_hook(monkeypatch, noise):
     pipe = make_pipe(random_model(seed=1))
     kwargs = {"class_labels": [0, 1, 2, 0], "latents": noise, "denoise": False, "output_type": "pt"}
     expected = pipe(**kwargs).images
-    pipe.enable_model_cpu_offload(device="cpu")
-    hook = pipe.transformer._hf_hook
-    onloads = []
-    original = hook.pre_forward
-
-    def pre_forward(module, *args, **kwargs):
-        onloads.append(module)
-        return original(module, *args, **kwargs)
-
-    monkeypatch.setattr(hook, "pre_forward", pre_forward)
+    onloads = offload_and_record_onloads(pipe, monkeypatch)
     images = pipe(**kwargs).images
     # Sampling calls `inverse`, not `forward`, so only the pipeline's own call can have moved the model.
     assert onloads == [pipe.transformer]
@@ -640,14 +635,8 @@ def test_from_pretrained_round_trip(saved, pipe, noise):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, sys
+    import sys
 
-    class Blocker(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tarflow_hf" or name.startswith("tarflow_hf."):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Blocker())
     import numpy as np, torch
     from diffusers import DiffusionPipeline
 
@@ -667,15 +656,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 def test_trust_remote_code_without_tarflow_hf(saved, pipe, tmp_path):
     out = tmp_path / "remote.npy"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(saved), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = run_without_tarflow_hf(REMOTE_SCRIPT, tmp_path, str(saved), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "diffusers_modules" in result.stdout and "modeling_tarflow" in result.stdout
     assert "tarflow_hf" not in result.stderr  # no "might require tarflow_hf" warning from diffusers' import scan

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from functools import cache
 from pathlib import Path
@@ -21,8 +18,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import offload_and_record_onloads, run_without_tarflow_hf, tiny_vae, word_tokenizer
 from diffusers import AutoencoderKL, DiffusionPipeline
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
@@ -54,11 +51,7 @@ def text_encoding() -> tuple[list[str], dict[str, torch.Tensor]]:
 @cache
 def tokenizer() -> PreTrainedTokenizerFast:
     """T5-like: `<pad>` 0, `</s>` 1 appended to every text, `<unk>` 2, and words `w3` ... `w99` with their ids."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return word_tokenizer()
 
 
 @cache
@@ -68,17 +61,7 @@ def text_encoder() -> T5EncoderModel:
 
 @cache
 def vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
+    return tiny_vae(64, scaling_factor=0.18215).eval()
 
 
 def make_pipe(name: str = "sf_t2i") -> StarFlowPipeline:
@@ -280,14 +263,8 @@ def test_save_pretrained_round_trip(tmp_path):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, sys
+    import sys
 
-    class Blocker(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tarflow_hf" or name.startswith("tarflow_hf."):
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Blocker())
     import numpy as np, torch
     from diffusers import DiffusionPipeline
 
@@ -309,15 +286,7 @@ def test_trust_remote_code_without_tarflow_hf(tmp_path):
     pipe = make_pipe()
     pipe.save_pretrained(tmp_path / "saved")
     out = tmp_path / "remote.npy"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(tmp_path / "saved"), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = run_without_tarflow_hf(REMOTE_SCRIPT, tmp_path, str(tmp_path / "saved"), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "diffusers_modules" in result.stdout and "modeling_starflow" in result.stdout
     assert "transformers.models.t5" in result.stdout
@@ -382,16 +351,7 @@ def test_model_cpu_offload_runs_the_transformer_hook(monkeypatch):
     common = dict(prompt_embeds=expected["y_cond"][:2], latents=expected["noise"][:2], guidance_scale=1.0)
     common.update(denoise=False, output_type="latent")
     expected_latents = pipe(**common).images
-    pipe.enable_model_cpu_offload(device="cpu")
-    hook = pipe.transformer._hf_hook
-    onloads = []
-    original = hook.pre_forward
-
-    def pre_forward(module, *args, **kwargs):
-        onloads.append(module)
-        return original(module, *args, **kwargs)
-
-    monkeypatch.setattr(hook, "pre_forward", pre_forward)
+    onloads = offload_and_record_onloads(pipe, monkeypatch)
     latents = pipe(**common).images
     assert onloads == [pipe.transformer]
     torch.testing.assert_close(latents, expected_latents, rtol=0, atol=0)

@@ -2,77 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import itertools
 import json
-import os
 import shutil
-import socket
-import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import mnist_train_args as base_args
+from conftest import parse_train_args as parse
+from conftest import reset_accelerate, train_in_two_processes, write_idx_split
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
 from tarflow_hf.cli import main as cli_main
-from tarflow_hf.train import EMA, add_arguments, add_noise, cosine_lr, drop_labels, train
+from tarflow_hf.train import EMA, add_noise, cosine_lr, drop_labels, train
 
-TINY_MODEL = [
-    "--patch-size", "2", "--hidden-size", "32", "--head-dim", "16", "--num-blocks", "2", "--layers-per-block", "1",
-]  # fmt: skip
-
-
-def write_idx_split(folder: Path, count: int = 24, size: int = 8, seed: int = 0) -> None:
-    """A tiny MNIST look-alike: class c is a bright blob at a class-dependent place, on a dark background."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(count) % 10).astype(np.uint8)
-    images = rng.integers(0, 40, (count, size, size)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 4)
-        images[i, 2 * row : 2 * row + 3, 2 * col : 2 * col + 3] = 230
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
-        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-        (folder / (stem + ".gz")).write_bytes(gzip.compress(header + array.tobytes()))
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture
 def idx_dir(tmp_path) -> Path:
     write_idx_split(tmp_path / "idx")
     return tmp_path / "idx"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def base_args(idx_dir: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset", "mnist", "--data-dir", str(idx_dir), "--output-dir", str(output), *TINY_MODEL,
-        "--batch-size", "4", "--no-progress", "--log-every", "1", "--checkpoint-every", "0", "--seed", "1", *extra,
-    ]  # fmt: skip
 
 
 def read_metrics(output: Path) -> list[dict]:
@@ -188,7 +143,6 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch,
 
     import safetensors.torch
     import transformers.modeling_utils
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     out = tmp_path / "run"
     flags = ["--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "5", "--sample-every", "4"]
@@ -201,11 +155,6 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch,
     def disk_full(path, content: bytes = b"part") -> None:
         Path(path).write_bytes(content)
         raise OSError(28, "No space left on device")
-
-    def reset_accelerate() -> None:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
 
     grid = out / "samples" / "step_0000004.png"
     earlier_grid = grid.read_bytes()
@@ -314,46 +263,9 @@ def test_clear_errors_from_the_command_line(idx_dir, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 2 processes
-WORKER = textwrap.dedent(
-    """
-    import argparse, hashlib, sys
-    from accelerate import PartialState
-    from tarflow_hf.train import add_arguments, train
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    result = train(parser.parse_args(sys.argv[2:]))
-    digest = hashlib.sha256()
-    for model in (result.model, result.ema_model):
-        for name, value in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    with open(f"{sys.argv[1]}/rank{PartialState().process_index}.txt", "w") as handle:
-        handle.write(digest.hexdigest())
-    """
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_training_keeps_ranks_in_sync(idx_dir, tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    out = tmp_path / "ranks"
-    out.mkdir()
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(worker), str(out), *base_args(idx_dir, tmp_path / "run", "--max-steps", "4", "--batch-size", "8"),
-        "--drop-label", "0.5", "--checkpoint-every", "2",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    arguments = base_args(idx_dir, tmp_path / "run", "--max-steps", "4", "--batch-size", "8")
+    done, out = train_in_two_processes(tmp_path, [*arguments, "--drop-label", "0.5", "--checkpoint-every", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     hashes = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert hashes[0] == hashes[1]

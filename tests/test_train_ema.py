@@ -9,42 +9,14 @@ learning rate (--min-lr = --lr) keeps every step large, so the average visibly l
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import struct
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from conftest import parse_train_args, write_idx_split
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from tarflow_hf.train import add_arguments, train
+from tarflow_hf.train import train
 
-
-def write_idx_split(folder: Path, count: int = 16, size: int = 8, seed: int = 0) -> None:
-    """A tiny MNIST look-alike in IDX format: class c is a bright blob at a class-dependent place."""
-    rng = np.random.default_rng(seed)
-    labels = (np.arange(count) % 10).astype(np.uint8)
-    images = rng.integers(0, 40, (count, size, size)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 4)
-        images[i, 2 * row : 2 * row + 3, 2 * col : 2 * col + 3] = 230
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
-        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-        (folder / (stem + ".gz")).write_bytes(gzip.compress(header + array.tobytes()))
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 class WeightRecorder:
@@ -78,11 +50,9 @@ class WeightRecorder:
 
 @pytest.mark.parametrize("decay", [0.3, 0.9])
 def test_ema_weights_are_the_average_of_the_recorded_steps(tmp_path, decay):
-    write_idx_split(tmp_path / "idx")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    write_idx_split(tmp_path / "idx", count=16)
     steps = 6
-    args = parser.parse_args(
+    args = parse_train_args(
         [
             "--dataset", "mnist", "--data-dir", str(tmp_path / "idx"), "--output-dir", str(tmp_path / "run"),
             "--patch-size", "4", "--hidden-size", "16", "--head-dim", "16", "--num-blocks", "2",

@@ -22,15 +22,7 @@ from tarflow_hf.data import load_image_dataset
 DIGITS = [str(d) for d in range(10)]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def write_digit_folder(root: Path, per_class: int = 4) -> Path:

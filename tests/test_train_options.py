@@ -5,8 +5,6 @@ models; the training module's functions stay small."""
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
 import subprocess
 import sys
 import types
@@ -16,55 +14,24 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from conftest import mnist_train_args as argv
+from conftest import parse_train_args as parse
+from conftest import write_idx_split
 
 from tarflow_hf.cli import build_parser
 from tarflow_hf.cli import main as cli_main
-from tarflow_hf.train import add_arguments, train
+from tarflow_hf.train import train
 
-TINY_MODEL = [
-    "--patch-size", "2", "--hidden-size", "32", "--head-dim", "16", "--num-blocks", "2", "--layers-per-block", "1",
-]  # fmt: skip
 TRAIN_PY = Path(__file__).resolve().parents[1] / "src" / "tarflow_hf" / "train.py"
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture
 def idx_dir(tmp_path) -> Path:
     """A tiny MNIST look-alike in IDX format (16 images of 8x8, 10 classes)."""
-    folder = tmp_path / "idx"
-    rng = np.random.default_rng(0)
-    labels = (np.arange(16) % 10).astype(np.uint8)
-    images = rng.integers(0, 40, (16, 8, 8)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 4)
-        images[i, 2 * row : 2 * row + 3, 2 * col : 2 * col + 3] = 230
-    folder.mkdir()
-    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
-        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-        (folder / (stem + ".gz")).write_bytes(gzip.compress(header + array.tobytes()))
-    return folder
-
-
-def argv(idx_dir: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset", "mnist", "--data-dir", str(idx_dir), "--output-dir", str(output), *TINY_MODEL,
-        "--batch-size", "4", "--no-progress", "--log-every", "1", "--checkpoint-every", "0", "--seed", "1", *extra,
-    ]  # fmt: skip
-
-
-def parse(arguments: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(arguments)
+    write_idx_split(tmp_path / "idx", count=16)
+    return tmp_path / "idx"
 
 
 # ------------------------------------------------------------------------------------------------ arguments

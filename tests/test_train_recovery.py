@@ -4,70 +4,30 @@ one line and keeps the checkpoints, a failing sample grid never stops training, 
 
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL, reset_accelerate, write_idx_split
+from conftest import mnist_train_args as argv
+from conftest import parse_train_args as parse
 from PIL import Image
 from safetensors.torch import load_file
 
 from tarflow_hf.cli import main as cli_main
-from tarflow_hf.train import add_arguments, list_checkpoints, train
+from tarflow_hf.train import list_checkpoints, train
 
-TINY_MODEL = [
-    "--patch-size", "2", "--hidden-size", "32", "--head-dim", "16", "--num-blocks", "2", "--layers-per-block", "1",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
-    yield
-    reset_accelerate()
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture
 def idx_dir(tmp_path) -> Path:
     """A tiny MNIST look-alike in IDX format (24 images of 8x8, 10 classes)."""
-    folder = tmp_path / "idx"
-    rng = np.random.default_rng(0)
-    labels = (np.arange(24) % 10).astype(np.uint8)
-    images = rng.integers(0, 40, (24, 8, 8)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 4)
-        images[i, 2 * row : 2 * row + 3, 2 * col : 2 * col + 3] = 230
-    folder.mkdir()
-    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
-        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-        (folder / (stem + ".gz")).write_bytes(gzip.compress(header + array.tobytes()))
-    return folder
-
-
-def argv(idx_dir: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset", "mnist", "--data-dir", str(idx_dir), "--output-dir", str(output), *TINY_MODEL,
-        "--batch-size", "4", "--no-progress", "--log-every", "1", "--checkpoint-every", "0", "--seed", "1", *extra,
-    ]  # fmt: skip
-
-
-def parse(arguments: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(arguments)
+    write_idx_split(tmp_path / "idx", count=24)
+    return tmp_path / "idx"
 
 
 def files(folder: Path) -> dict[Path, bytes]:

@@ -11,69 +11,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import parse_train_args as parse
+from conftest import reset_accelerate, tiny_vae, train_in_two_processes, word_tokenizer
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5EncoderModel
+from transformers import T5EncoderModel
 
 from tarflow_hf.cli import main as cli_main
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.data import load_captioned_dataset
 from tarflow_hf.modeling_starflow import StarFlowModel
 from tarflow_hf.pipeline_starflow import StarFlowPipeline
-from tarflow_hf.train import StarFlowFamily, add_arguments, drop_captions, family_for, train
+from tarflow_hf.train import StarFlowFamily, drop_captions, family_for, train
 
 T5_TINY = Path(__file__).parent / "fixtures" / "starflow" / "t5_tiny"
 IMAGE_SIZE = 32  # 4x4 latent
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate()
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 100)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_pipeline(folder: Path) -> Path:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=0.18215,
-    )
+    vae = tiny_vae(IMAGE_SIZE, scaling_factor=0.18215)
     config = StarFlowConfig(
         sample_size=4, hidden_size=32, layers_per_block=[1, 1], head_dim=32, text_hidden_size=32,
         max_text_length=8, noise_std=0.3, default_guidance_scale=2.0,
@@ -81,7 +47,7 @@ def tiny_pipeline(folder: Path) -> Path:
     pipe = StarFlowPipeline(
         transformer=StarFlowModel(config),
         text_encoder=T5EncoderModel.from_pretrained(T5_TINY),
-        tokenizer=tiny_tokenizer(),
+        tokenizer=word_tokenizer(),
         vae=vae,
     )
     pipe.save_pretrained(folder)
@@ -110,12 +76,6 @@ def write_captioned_folder(root: Path, count: int = 8) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_captioned_folder(tmp_path_factory.mktemp("sf") / "data")
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def argv(base: Path, data: Path, output: Path, *extra: str) -> list[str]:
@@ -272,47 +232,10 @@ def test_options_that_do_not_apply_are_refused(base, data, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 2 processes
-WORKER = textwrap.dedent(
-    """
-    import argparse, hashlib, sys
-    from accelerate import PartialState
-    from tarflow_hf.train import add_arguments, train
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    result = train(parser.parse_args(sys.argv[2:]))
-    digest = hashlib.sha256()
-    for model in (result.model, result.ema_model):
-        for name, value in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    with open(f"{sys.argv[1]}/rank{PartialState().process_index}.txt", "w") as handle:
-        handle.write(digest.hexdigest())
-    """
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_fine_tuning_keeps_ranks_in_sync(base, data, tmp_path):
     """DDP over gloo (accelerate runs FSDP only on accelerators: on CPU it falls back to MULTI_CPU)."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    out = tmp_path / "ranks"
-    out.mkdir()
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(worker), str(out), *argv(base, data, tmp_path / "run", "--max-steps", "2", "--drop-label", "0.5",
-                                     "--checkpoint-every", "2", "--lr", "1e-3"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    arguments = argv(base, data, tmp_path / "run", "--max-steps", "2", "--drop-label", "0.5", "--checkpoint-every", "2")
+    done, out = train_in_two_processes(tmp_path, [*arguments, "--lr", "1e-3"])
     assert done.returncode == 0, done.stderr[-3000:]
     hashes = [(out / f"rank{rank}.txt").read_text() for rank in (0, 1)]
     assert hashes[0] == hashes[1]
