@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tarflow_hf import TarFlowConfig
-from tarflow_hf.convert import load_ml_tarflow_checkpoint
+from tarflow_hf.convert import config_from_apple_arguments, inverse_options_from_apple, load_ml_tarflow_checkpoint
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -28,16 +27,7 @@ def largest(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def tarflow_case(name: str) -> dict[str, float]:
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
     apple = meta["config"]
-    config = TarFlowConfig(
-        image_size=apple["img_size"],
-        num_channels=apple["in_channels"],
-        patch_size=apple["patch_size"],
-        hidden_size=apple["channels"],
-        num_blocks=apple["num_blocks"],
-        layers_per_block=apple["layers_per_block"],
-        nvp=apple["nvp"],
-        num_classes=apple["num_classes"],
-    )
+    config = config_from_apple_arguments(apple)
     model = load_ml_tarflow_checkpoint(str(FIXTURES / f"{name}.pth"), config)
     expected = torch.load(FIXTURES / f"{name}_expected.pt", weights_only=True)
     out = model(expected["x"], expected.get("y"), output_hidden_states=True)
@@ -56,10 +46,8 @@ def tarflow_case(name: str) -> dict[str, float]:
             images = model.inverse(
                 expected["noise"],
                 expected.get("y_sample"),
-                guidance_scale=1.0 + kwargs.get("guidance", 0.0),
-                attention_temperature=kwargs.get("attn_temp", 1.0),
-                guidance_schedule="linear" if kwargs.get("annealed_guidance") else "constant",
                 sampler=sampler,
+                **inverse_options_from_apple(kwargs),
                 jacobi_tolerance=1e-7,
             )
             worst = max(worst, largest(images, expected[f"sample_{i}"]))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
-from tarflow_hf.convert import load_ml_tarflow_checkpoint
+from tarflow_hf.convert import config_from_apple_arguments, load_ml_tarflow_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_CASES = ("tiny_cond", "tiny_uncond")
@@ -53,17 +53,7 @@ def random_model(config: TarFlowConfig | None = None, seed: int = 0, **overrides
 
 def reference_config(name: str) -> TarFlowConfig:
     apple = json.loads((FIXTURES / f"{name}.json").read_text())["config"]
-    return TarFlowConfig(
-        image_size=apple["img_size"],
-        num_channels=apple["in_channels"],
-        patch_size=apple["patch_size"],
-        hidden_size=apple["channels"],
-        num_blocks=apple["num_blocks"],
-        layers_per_block=apple["layers_per_block"],
-        nvp=apple["nvp"],
-        num_classes=apple["num_classes"],
-        noise_std=0.1,
-    )
+    return config_from_apple_arguments(apple, noise_std=0.1)
 
 
 def load_reference(name: str) -> tuple[dict, TarFlowModel, dict[str, torch.Tensor]]:

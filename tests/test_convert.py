@@ -20,6 +20,7 @@ from tarflow_hf import convert as convert_module
 from tarflow_hf.convert import (
     hf_to_apple_state_dict,
     infer_config,
+    inverse_options_from_apple,
     load_ml_tarflow_checkpoint,
     model_from_apple_state_dict,
     parse_checkpoint_name,
@@ -153,9 +154,7 @@ def test_converted_folder_reproduces_apple_outputs(converted, name, loader):
         sample = model.inverse(
             expected["noise"],
             expected.get("y_sample"),
-            guidance_scale=1.0 + kwargs.get("guidance", 0.0),
-            attention_temperature=kwargs.get("attn_temp", 1.0),
-            guidance_schedule="linear" if kwargs.get("annealed_guidance") else "constant",
+            **inverse_options_from_apple(kwargs),
         )
         torch.testing.assert_close(sample, expected[f"sample_{i}"], **tolerance)
 

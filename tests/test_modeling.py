@@ -12,18 +12,9 @@ from conftest import random_model
 from transformers import AutoConfig, AutoModel
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
+from tarflow_hf.convert import inverse_options_from_apple
 
 TOLERANCE = 1e-5
-
-
-def apple_options(kwargs: dict) -> dict:
-    """Apple's `Model.reverse` keyword arguments in our names (Apple's guidance g is w = 1 + g)."""
-    return {
-        "guidance_scale": 1.0 + kwargs.get("guidance", 0.0),
-        "attention_temperature": kwargs.get("attn_temp", 1.0),
-        "guidance_schedule": "linear" if kwargs.get("annealed_guidance") else "constant",
-        "guidance_target": {"ab": "both", "a": "scale", "b": "shift"}[kwargs.get("guide_what", "ab")],
-    }
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -50,7 +41,7 @@ def test_inverse_matches_reference_samples(reference, sampler):
             sampler=sampler,
             jacobi_tolerance=1e-7,
             jacobi_sequential_blocks=0,
-            **apple_options(kwargs),
+            **inverse_options_from_apple(kwargs),
         )
         torch.testing.assert_close(images, expected[f"sample_{i}"], atol=TOLERANCE, rtol=0, msg=f"sample_{i}")
 

@@ -22,6 +22,7 @@ from conftest import (
 )
 
 from tarflow_hf import TarFlowModel
+from tarflow_hf.convert import inverse_options_from_apple
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
 
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
@@ -75,10 +76,8 @@ def test_samples_match_apple_reference(name):
         images = pipe(
             class_labels=labels,
             latents=expected["noise"],
-            guidance_scale=1 + apple.get("guidance", 0.0),
-            guidance_schedule="linear" if apple.get("annealed_guidance") else "constant",
-            attention_temperature=apple.get("attn_temp", 1.0),
             denoise=False,
+            **inverse_options_from_apple(apple),
             output_type="pt",
         ).images
         torch.testing.assert_close(images, to_unit(expected[f"sample_{index}"]), atol=1e-5, rtol=0)
@@ -89,10 +88,8 @@ def test_samples_match_apple_reference(name):
     images = pipe(
         class_labels=labels,
         latents=expected["noise"],
-        guidance_scale=1 + first.get("guidance", 0.0),
-        guidance_schedule="linear" if first.get("annealed_guidance") else "constant",
-        attention_temperature=first.get("attn_temp", 1.0),
         denoise=True,
+        **inverse_options_from_apple(first),
         noise_std=denoise["noise_std"],
         output_type="pt",
     ).images

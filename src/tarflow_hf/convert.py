@@ -123,6 +123,32 @@ def hf_to_apple_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return apple
 
 
+def config_from_apple_arguments(arguments: Mapping[str, Any], **overrides: Any) -> TarFlowConfig:
+    """The `TarFlowConfig` of Apple's `transformer_flow.Model(**arguments)` (its constructor's names)."""
+    return TarFlowConfig(
+        image_size=arguments["img_size"],
+        num_channels=arguments["in_channels"],
+        patch_size=arguments["patch_size"],
+        hidden_size=arguments["channels"],
+        num_blocks=arguments["num_blocks"],
+        layers_per_block=arguments["layers_per_block"],
+        nvp=arguments.get("nvp", True),
+        num_classes=arguments.get("num_classes", 0),
+        **overrides,
+    )
+
+
+def inverse_options_from_apple(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Apple's `Model.reverse` sampling keywords as `TarFlowModel.inverse` / `TarFlowPipeline` arguments (Apple's
+    guidance g is guidance_scale = 1 + g; `annealed_guidance` is the linear schedule)."""
+    return {
+        "guidance_scale": 1.0 + kwargs.get("guidance", 0.0),
+        "attention_temperature": kwargs.get("attn_temp", 1.0),
+        "guidance_schedule": "linear" if kwargs.get("annealed_guidance") else "constant",
+        "guidance_target": {"ab": "both", "a": "scale", "b": "shift"}[kwargs.get("guide_what", "ab")],
+    }
+
+
 def meta_model(model_class: Callable[[Any], ModelT], config: Any) -> ModelT:
     """`model_class(config)` on the meta device (both families' converters use it): parameters there have shapes
     but no storage, so building even the largest model is free."""
