@@ -184,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     exact_time, exact = timed(ours_exact, args.repeats, device)
     results["exact_images_per_s"] = args.batch_size / exact_time
+    with sampling_starflow.plain_linear_layers():
+        unpacked_time, _ = timed(ours_exact, args.repeats, device)
+    results["exact_unpacked_images_per_s"] = args.batch_size / unpacked_time
+    results["weight_packing_speedup"] = unpacked_time / exact_time
     jacobi_time, jacobi = timed(ours_jacobi, args.repeats, device)
     results["jacobi_images_per_s"] = args.batch_size / jacobi_time
     stats = jacobi_stats["stats"]

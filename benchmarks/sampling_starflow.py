@@ -13,6 +13,7 @@ conversion. Apple's block Jacobi calls `torch.distributed.all_reduce`, so a one-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from apple_model import shared_model_arguments
 
+from tarflow_hf import layers
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import hf_to_apple_state_dict
 from tarflow_hf.modeling_starflow import StarFlowModel
@@ -78,6 +80,18 @@ def load_apple_model(checkout: Path, model: StarFlowModel):
     return apple.eval()
 
 
+@contextlib.contextmanager
+def plain_linear_layers():
+    """Our samplers with plain `addmm` instead of packed weights (`layers.PACKING_BUDGET_BYTES = 0`), to show
+    what the packing contributes."""
+    budget = layers.PACKING_BUDGET_BYTES
+    layers.PACKING_BUDGET_BYTES = 0
+    try:
+        yield
+    finally:
+        layers.PACKING_BUDGET_BYTES = budget
+
+
 def start_process_group() -> None:
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -125,6 +139,11 @@ def run(args: argparse.Namespace, timed) -> dict:
     results["sequential_passes_exact"] = cfg.num_blocks * cfg.num_patches
     exact_time, exact = timed(ours("sequential"), args.repeats, device)
     results["exact_images_per_s"] = batch / exact_time
+    with plain_linear_layers():
+        unpacked_time, unpacked = timed(ours("sequential"), args.repeats, device)
+    results["exact_unpacked_images_per_s"] = batch / unpacked_time
+    results["weight_packing_speedup"] = unpacked_time / exact_time
+    results["exact_max_abs_deviation_from_unpacked"] = (exact - unpacked).abs().max().item()
     block_time, block = timed(
         ours("block_jacobi", jacobi_block_size=block_size, jacobi_threshold=threshold), args.repeats, device
     )

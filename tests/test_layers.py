@@ -1,11 +1,12 @@
-"""The layers shared by both families: eager and SDPA attention agree, windows after a cache are causal."""
+"""The layers shared by both families: eager and SDPA attention agree, windows after a cache are causal, packed
+weights give plain `nn.Linear` results and only where they should."""
 
 import pytest
 import torch
 from conftest import random_model
 
-from tarflow_hf import TarFlowModel
-from tarflow_hf.layers import causal_attention
+from tarflow_hf import TarFlowModel, layers
+from tarflow_hf.layers import FlowLinear, WeightPacking, causal_attention, weight_packing_available
 
 
 @pytest.mark.parametrize(("queries", "keys"), [(7, 7), (3, 10), (1, 5)])
@@ -50,3 +51,86 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x, labels).loss.backward()
     for expected, parameter in zip(plain, model.parameters(), strict=True):
         torch.testing.assert_close(parameter.grad, expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- weight packing
+def packing_layer(in_features: int = 96, out_features: int = 160) -> FlowLinear:
+    torch.manual_seed(0)
+    return FlowLinear(in_features, out_features)
+
+
+def test_packed_linear_agrees_with_nn_linear_and_packs_on_the_second_call():
+    layer, x = packing_layer(), torch.randn(8, 1, 96)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), WeightPacking(layer) as packing:
+        first = layer(x)
+        assert not packing.packed  # a row count seen once is not worth packing
+        second, third = layer(x), layer(x)
+        assert len(packing.packed) == (1 if weight_packing_available() else 0)
+        assert packing.packed_bytes >= (layer.weight.numel() * 4 if weight_packing_available() else 0)
+        layer(torch.randn(3, 96))  # another row count: seen once, not packed
+        assert len(packing.packed) == (1 if weight_packing_available() else 0)
+    torch.testing.assert_close(first, expected, atol=0, rtol=0)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(third, second, atol=0, rtol=0)
+    assert second.shape == (8, 1, 160)
+    # Leaving the context drops the packings and restores plain layers.
+    assert layer.packing is None and not packing.packed and packing.packed_bytes == 0
+
+
+def test_torch_here_has_mkl_packing():
+    """The speed-up needs MKL (x86 Linux/Windows wheels); the CI machine's torch has it, so the packed path above is
+    really exercised there. Elsewhere (Apple silicon) the layers stay plain, which the test above also covers."""
+    assert weight_packing_available() == (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
+    if torch.backends.mkl.is_available():
+        assert weight_packing_available()
+
+
+def test_packing_leaves_training_autocast_and_other_dtypes_alone():
+    layer, x = packing_layer(), torch.randn(4, 96)
+    with WeightPacking(layer) as packing:
+        for _ in range(3):
+            out = layer(x)  # gradients enabled: the training path
+        assert out.requires_grad and not packing.packed
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(3):
+                out = layer(x)
+        assert out.dtype == torch.bfloat16 and not packing.packed
+    double = packing_layer().double()
+    with torch.no_grad(), WeightPacking(double) as packing:
+        for _ in range(3):
+            double(x.double())
+        assert not packing.layers and not packing.packed
+
+
+def test_packing_respects_its_budget_and_nests():
+    layer, x = packing_layer(), torch.randn(8, 96)
+    with torch.no_grad(), WeightPacking(layer, budget_bytes=0) as packing:
+        outs = [layer(x) for _ in range(3)]
+        assert not packing.packed and packing.packed_bytes == 0
+    torch.testing.assert_close(outs[-1], torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    with torch.no_grad(), WeightPacking(layer) as outer:
+        with WeightPacking(layer) as inner:
+            assert layer.packing is (inner if weight_packing_available() else None)
+        assert layer.packing is (outer if weight_packing_available() else None)
+    assert layer.packing is None
+
+
+def test_samplers_run_on_packed_weights_and_give_the_same_samples(monkeypatch):
+    """`invert_block` packs each block's weights while it decodes; the samples agree with plain `addmm` (budget 0,
+    the documented switch) to float32 rounding, and no layer stays packed afterwards."""
+    model = random_model(num_blocks=2, layers_per_block=2).eval()
+    packed_counts = []
+    model.blocks[0].layers[0].attention.qkv.register_forward_pre_hook(
+        lambda module, args: packed_counts.append(0 if module.packing is None else len(module.packing.packed))
+    )
+    noise, labels = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(0)), [0, 1, 2]
+    with torch.no_grad():
+        packed = model.inverse(noise, labels, 2.0)
+        assert (max(packed_counts) > 0) == weight_packing_available()
+        packed_counts.clear()
+        monkeypatch.setattr(layers, "PACKING_BUDGET_BYTES", 0)
+        plain = model.inverse(noise, labels, 2.0)
+        assert packed_counts and max(packed_counts) == 0
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert all(module.packing is None for module in model.modules() if isinstance(module, FlowLinear))

@@ -299,8 +299,8 @@ def test_invalid_configs_name_the_field(overrides, field):
 # ------------------------------------------------------------------------------------ implementations
 @pytest.mark.parametrize("name", CASES)
 def test_eager_and_sdpa_agree(name):
-    """The two attention implementations compute the same function, to float32 rounding: 1e-6, relative to the
-    values for sums and samples, which reach ~25 (logdet) and amplify rounding through the blocks."""
+    """The two attention implementations compute the same function, to float32 rounding: 1e-6 relative to the
+    largest value of each output, since sums reach ~25 (logdet) and samples amplify rounding through the blocks."""
     _, model, expected = reference(name)
     results = {}
     try:
@@ -316,7 +316,7 @@ def test_eager_and_sdpa_agree(name):
         model.set_attn_implementation("sdpa")
     for what, sdpa, eager in zip(("z", "logdet", "sample"), results["sdpa"], results["eager"], strict=True):
         print(f"max |eager - sdpa| {name} {what}: {(sdpa - eager).abs().max().item():.2e}")
-        torch.testing.assert_close(sdpa, eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sdpa, eager, atol=1e-6 * max(1.0, sdpa.abs().max().item()), rtol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

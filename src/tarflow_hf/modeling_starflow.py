@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_starflow import StarFlowConfig
 from .layers import (
+    FlowLinear,
     FlowMLP,
     KVCache,
     causal_attention,
@@ -92,13 +93,14 @@ class StarFlowOutput(ModelOutput):
 
 # ------------------------------------------------------------------------------------------------- RoPE
 def rope_angles(config: StarFlowConfig, height: int, width: int, text_length: int) -> torch.Tensor:
-    """Rotary angles (text_length + height * width, head_dim) in float32, text positions first.
+    """Rotary angles (text_length + height * width, head_dim / 2) in float32, one per interleaved pair of a head's
+    channels, text positions first.
 
     Apple's `get_positions` + `VisionRotaryEmbeddingFast`: image token (i, j) of an h x w grid sits at
     (i * P / sqrt(hw), j * P / sqrt(hw), 0) with P the training grid side, so the training size gives integer
     positions and other sizes (also non-square) cover the same range; text token k sits at (0, 0, k * P / L). The
     two image axes share `rope_spatial_frequencies` frequencies 1 / theta^(2k / d); the text axis has 8
-    frequencies 1 / theta^(k / 8) (step 1, not 2: Apple's choice). Each angle rotates one interleaved pair."""
+    frequencies 1 / theta^(k / 8) (step 1, not 2: Apple's choice)."""
     spatial_dim = 2 * config.rope_spatial_frequencies
     grid = config.grid_size
     spatial = 1.0 / (config.rope_theta ** (torch.arange(0, spatial_dim, 2)[: spatial_dim // 2].float() / spatial_dim))
@@ -115,35 +117,37 @@ def rope_angles(config: StarFlowConfig, height: int, width: int, text_length: in
         rows, cols = torch.cat([zeros, rows]), torch.cat([zeros, cols])
         depth = torch.cat([text, torch.zeros(height * width)])
         parts = [torch.outer(depth, text_frequencies)]
-    angles = torch.cat([torch.outer(rows, spatial), torch.outer(cols, spatial), *parts], dim=-1)
-    return angles.repeat_interleave(2, dim=-1)
+    return torch.cat([torch.outer(rows, spatial), torch.outer(cols, spatial), *parts], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x_2m, x_2m+1) of (B, heads, L, head_dim) by the angles of (L, head_dim)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x_2m, x_2m+1) of (B, heads, L, head_dim) by the angles of (L, head_dim / 2), given
+    as the unit complex numbers `rotation`: (x_2m + i x_2m+1) * e^(i angle), one complex product per pair, in
+    float32 at least (Apple's x * cos + rotate_half(x) * sin, to float32 rounding)."""
+    up = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pairs = torch.view_as_complex(x.to(up).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 @dataclass
 class RotaryTable:
-    """cos and sin of the rotary angles of every sequence position of a block (text prefix first)."""
+    """The rotary angles of every sequence position of a block (text prefix first), as unit complex numbers
+    (L, head_dim / 2) (`apply_rope`)."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rotation: torch.Tensor
 
     @classmethod
     def build(cls, config: StarFlowConfig, height: int, width: int, text_length: int, device, dtype) -> RotaryTable:
         angles = rope_angles(config, height, width, text_length).to(device)
-        return cls(angles.cos().to(dtype), angles.sin().to(dtype))
+        angles = angles.double() if dtype == torch.float64 else angles
+        return cls(torch.polar(torch.ones_like(angles), angles))
 
-    def rows(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[start : start + length], self.sin[start : start + length]
+    def rows(self, start: int, length: int) -> torch.Tensor:
+        return self.rotation[start : start + length]
 
     def tail(self, length: int) -> RotaryTable:
         """The last `length` positions: the image part, for a block without the text prefix."""
-        return RotaryTable(self.cos[-length:], self.sin[-length:])
+        return RotaryTable(self.rotation[-length:])
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
@@ -182,25 +186,26 @@ class StarFlowAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = width // config.head_dim
         self.norm = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = FlowLinear(width, 3 * width)
+        self.proj = FlowLinear(width, width)
 
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: torch.Tensor,
         cache: KVCache | None = None,
         position: int = 0,
         temperature: float = 1.0,
     ) -> torch.Tensor:
-        """`hidden` (B, n, W) holds sequence positions `position .. position + n - 1` with rotary `cos`, `sin` (n,
-        head_dim); with `cache` they also attend to every cached position before them. `temperature` divides the
-        attention logits (Apple's `attn_temp`)."""
+        """`hidden` (B, n, W) holds sequence positions `position .. position + n - 1` with rotary `rotation`
+        (n, head_dim / 2; `apply_rope`); with `cache` they also attend to every cached position before them.
+        `temperature` divides the attention logits (Apple's `attn_temp`)."""
         batch, length, width = hidden.shape
         qkv = self.qkv(layer_norm_fp32(self.norm, hidden))
-        query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        heads = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2)
+        # Queries and keys rotate together: one call, half the small operations of a decoding step.
+        query, key = apply_rope(heads[:, : 2 * self.num_heads], rotation).chunk(2, dim=1)
+        value = heads[:, 2 * self.num_heads :]
         if cache is not None:
             key, value = cache.update(key, value, position)
         implementation = check_attention_implementation(self.config._attn_implementation)
@@ -218,7 +223,7 @@ class StarFlowLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Attention then MLP, each added to its input; the other arguments are [`StarFlowAttention.forward`]'s
-        (rotary `cos`, `sin`, then `cache`, `position`, `temperature`)."""
+        (the rotary `rotation`, then `cache`, `position`, `temperature`)."""
         hidden = hidden + self.attention(hidden, *args, **kwargs)
         return hidden + self.mlp(hidden)
 
@@ -265,11 +270,11 @@ class StarFlowBlock(nn.Module):
         self.soft_clip = config.soft_clip
         patch_dim = config.patch_dim
         self.sos_embed = nn.Parameter(torch.empty(1, 1, patch_dim))
-        self.proj_in = nn.Linear(patch_dim, width)
-        self.proj_txt = nn.Linear(config.text_hidden_size, width) if reads_text else None
+        self.proj_in = FlowLinear(patch_dim, width)
+        self.proj_txt = FlowLinear(config.text_hidden_size, width) if reads_text else None
         self.layers = nn.ModuleList(StarFlowLayer(config, width) for _ in range(num_layers))
         self.final_norm = StarFlowRMSNorm(width)
-        self.proj_out = nn.Linear(width, 2 * patch_dim)
+        self.proj_out = FlowLinear(width, 2 * patch_dim)
 
     @property
     def reads_text(self) -> bool:
@@ -289,13 +294,13 @@ class StarFlowBlock(nn.Module):
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """All layers on rows at sequence positions `start ..` (text prefix included), then the final norm."""
-        cos, sin = rope.rows(start, hidden.shape[1])
+        rotation = rope.rows(start, hidden.shape[1])
         for i, layer in enumerate(self.layers):
             if cache is None and temperature == 1.0:
-                hidden = layer(hidden, cos, sin)  # the training path: checkpointed when enabled
+                hidden = layer(hidden, rotation)  # the training path: checkpointed when enabled
             else:
                 layer_cache = None if cache is None else cache.layers[i]
-                hidden = layer(hidden, cos, sin, cache=layer_cache, position=start, temperature=temperature)
+                hidden = layer(hidden, rotation, cache=layer_cache, position=start, temperature=temperature)
         return self.final_norm(hidden)
 
     def affine(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_tarflow import TarFlowConfig
 from .layers import (
+    FlowLinear,
     FlowMLP,
     KVCache,
     causal_attention,
@@ -98,8 +99,8 @@ class TarFlowAttention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.norm = nn.LayerNorm(config.hidden_size)
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = FlowLinear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = FlowLinear(config.hidden_size, config.hidden_size)
 
     def forward(
         self,
@@ -180,13 +181,13 @@ class TarFlowBlock(nn.Module):
         super().__init__()
         self.reverse_order = reverse_order
         self.nvp = config.nvp
-        self.proj_in = nn.Linear(config.patch_dim, config.hidden_size)
+        self.proj_in = FlowLinear(config.patch_dim, config.hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(config.num_patches, config.hidden_size))
         self.class_embedding = (
             nn.Parameter(torch.empty(config.num_classes, config.hidden_size)) if config.num_classes else None
         )
         self.layers = nn.ModuleList(TarFlowLayer(config) for _ in range(config.layers_per_block))
-        self.proj_out = nn.Linear(config.hidden_size, 2 * config.patch_dim if config.nvp else config.patch_dim)
+        self.proj_out = FlowLinear(config.hidden_size, 2 * config.patch_dim if config.nvp else config.patch_dim)
 
     def permute(self, sequence: torch.Tensor) -> torch.Tensor:
         """Into (and, being an involution, out of) this block's patch order along dim 1."""

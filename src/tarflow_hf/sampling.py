@@ -17,15 +17,17 @@ shared trajectory x) and a `GuidanceRule` combines their predictions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
+from torch import nn
 from transformers.utils import logging
 
-from .layers import KVCache
+from .layers import KVCache, WeightPacking
 
 logger = logging.get_logger(__name__)
 
@@ -271,18 +273,21 @@ def invert_block(
     block: AffineBlock, z: torch.Tensor, condition: BlockCondition, options: SamplerOptions, sequential: bool = False
 ) -> tuple[torch.Tensor, BlockRecord]:
     """Invert one block with the chosen sampler (`sequential` forces the exact one): z (B, T, D) in the block's
-    order, token 0 given."""
-    if sequential or options.sampler == "sequential":
-        return sample_sequential(block, z, condition)
-    if options.sampler == "newton":
-        return sample_newton(block, z, condition, options.jacobi_tolerance)
-    if options.sampler == "block_jacobi":
-        return sample_block_jacobi(
-            block, z, condition, options.jacobi_block_size, options.jacobi_threshold, options.jacobi_max_iterations
+    order, token 0 given. A block that is an `nn.Module` runs its linear layers on packed weights meanwhile
+    (`layers.WeightPacking`: the decoding steps' few-row products are about twice as fast on CPU)."""
+    packing = WeightPacking(block) if isinstance(block, nn.Module) else contextlib.nullcontext()
+    with packing:
+        if sequential or options.sampler == "sequential":
+            return sample_sequential(block, z, condition)
+        if options.sampler == "newton":
+            return sample_newton(block, z, condition, options.jacobi_tolerance)
+        if options.sampler == "block_jacobi":
+            return sample_block_jacobi(
+                block, z, condition, options.jacobi_block_size, options.jacobi_threshold, options.jacobi_max_iterations
+            )
+        return sample_jacobi(
+            block, z, condition, options.jacobi_tolerance, options.jacobi_window, options.jacobi_max_iterations
         )
-    return sample_jacobi(
-        block, z, condition, options.jacobi_tolerance, options.jacobi_window, options.jacobi_max_iterations
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
