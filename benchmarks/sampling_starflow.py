@@ -150,11 +150,20 @@ def run(args: argparse.Namespace, timed) -> dict:
     results["block_jacobi_images_per_s"] = batch / block_time
     results["block_jacobi_passes"] = stats["block_jacobi"].transformer_passes
     results["block_jacobi_max_abs_deviation_from_exact"] = (block - exact).abs().max().item()
-    jacobi_time, jacobi = timed(ours("jacobi", jacobi_tolerance=args.jacobi_tolerance), args.repeats, device)
-    results["jacobi_images_per_s"] = batch / jacobi_time
-    results["jacobi_passes"] = stats["jacobi"].transformer_passes
-    results["jacobi_max_abs_deviation_from_exact"] = (jacobi - exact).abs().max().item()
-    results["jacobi_speedup_over_exact"] = exact_time / jacobi_time
+    parallel = {"block_jacobi": (block_time, block)}
+    jacobi_runs = {
+        "jacobi": dict(jacobi_tolerance=args.jacobi_tolerance, jacobi_window=args.jacobi_window),
+        # Apple's block size as the window and a tolerance for "visually the same": the CPU's fastest parallel run
+        "coarse_jacobi": dict(jacobi_tolerance=args.coarse_jacobi_tolerance, jacobi_window=block_size),
+    }
+    for name, options in jacobi_runs.items():
+        jacobi_time, jacobi = timed(ours("jacobi", **options), args.repeats, device)
+        parallel[name] = (jacobi_time, jacobi)
+        results[f"{name}_tolerance_window"] = f"{options['jacobi_tolerance']:g}, {options['jacobi_window'] or 'all'}"
+        results[f"{name}_images_per_s"] = batch / jacobi_time
+        results[f"{name}_passes"] = stats["jacobi"].transformer_passes
+        results[f"{name}_max_abs_deviation_from_exact"] = (jacobi - exact).abs().max().item()
+        results[f"{name}_speedup_over_exact"] = exact_time / jacobi_time
 
     if args.ml_starflow:
         apple = load_apple_model(args.ml_starflow, model)
@@ -181,9 +190,15 @@ def run(args: argparse.Namespace, timed) -> dict:
         results["block_jacobi_max_abs_deviation_from_original_block_jacobi"] = (block - apple_block).abs().max().item()
         results["block_jacobi_speedup_over_original_block_jacobi"] = apple_block_time / block_time
         results["original_block_jacobi_max_abs_deviation_from_exact"] = (apple_block - exact).abs().max().item()
-        best = min(("jacobi", jacobi_time), ("block_jacobi", block_time), key=lambda item: item[1])
-        results["best_parallel_sampler"] = best[0]
-        results["best_parallel_speedup_over_original_block_jacobi"] = apple_block_time / best[1]
+        results["exact_speedup_over_original_block_jacobi"] = apple_block_time / exact_time
+        # The comparison: our fastest parallel sampler among those no further from the exact latents than
+        # Apple's block Jacobi (within the 1e-4 parity tolerance: our block Jacobi reproduces Apple's to ~1e-5).
+        budget = (apple_block - exact).abs().max().item() + 1e-4
+        eligible = {name: run for name, run in parallel.items() if (run[1] - exact).abs().max().item() <= budget}
+        best = min(eligible, key=lambda name: eligible[name][0])
+        results["best_parallel_sampler"] = best
+        results["best_parallel_max_abs_deviation_from_exact"] = (eligible[best][1] - exact).abs().max().item()
+        results["best_parallel_speedup_over_original_block_jacobi"] = apple_block_time / eligible[best][0]
     return results
 
 
@@ -192,3 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ml-starflow", type=Path, help="checkout of apple/ml-starflow to compare against")
     group.add_argument("--jacobi-block-size", type=int, default=16, help="block Jacobi chunk (Apple's scripts: 16)")
     group.add_argument("--jacobi-threshold", type=float, default=0.001, help="block Jacobi threshold (Apple: 0.001)")
+    group.add_argument(
+        "--coarse-jacobi-tolerance",
+        type=float,
+        default=0.01,
+        help="tolerance of the second Jacobi run, whose window is --jacobi-block-size",
+    )

@@ -1,6 +1,8 @@
 """The layers shared by both families: eager and SDPA attention agree, windows after a cache are causal, packed
 weights give plain `nn.Linear` results and only where they should."""
 
+import threading
+
 import pytest
 import torch
 from conftest import random_model
@@ -109,9 +111,11 @@ def test_packing_respects_its_budget_and_nests():
         outs = [layer(x) for _ in range(3)]
         assert not packing.packed and packing.packed_bytes == 0
     torch.testing.assert_close(outs[-1], torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    # A second packing (nested, or another thread's) leaves the layers with the first, and its exit does not take
+    # them from it.
     with torch.no_grad(), WeightPacking(layer) as outer:
         with WeightPacking(layer) as inner:
-            assert layer.packing is (inner if weight_packing_available() else None)
+            assert layer.packing is (outer if weight_packing_available() else None) and not inner.claimed
         assert layer.packing is (outer if weight_packing_available() else None)
     assert layer.packing is None
 
@@ -133,4 +137,28 @@ def test_samplers_run_on_packed_weights_and_give_the_same_samples(monkeypatch):
         plain = model.inverse(noise, labels, 2.0)
         assert packed_counts and max(packed_counts) == 0
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert all(module.packing is None for module in model.modules() if isinstance(module, FlowLinear))
+
+
+def test_concurrent_samplers_share_a_model_and_leave_no_packing_behind():
+    """Two threads sampling from one model (a Space serving two visitors): each gets its own samples, and no layer
+    keeps a packing (and its memory) afterwards."""
+    model = random_model(num_blocks=2, layers_per_block=2).eval()
+    noises = [torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    with torch.no_grad():
+        alone = [model.inverse(noise, [0, 1], 2.0) for noise in noises]
+    together = [None, None]
+
+    def sample(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(3):
+                together[i] = model.inverse(noises[i], [0, 1], 2.0)
+
+    threads = [threading.Thread(target=sample, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for mine, solo in zip(together, alone, strict=True):
+        torch.testing.assert_close(mine, solo, atol=1e-5, rtol=1e-5)
     assert all(module.packing is None for module in model.modules() if isinstance(module, FlowLinear))

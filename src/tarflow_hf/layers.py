@@ -70,19 +70,21 @@ class WeightPacking:
         self.packed_bytes = 0
         self.packed: dict[tuple[FlowLinear, int], torch.Tensor] = {}
         self.seen: set[tuple[FlowLinear, int]] = set()
-        self.previous: list[WeightPacking | None] = []
+        self.claimed: list[FlowLinear] = []
 
     def __enter__(self) -> WeightPacking:
+        # Layers another packing already serves (an outer context, another thread) stay with it.
         if weight_packing_available():
-            self.previous = [layer.packing for layer in self.layers]
-            for layer in self.layers:
+            self.claimed = [layer for layer in self.layers if layer.packing is None]
+            for layer in self.claimed:
                 layer.packing = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for layer, previous in zip(self.layers, self.previous, strict=False):
-            layer.packing = previous
-        self.previous = []
+        for layer in self.claimed:
+            if layer.packing is self:
+                layer.packing = None
+        self.claimed = []
         self.packed.clear()
         self.seen.clear()
         self.packed_bytes = 0
