@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_size = args.batch_size or (4 if starflow else 8)
     args.guidance_scale = args.guidance_scale or (4.6 if starflow else 2.0)
     if starflow:
-        return report(sampling_starflow.run(args, timed), args.json)
+        return report(sampling_starflow.run(args), args.json)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
