@@ -1,0 +1,137 @@
+"""Where a STARFlow decoding step's time goes on this machine, for the mid-size model of
+`benchmarks/sampling.py --family starflow`. Prints the figures quoted in the README's Speed section and notes:
+
+    python benchmarks/decode_anatomy.py [--threads 2] [--compile]
+
+1. Memory bandwidth: a streaming read of 200 MB, and 8-row products streamed over 100 MB of (2048, 512) weights
+   with plain `addmm` and with MKL's packed product (what `layers.WeightPacking` uses).
+2. The exact sampler's time per block (deep block first, in sampling order) and per decoding step, packed and
+   plain, alternated.
+3. With `--compile`: `torch.compile(dynamic=True)` of every layer's forward, packing off (compilation included in
+   the first sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sampling_starflow import MID_SIZE, plain_linear_layers, random_model
+
+from tarflow_hf import layers, sampling
+from tarflow_hf.configuration_starflow import StarFlowConfig
+from tarflow_hf.modeling_starflow import StarFlowLayer
+
+
+def gigabytes_per_second(num_bytes: int, fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best / 1e9
+
+
+def bandwidth() -> None:
+    data = torch.randn(50_000_000)
+    print(f"streaming read of 200 MB: {gigabytes_per_second(data.numel() * 4, data.sum):.1f} GB/s")
+    weights = [torch.randn(2048, 512) for _ in range(24)]
+    bias, rows = torch.zeros(2048), torch.randn(8, 512)
+    total = sum(weight.numel() * 4 for weight in weights)
+
+    def plain():
+        for weight in weights:
+            F.linear(rows, weight, bias)
+
+    print(f"8-row products over 100 MB of weights, addmm: {gigabytes_per_second(total, plain):.1f} GB/s")
+    if layers.weight_packing_available():
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, 8) for weight in weights]
+
+        def packed_products():
+            for weight, packing in zip(weights, packed, strict=True):
+                torch.ops.mkl._mkl_linear(rows, packing, weight, bias, 8)
+
+        print(f"8-row products over 100 MB of weights, packed: {gigabytes_per_second(total, packed_products):.1f} GB/s")
+
+
+def block_times(model, inputs, rounds: int = 3) -> None:
+    """Seconds per block of the exact sampler, packed and plain in turn; medians over rounds."""
+    times: dict[str, list[list[float]]] = {"packed": [], "plain": []}
+    original = sampling.sample_sequential
+    current: list[float] = []
+
+    def timed_block(block, z, condition):
+        start = time.perf_counter()
+        result = original(block, z, condition)
+        current.append(time.perf_counter() - start)
+        return result
+
+    sampling.sample_sequential = timed_block
+    try:
+        with torch.no_grad():
+            model.inverse(*inputs)  # warm-up
+            for _ in range(rounds):
+                for name in times:
+                    current.clear()
+                    if name == "plain":
+                        with plain_linear_layers():
+                            model.inverse(*inputs)
+                    else:
+                        model.inverse(*inputs)
+                    times[name].append(list(current))
+    finally:
+        sampling.sample_sequential = original
+    steps = model.config.num_patches - 1
+    for name, runs in times.items():
+        per_block = [statistics.median(run[i] for run in runs) for i in range(len(runs[0]))]
+        shown = ", ".join(f"{seconds:.2f} s ({seconds / steps * 1e3:.1f} ms/step)" for seconds in per_block)
+        print(f"exact sampler, {name}: total {sum(per_block):.2f} s; per block, deep first: {shown}")
+
+
+def compiled(model, inputs) -> None:
+    with torch.no_grad(), plain_linear_layers():
+        start = time.perf_counter()
+        reference = model.inverse(*inputs)
+        eager = time.perf_counter() - start
+        for module in model.modules():
+            if isinstance(module, StarFlowLayer):
+                module.forward = torch.compile(module.forward, dynamic=True)
+        start = time.perf_counter()
+        model.inverse(*inputs)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.inverse(*inputs)
+        second = time.perf_counter() - start
+    print(
+        f"compiled layers (packing off): first sample {first:.1f} s, then {second:.2f} s against eager {eager:.2f} s "
+        f"({eager / second:.2f}x), max deviation {(out - reference).abs().max().item():.1e}"
+    )
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of every layer")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bandwidth()
+    model = random_model(StarFlowConfig(**MID_SIZE))
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(4, 4, 16, 16, generator=generator)
+    text = torch.randn(4, 32, 128, generator=generator)
+    negative = torch.zeros_like(text)
+    inputs = (noise, text, negative, 4.6)
+    block_times(model, inputs)
+    if args.compile:
+        compiled(model, inputs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
