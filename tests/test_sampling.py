@@ -313,6 +313,41 @@ def test_samplers_invert_a_block_that_is_not_tarflow(sampler):
         assert (record.sequential_steps if sampler == "sequential" else record.iterations) <= 11
 
 
+def apple_block_jacobi(block, z, block_size, threshold, max_iterations):
+    """Apple's block Jacobi as written: every pass recomputes the whole chunk."""
+    x, iterations = z.clone(), []
+    cache = block.new_cache(ToyCondition(), z.shape[0], z.shape[1])
+    for start in range(0, z.shape[1] - 1, block_size):
+        end = min(start + block_size, z.shape[1] - 1)
+        for iteration in range(max_iterations):
+            a, b = block.affine_span(x[:, start:end], start, cache, ToyCondition(), 0.0)
+            new = z[:, start + 1 : end + 1] * a.exp() + b
+            change = (new - x[:, start + 1 : end + 1]).pow(2).mean() / new.pow(2).mean()
+            x[:, start + 1 : end + 1] = new
+            if change < threshold or iteration == max_iterations - 1:
+                break
+        iterations.append(iteration + 1)
+    return x, iterations
+
+
+@pytest.mark.parametrize(("threshold", "max_iterations"), [(1e-3, 32), (1e-9, 32), (1e-9, 3)])
+def test_block_jacobi_skips_final_rows_and_stays_apples_algorithm(threshold, max_iterations):
+    """Pass i + 1 recomputes only the rows after the chunk's first i + 1 (final) tokens: the iterates, the
+    iteration counts and the result are Apple's whole-chunk passes', with fewer rows computed."""
+    block = ToyBlock(dim=3)
+    z = torch.randn(2, 23, 3, generator=torch.Generator().manual_seed(1))
+    ours, record = sampling.sample_block_jacobi(block, z, ToyCondition(), 8, threshold, max_iterations)
+    apple, iterations = apple_block_jacobi(block, z, 8, threshold, max_iterations)
+    assert record.chunk_iterations == iterations
+    # The toy block computes in float32, whose matrix products round differently for fewer rows.
+    torch.testing.assert_close(ours, apple, atol=1e-6, rtol=0)
+    chunk_lengths = [8, 8, 6]
+    whole_chunks = sum(n * length for n, length in zip(iterations, chunk_lengths, strict=True))
+    # Pass i of a chunk skips its first min(i, length) rows.
+    skipped = sum(min(i, length) for n, length in zip(iterations, chunk_lengths, strict=True) for i in range(n))
+    assert max(iterations) > 1 and record.rows_computed == whole_chunks - skipped
+
+
 def test_gaussian_product_rule_is_the_product_of_the_two_gaussians():
     """p_c^(1+w) / p_u^w of N(b_c, s_c^2) and N(b_u, s_u^2), by completing the square by hand, where the
     conditional is the narrower one (no clipping needed)."""
