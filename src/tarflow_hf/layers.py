@@ -38,9 +38,9 @@ class FlowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packing = self.packing
-        if packing is None or x.dtype is not torch.float32 or not x.is_cpu or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_autocast_enabled("cpu"):  # autocast rounds F.linear's operands; the packed product would not
+        # Autocast rounds F.linear's operands; the packed product would not.
+        plain = packing is None or x.dtype is not torch.float32 or not x.is_cpu or torch.is_grad_enabled()
+        if plain or torch.is_autocast_enabled("cpu"):
             return F.linear(x, self.weight, self.bias)
         return packing.linear(self, x)
 
