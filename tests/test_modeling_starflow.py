@@ -215,6 +215,26 @@ def test_inverse_inverts_forward(overrides, shape):
         torch.testing.assert_close(back, x, atol=1e-4, rtol=0, msg=f"sampler={sampler}")
 
 
+def test_sequential_blocks_keep_the_deep_block_exact():
+    """`jacobi_sequential_blocks=1`: the deep block (first in sampling order) decodes token by token, the shallow
+    blocks iterate; the result matches the exact sample, and with every block forced it is the exact sample."""
+    model = random_model(small_config(layers_per_block=[1, 1, 2], patch_size=1))
+    torch.manual_seed(4)
+    z = torch.randn(2, 2, 4, 4)
+    text, negative = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    guided = dict(negative_encoder_hidden_states=negative, guidance_scale=3.0)
+    exact = model.inverse(z, text, **guided)
+    hybrid, stats = model.inverse(
+        z, text, **guided, sampler="jacobi", jacobi_tolerance=1e-6, jacobi_sequential_blocks=1, return_stats=True
+    )
+    assert stats.sequential_steps[0] == model.config.num_patches and stats.iterations[0] == 0
+    assert all(passes > 0 for passes in stats.iterations[1:]), stats.iterations
+    assert all(sequential == 0 for sequential in stats.sequential_steps[1:]), stats.sequential_steps
+    torch.testing.assert_close(hybrid, exact, atol=1e-4, rtol=0)
+    forced = model.inverse(z, text, **guided, sampler="jacobi", jacobi_tolerance=1.0, jacobi_sequential_blocks=3)
+    torch.testing.assert_close(forced, exact, atol=1e-6, rtol=0)
+
+
 def test_logdet_is_the_jacobian_log_determinant():
     """Against brute force: slogdet of the autograd Jacobian of the whole flow, in float64."""
     model = random_model(small_config(sample_size=2, patch_size=1, layers_per_block=[1, 1])).double()
@@ -267,6 +287,7 @@ def test_bad_inputs_are_refused_with_a_message():
         (lambda: model.inverse(x, text, torch.randn(2, 3, 8), guidance_scale=0.5), "guidance_scale"),
         (lambda: model.inverse(x, text, sampler="euler"), "sampler"),
         (lambda: model.inverse(x, text, attention_temperature=0.0), "attention_temperature"),
+        (lambda: model.inverse(x, text, jacobi_sequential_blocks=-1), "jacobi_sequential_blocks must be >= 0"),
         (lambda: model.denoise(x, text, noise_std=-1.0), "noise_std"),
     ]
     for call, message in cases:

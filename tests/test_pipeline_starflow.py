@@ -383,6 +383,22 @@ def test_callback_after_each_block():
     torch.testing.assert_close(calls[-1][2], out.images, rtol=0, atol=0)
 
 
+def test_sampler_options_reach_the_model():
+    """`jacobi_sequential_blocks=1` through the pipeline: the deep block decodes exactly, the shallow ones iterate."""
+    _, model, expected = reference()
+    out = make_pipe()(
+        prompt_embeds=expected["y_cond"],
+        latents=expected["noise"],
+        guidance_scale=1.0,
+        denoise=False,
+        output_type="latent",
+        sampler="jacobi",
+        jacobi_sequential_blocks=1,
+        return_stats=True,
+    )
+    assert out.stats.sequential_blocks == [True] + [False] * (model.config.num_blocks - 1)
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 BAD_INPUTS = [
     (dict(prompt="w10", prompt_embeds=torch.zeros(1, 16, 32)), "prompt_embeds"),
@@ -401,6 +417,7 @@ BAD_INPUTS = [
     (dict(prompt="w10", output_type="bogus"), "output_type"),
     (dict(prompt="w10", guidance_scale=0.5), "guidance_scale"),
     (dict(prompt="w10", sampler="bogus"), "sampler"),
+    (dict(prompt="w10", sampler="jacobi", jacobi_sequential_blocks=-1), "jacobi_sequential_blocks"),
     (dict(prompt="w10", num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prompt="w10", callback_on_step_end_tensor_inputs=["images"]), "callback_on_step_end_tensor_inputs"),
     (dict(prompt=["w10", "w11"], negative_prompt=["w5", "w6", "w7"]), "negative_prompt"),

@@ -313,6 +313,20 @@ def test_samplers_invert_a_block_that_is_not_tarflow(sampler):
         assert (record.sequential_steps if sampler == "sequential" else record.iterations) <= 11
 
 
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi"])
+def test_samples_are_ordinary_tensors_that_autograd_can_use(sampler):
+    """The samplers run in inference mode; what they return must not be an inference tensor, or the score
+    denoising step (autograd on the sample) and any in-place edit by the caller would fail."""
+    block = ToyBlock(dim=3)
+    z = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(1))
+    inverted, _ = sampling.invert_block(block, z, ToyCondition(), sampling.SamplerOptions(sampler))
+    assert not inverted.is_inference()
+    inverted[:, 0] = 0.0  # in place, outside inference mode
+    weight = torch.ones(3, requires_grad=True)
+    (inverted * weight).sum().backward()  # saves the sample for backward
+    torch.testing.assert_close(weight.grad, inverted.sum(dim=(0, 1)))
+
+
 def apple_block_jacobi(block, z, block_size, threshold, max_iterations):
     """Apple's block Jacobi as written: every pass recomputes the whole chunk."""
     x, iterations = z.clone(), []

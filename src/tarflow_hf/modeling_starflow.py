@@ -597,6 +597,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         jacobi_max_iterations: int | None = None,
         jacobi_tolerance: float = 1e-4,
         jacobi_window: int | None = None,
+        jacobi_sequential_blocks: int = 0,
         return_stats: bool = False,
         callback: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
@@ -621,6 +622,11 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi decoder, which
                 ignores it, every sampler here applies it.
             jacobi_window (`int`, *optional*): `"jacobi"` only: tokens iterated together after the settled prefix.
+            jacobi_sequential_blocks (`int`): run this many of the first blocks in sampling order with the exact
+                sampler whatever `sampler` says. `1` keeps the deep block exact and iterates only the shallow ones:
+                on a CPU a deep-block pass over many tokens costs about as much per token as a decoding step (its
+                weights are read once either way, and compute takes over), while a shallow block's passes are cheap
+                and its tokens settle in a few of them (`benchmarks/sampling.py --family starflow`).
             return_stats (`bool`): also return the [`~sampling.SamplingStats`] (`chunk_iterations` holds the
                 block-Jacobi iterations of every chunk, deep block first, as Apple's `jacobi_iters`).
             callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
@@ -642,6 +648,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
             jacobi_max_iterations=jacobi_max_iterations,
             jacobi_block_size=jacobi_block_size,
             jacobi_threshold=jacobi_threshold,
+            jacobi_sequential_blocks=jacobi_sequential_blocks,
         )
         text = self._check_text(encoder_hidden_states, batch, "encoder_hidden_states")
         if guidance.active and not self.config.has_text:
@@ -679,7 +686,8 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 attention_temperature=attention_temperature,
             )
             sequence = torch.cat([block.sos_embed.float().expand(batch, -1, -1), block.permute(tokens)], dim=1)
-            inverted, record = invert_block(block, sequence, condition, options)
+            sequential = step < options.jacobi_sequential_blocks
+            inverted, record = invert_block(block, sequence, condition, options, sequential)
             stats.add_block(record)
             tokens = block.permute(inverted[:, 1:])
             if callback is not None:

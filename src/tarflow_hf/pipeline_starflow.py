@@ -55,6 +55,7 @@ SAMPLER_OPTIONS = (
     "jacobi_max_iterations",
     "jacobi_tolerance",
     "jacobi_window",
+    "jacobi_sequential_blocks",
 )
 PromptInput = str | Sequence[str] | None
 
@@ -397,8 +398,8 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             return_stats (`bool`, defaults to `False`):
                 Also return the sampler's statistics (`output.stats`).
             sampler_options (keyword arguments `jacobi_block_size`, `jacobi_threshold`, `jacobi_max_iterations`,
-                `jacobi_tolerance`, `jacobi_window`): options of the parallel samplers, passed to
-                [`StarFlowModel.inverse`] (see it for their defaults and meaning).
+                `jacobi_tolerance`, `jacobi_window`, `jacobi_sequential_blocks`): options of the parallel samplers,
+                passed to [`StarFlowModel.inverse`] (see it for their defaults and meaning).
 
         Examples:
 
