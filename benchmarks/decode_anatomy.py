@@ -4,7 +4,8 @@
     python benchmarks/decode_anatomy.py [--threads 2] [--compile]
 
 1. Memory bandwidth: a streaming read of 200 MB, and 8-row products streamed over 100 MB of (2048, 512) weights
-   with plain `addmm` and with MKL's packed product (what `layers.WeightPacking` uses).
+   with plain `addmm` and with MKL's packed product (what `layers.WeightPacking` uses); then the packed product's
+   time at 16 to 128 rows against 8 (a parallel sampler's pass over a window of tokens against a decoding step).
 2. The exact sampler's time per block (deep block first, in sampling order) and per decoding step, packed and
    plain, alternated.
 3. With `--compile`: `torch.compile(dynamic=True)` of every layer's forward, packing off (compilation included in
@@ -30,13 +31,17 @@ from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.modeling_starflow import StarFlowLayer
 
 
-def gigabytes_per_second(num_bytes: int, fn, repeats: int = 3) -> float:
+def best_seconds(fn, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
-    return num_bytes / best / 1e9
+    return best
+
+
+def gigabytes_per_second(num_bytes: int, fn, repeats: int = 3) -> float:
+    return num_bytes / best_seconds(fn, repeats) / 1e9
 
 
 def bandwidth() -> None:
@@ -59,6 +64,28 @@ def bandwidth() -> None:
                 torch.ops.mkl._mkl_linear(rows, packing, weight, bias, 8)
 
         print(f"8-row products over 100 MB of weights, packed: {gigabytes_per_second(total, packed_products):.1f} GB/s")
+
+
+def row_scaling(rows_tried: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
+    """What a parallel pass costs next to a decoding step: packed products of the deep block's MLP shape, over
+    100 MB of weights, at the row counts of windows of 1, 2, 4, 8 and 16 tokens (8 rows each)."""
+    if not layers.weight_packing_available():
+        return
+    weights = [torch.randn(2048, 512) for _ in range(24)]
+    bias = torch.zeros(2048)
+    seconds = {}
+    for rows in rows_tried:
+        inputs = torch.randn(rows, 512)
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for weight in weights]
+
+        def products(inputs=inputs, packed=packed, rows=rows):
+            for weight, packing in zip(weights, packed, strict=True):
+                torch.ops.mkl._mkl_linear(inputs, packing, weight, bias, rows)
+
+        seconds[rows] = best_seconds(products, repeats=5)
+    base = seconds[rows_tried[0]]
+    shown = ", ".join(f"{rows} rows {seconds[rows] / base:.2f}x" for rows in rows_tried)
+    print(f"packed products, time against {rows_tried[0]} rows: {shown}")
 
 
 def block_times(model, inputs, rounds: int = 3) -> None:
@@ -122,6 +149,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bandwidth()
+    row_scaling()
     model = random_model(StarFlowConfig(**MID_SIZE))
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(4, 4, 16, 16, generator=generator)
