@@ -155,8 +155,9 @@ def run(args: argparse.Namespace) -> dict:
         "jacobi": dict(jacobi_tolerance=args.jacobi_tolerance, jacobi_window=args.jacobi_window),
         # Apple's block size as the window and a tolerance for "visually the same": the CPU's fastest parallel run
         "coarse_jacobi": dict(jacobi_tolerance=args.coarse_jacobi_tolerance, jacobi_window=block_size),
-        # The deep block exact (its passes cost as much per token as decoding steps on a CPU), the shallow blocks
-        # iterated over all tokens at once (cheap passes; they settle in a few)
+        # The deep block exact (on a CPU its passes are compute-bound, and recomputing tokens pass after pass costs
+        # more than decoding them once), the shallow blocks iterated over all tokens at once (cheap passes; their
+        # tokens settle in a few)
         "shallow_jacobi": dict(
             jacobi_tolerance=args.coarse_jacobi_tolerance, jacobi_window=None, jacobi_sequential_blocks=1
         ),

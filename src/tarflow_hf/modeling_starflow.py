@@ -623,10 +623,10 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 ignores it, every sampler here applies it.
             jacobi_window (`int`, *optional*): `"jacobi"` only: tokens iterated together after the settled prefix.
             jacobi_sequential_blocks (`int`): run this many of the first blocks in sampling order with the exact
-                sampler whatever `sampler` says. `1` keeps the deep block exact and iterates only the shallow ones:
-                on a CPU a deep-block pass over many tokens costs about as much per token as a decoding step (its
-                weights are read once either way, and compute takes over), while a shallow block's passes are cheap
-                and its tokens settle in a few of them (`benchmarks/sampling.py --family starflow`).
+                sampler whatever `sampler` says. `1` keeps the deep block exact and iterates only the shallow ones,
+                the fastest parallel setting on a CPU: there the deep block's passes are bound by compute, and
+                recomputing its tokens pass after pass costs more than decoding them once, while a shallow block's
+                passes are cheap and its tokens settle in a few of them (`benchmarks/sampling.py --family starflow`).
             return_stats (`bool`): also return the [`~sampling.SamplingStats`] (`chunk_iterations` holds the
                 block-Jacobi iterations of every chunk, deep block first, as Apple's `jacobi_iters`).
             callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
