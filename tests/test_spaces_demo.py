@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -243,24 +244,28 @@ def test_trajectory_slider_shows_each_step(client):
 
 
 def test_progress_bar_advances_per_flow_block(client, app, monkeypatch):
-    """gr.Progress is fed from the pipeline's per-block callback; each block is slowed down here so that the
-    client sees every update."""
+    """gr.Progress is fed from the pipeline's per-block callback. The server runs in this process, so each block
+    waits here until the client has seen its update (or 10 s): no update can be missed by polling too late on a
+    busy machine, and a server that never sends one still fails the assertions."""
     real = app.generate_images
+    seen = set()
+    seen_changed = threading.Condition()
 
     def slow_generate(*args, on_block=None, **kwargs):
-        def slowly(done, total, text):
+        def until_seen(done, total, text):
             on_block(done, total, text)
-            time.sleep(0.4)
+            with seen_changed:
+                seen_changed.wait_for(lambda: any(index == done for index, *_ in seen), timeout=10)
 
-        return real(*args, on_block=slowly, **kwargs)
+        return real(*args, on_block=until_seen, **kwargs)
 
     monkeypatch.setattr(app, "generate_images", slow_generate)
     job = client.submit(**generate_args(count=1), api_name="/generate")
-    seen = set()
     while not job.done():
         status = job.status()
-        for unit in status.progress_data or []:
-            seen.add((unit.index, unit.length, unit.desc))
+        with seen_changed:
+            seen.update((unit.index, unit.length, unit.desc) for unit in status.progress_data or [])
+            seen_changed.notify_all()
         time.sleep(0.02)
     assert len(job.result()[0]) == 1
     steps = {(index, length) for index, length, _ in seen}
