@@ -686,8 +686,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 attention_temperature=attention_temperature,
             )
             sequence = torch.cat([block.sos_embed.float().expand(batch, -1, -1), block.permute(tokens)], dim=1)
-            sequential = step < options.jacobi_sequential_blocks
-            inverted, record = invert_block(block, sequence, condition, options, sequential)
+            inverted, record = invert_block(block, sequence, condition, options, step)
             stats.add_block(record)
             tokens = block.permute(inverted[:, 1:])
             if callback is not None:

@@ -527,8 +527,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         x = latents.to(self.prior_variance) * self.prior_variance.sqrt()  # the model's device and dtype
         for step, block in enumerate(reversed(self.blocks)):
             condition = block.sampling_condition(labels, batch, guidance)
-            sequential = step < options.jacobi_sequential_blocks
-            inverted, record = invert_block(block, block.permute(x), condition, options, sequential)
+            inverted, record = invert_block(block, block.permute(x), condition, options, step)
             stats.add_block(record)
             x = block.permute(inverted)
             if callback is not None:

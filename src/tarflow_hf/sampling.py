@@ -270,11 +270,12 @@ class SamplerOptions:
 
 
 def invert_block(
-    block: AffineBlock, z: torch.Tensor, condition: BlockCondition, options: SamplerOptions, sequential: bool = False
+    block: AffineBlock, z: torch.Tensor, condition: BlockCondition, options: SamplerOptions, step: int = 0
 ) -> tuple[torch.Tensor, BlockRecord]:
-    """Invert one block with the chosen sampler (`sequential` forces the exact one): z (B, T, D) in the block's
-    order, token 0 given. A block that is an `nn.Module` runs its linear layers on packed weights meanwhile
-    (`layers.WeightPacking`: the decoding steps' few-row products run 1.2-2.5x faster on CPU).
+    """Invert one block, the `step`-th in sampling order, with the chosen sampler (the exact one for the first
+    `options.jacobi_sequential_blocks`): z (B, T, D) in the block's order, token 0 given. A block that is an
+    `nn.Module` runs its linear layers on packed weights meanwhile (`layers.WeightPacking`: the decoding steps'
+    few-row products run 1.2-2.5x faster on CPU).
 
     The sampler runs in inference mode: a decoding step is hundreds of small operations, mostly views, and
     inference mode skips their autograd bookkeeping (about 1.2x on a small model, where that overhead is most of a
@@ -282,7 +283,7 @@ def invert_block(
     denoising step does)."""
     packing = WeightPacking(block) if isinstance(block, nn.Module) else contextlib.nullcontext()
     with packing, torch.inference_mode():
-        if sequential or options.sampler == "sequential":
+        if step < options.jacobi_sequential_blocks or options.sampler == "sequential":
             x, record = sample_sequential(block, z, condition)
         elif options.sampler == "newton":
             x, record = sample_newton(block, z, condition, options.jacobi_tolerance)
