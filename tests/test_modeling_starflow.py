@@ -235,6 +235,25 @@ def test_sequential_blocks_keep_the_deep_block_exact():
     torch.testing.assert_close(forced, exact, atol=1e-6, rtol=0)
 
 
+def test_repeated_text_rows_run_the_prefix_once():
+    """A batch repeating prompts (and the negative prompt) sends each distinct text row through the deep block's
+    prefix once, and every image still gets the sample it gets alone."""
+    model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    torch.manual_seed(6)
+    z = torch.randn(3, 2, 4, 4)
+    prompt_a, prompt_b, negative = torch.randn(3, 1, 3, 8).unbind(0)
+    text = torch.cat([prompt_a, prompt_b, prompt_a])  # mixed order: the cache rows must follow the batch's
+    negatives = negative.expand(3, -1, -1)
+    prefix_rows = []
+    hook = model.blocks[-1].proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
+    batched = model.inverse(z, text, negatives, guidance_scale=3.0)
+    hook.remove()
+    assert prefix_rows == [3], prefix_rows  # prompt a, prompt b, the negative: not 2 x 3 rows
+    for i in range(3):
+        alone = model.inverse(z[i : i + 1], text[i : i + 1], negatives[i : i + 1], guidance_scale=3.0)
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
 def test_logdet_is_the_jacobian_log_determinant():
     """Against brute force: slogdet of the autograd Jacobian of the whole flow, in float64."""
     model = random_model(small_config(sample_size=2, patch_size=1, layers_per_block=[1, 1])).double()

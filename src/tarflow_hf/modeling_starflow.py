@@ -339,12 +339,20 @@ class StarFlowBlock(nn.Module):
     def new_cache(self, condition: StarFlowCondition, batch_size: int, num_tokens: int) -> StarFlowBlockCache:
         """A key/value cache for `num_tokens` sequence positions of one inverse of this block; the deep block's
         text prefix is run into it first (with the attention temperature, as Apple's sequential decoder does), so
-        sequence position t sits at L + t."""
+        sequence position t sits at L + t.
+
+        The prefix runs once per distinct text row: one prompt for several images repeats its rows, and so does
+        the negative prompt, and the prefix pass is compute-bound (every text token of every row through the deep
+        block), so a batch of N images of one prompt computes 2 rows instead of 2N."""
         text_length = condition.text_length if self.reads_text else 0
         cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, offset=text_length)
         if text_length:
-            hidden = self.proj_txt(condition.text.to(self.proj_txt.weight.dtype))
-            self.transformer(hidden, self._rope(condition), 0, cache, condition.attention_temperature)
+            distinct, row_of = torch.unique(condition.text, dim=0, return_inverse=True)
+            prefix = StarFlowBlockCache(len(self.layers), text_length)
+            hidden = self.proj_txt(distinct.to(self.proj_txt.weight.dtype))
+            self.transformer(hidden, self._rope(condition), 0, prefix, condition.attention_temperature)
+            for layer, computed in zip(cache.layers, prefix.layers, strict=True):
+                layer.update(computed.keys[row_of], computed.values[row_of], 0)
         return cache
 
     def _rope(self, condition: StarFlowCondition) -> RotaryTable:
