@@ -133,12 +133,15 @@ def compiled(model, inputs, rounds: int = 3) -> None:
             block: torch.compile(block.affine_span, dynamic=True, options={"freezing": True}) for block in model.blocks
         }
 
-        def sample(compiled_steps: bool):
+        def use(compiled_steps: bool) -> None:
             for block in model.blocks:
                 if compiled_steps:
                     block.affine_span = steps[block]
                 else:
-                    vars(block).pop("affine_span", None)
+                    vars(block).pop("affine_span", None)  # back to the class's method
+
+        def sample(compiled_steps: bool):
+            use(compiled_steps)
             with plain_linear_layers() if compiled_steps else contextlib.nullcontext():
                 start = time.perf_counter()
                 out = model.inverse(*inputs)
@@ -152,7 +155,7 @@ def compiled(model, inputs, rounds: int = 3) -> None:
                     seconds, out = sample(name == "compiled")
                     times[name].append(seconds)
         finally:
-            sample(False)
+            use(False)
     eager, compiled_time = statistics.median(times["eager"]), statistics.median(times["compiled"])
     print(
         f"compiled decoding steps (freezing, inductor's packing): first sample {first:.1f} s, then {compiled_time:.2f} "
