@@ -7,6 +7,7 @@ import struct
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from PIL import Image
 from tarflow_hf.data import (
     EpochShuffleSampler,
     ImageFolderDataset,
+    load_captioned_dataset,
     load_image_dataset,
     read_idx,
 )
@@ -150,56 +152,40 @@ def test_epoch_sampler_is_seeded_per_epoch():
     assert sorted(first) == list(range(50)) and sorted(second) == list(range(50))
 
 
-class FakeClassLabel:
-    def __init__(self, names):
-        self.names = names
+def save_dataset(folder: Path, columns: dict, features: dict) -> Path:
+    """A folder as `datasets.DatasetDict.save_to_disk` writes it, with one split, "train"."""
+    train = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    datasets.DatasetDict(train=train).save_to_disk(str(folder))
+    return folder
 
 
-class FakeDataset:
-    """The slice of `datasets.Dataset` the loader uses: columns, features, len and row access."""
-
-    def __init__(self, rows, names):
-        self.rows = rows
-        self.column_names = ["image", "label"]
-        self.features = {"image": None, "label": FakeClassLabel(names)}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return [row[key] for row in self.rows]
-        return self.rows[key]
-
-
-def test_saved_hf_dataset_folder_is_read_through_datasets(tmp_path, monkeypatch):
-    import types
-
+def test_saved_hf_dataset_folder_is_read_through_datasets(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [
-        {"image": Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8), "L"), "label": i % 2} for i in range(4)
-    ]
-    calls = []
-
-    class FakeDatasetDict(dict):
-        pass
-
-    def load_from_disk(path):
-        calls.append(path)
-        return FakeDatasetDict(train=FakeDataset(rows, ["even", "odd"]))
-
-    fake = types.SimpleNamespace(load_from_disk=load_from_disk, DatasetDict=FakeDatasetDict)
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    folder = tmp_path / "saved"
-    folder.mkdir()
-    (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    images = [Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8), "L") for _ in range(4)]
+    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=["even", "odd"])}
+    folder = save_dataset(tmp_path / "saved", {"image": images, "label": [0, 1, 0, 1]}, features)
     dataset = load_image_dataset(str(folder), "train", image_size=8)
-    assert calls == [str(folder)]
     assert dataset.class_names == ["even", "odd"] and len(dataset) == 4
     image, label = dataset[1]
     assert image.shape == (1, 8, 8) and label == 1
     with pytest.raises(ValueError, match="has splits"):
         load_image_dataset(str(folder), "validation")
+
+
+def test_saved_captioned_dataset_is_read_through_datasets(tmp_path):
+    """Text-to-image data from `datasets`: (image, caption) items, RGB at the asked size, the caption column named
+    by `caption_column`, and a clear error when it is missing."""
+    images = [Image.new("RGB", (6, 6), (255 * (i % 2), 0, 0)) for i in range(3)]
+    columns = {"image": images, "text": [f"caption {i}" for i in range(3)]}
+    folder = save_dataset(tmp_path / "saved", columns, {"image": datasets.Image(), "text": datasets.Value("string")})
+    dataset = load_captioned_dataset(str(folder), image_size=8)
+    assert len(dataset) == 3 and "3 captioned images" in dataset.summary()
+    image, caption = dataset[1]
+    assert image.shape == (3, 8, 8) and caption == "caption 1"
+    assert image[0].min() == 1.0 and image[1].max() == -1.0  # the red image, in model space [-1, 1]
+    assert dataset[0][0][0].max() == -1.0  # the black one: rows are not mixed up
+    with pytest.raises(ValueError, match=r"no caption column 'prompt' \(columns: \['image', 'text'\]\)"):
+        load_captioned_dataset(str(folder), caption_column="prompt")
 
 
 def test_image_folder_check_names_a_corrupt_file_before_any_is_decoded(tmp_path):
