@@ -9,8 +9,8 @@ active (proj_out, norms), as in the reference fixtures. Apple's code is never co
 checkout of apple/ml-starflow, imported at run time (it needs `einops`), fed our weights through the reverse
 conversion. Apple's block Jacobi calls `torch.distributed.all_reduce`, so a one-process gloo group is started.
 The samplers are timed round-robin (`round_robin`), since this machine's speed drifts by up to 1.5x over minutes.
-Each round also times a 200 MB streaming read; its speed is printed per round beside the exact sampler's ratio to
-Apple's, which moves with it.
+Each round also times a 200 MB streaming read (memory bandwidth); its speed is printed per round beside the exact
+sampler's ratio to Apple's.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     results["rounds"] = f"{args.repeats} (round-robin: speeds are medians, speed-ups medians of paired ratios)"
     results["sequential_passes_exact"] = cfg.num_blocks * cfg.num_patches
     # The machine's memory bandwidth, timed in every round with the samplers: the exact sampler's steps are bound
-    # by it, Apple's by operator overheads, so the rounds' ratios move with what the machine's other tenants take.
+    # by it, Apple's by operator overheads, so a round's ratio may depend on what the other tenants take.
     probe = torch.randn(STREAMING_PROBE_FLOATS)
     samplers["streaming_read"] = probe.sum
     times, latents = round_robin(samplers, args.repeats)
