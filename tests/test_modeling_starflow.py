@@ -16,7 +16,12 @@ from transformers import AutoConfig, AutoModel, T5EncoderModel
 
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
-from tarflow_hf.modeling_starflow import StarFlowModel, encode_prompt_embeddings
+from tarflow_hf.modeling_starflow import (
+    StarFlowBlockCache,
+    StarFlowCondition,
+    StarFlowModel,
+    encode_prompt_embeddings,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
 CASES = ("sf_t2i", "sf_variant")
@@ -237,18 +242,29 @@ def test_sequential_blocks_keep_the_deep_block_exact():
 
 def test_repeated_text_rows_run_the_prefix_once():
     """A batch repeating prompts (and the negative prompt) sends each distinct text row through the deep block's
-    prefix once, and every image still gets the sample it gets alone."""
+    prefix once; its cache holds what running every row gives, and every image gets the sample it gets alone."""
     model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
     torch.manual_seed(6)
     z = torch.randn(3, 2, 4, 4)
     prompt_a, prompt_b, negative = torch.randn(3, 1, 3, 8).unbind(0)
     text = torch.cat([prompt_a, prompt_b, prompt_a])  # mixed order: the cache rows must follow the batch's
     negatives = negative.expand(3, -1, -1)
+    deep = model.blocks[-1]
+    rows = torch.cat([text, negatives])  # [conditional; unconditional], as guidance runs them
+    condition = StarFlowCondition(rows, model._rope_table(4, 4, 3, torch.float32), 16, attention_temperature=0.7)
     prefix_rows = []
-    hook = model.blocks[-1].proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
-    batched = model.inverse(z, text, negatives, guidance_scale=3.0)
+    hook = deep.proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
+    with torch.no_grad():
+        cache = deep.new_cache(condition, 3, 16)
     hook.remove()
-    assert prefix_rows == [3], prefix_rows  # prompt a, prompt b, the negative: not 2 x 3 rows
+    assert prefix_rows == [3], prefix_rows  # prompt a, prompt b, the negative: not 6 rows
+    every_row = StarFlowBlockCache(len(deep.layers), 3)
+    with torch.no_grad():
+        deep.transformer(deep.proj_txt(rows), condition.rope, 0, every_row, 0.7)
+    for layer, expected in zip(cache.layers, every_row.layers, strict=True):
+        torch.testing.assert_close(layer.keys[:, :, :3], expected.keys, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.values[:, :, :3], expected.values, atol=1e-6, rtol=0)
+    batched = model.inverse(z, text, negatives, guidance_scale=3.0)
     for i in range(3):
         alone = model.inverse(z[i : i + 1], text[i : i + 1], negatives[i : i + 1], guidance_scale=3.0)
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)

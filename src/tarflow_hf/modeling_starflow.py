@@ -258,6 +258,21 @@ class StarFlowCondition:
         return StarFlowCondition(text, self.rope, self.num_tokens, self.guidance, self.attention_temperature)
 
 
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct rows of `rows` along dim 0, in order of first appearance; the index of each row's distinct row).
+    Row by row with `torch.equal` rather than `torch.unique(dim=0)`, which not every device implements; a batch has
+    few rows."""
+    firsts: list[int] = []
+    row_of = []
+    for i, row in enumerate(rows):
+        match = next((k for k, j in enumerate(firsts) if torch.equal(row, rows[j])), None)
+        if match is None:
+            match = len(firsts)
+            firsts.append(i)
+        row_of.append(match)
+    return rows[firsts], torch.tensor(row_of, device=rows.device)
+
+
 # ----------------------------------------------------------------------------------------------- block
 class StarFlowBlock(nn.Module):
     """One autoregressive affine flow step over the token sequence, read reversed when `reverse_order`. The deep
@@ -347,7 +362,7 @@ class StarFlowBlock(nn.Module):
         text_length = condition.text_length if self.reads_text else 0
         cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, offset=text_length)
         if text_length:
-            distinct, row_of = torch.unique(condition.text, dim=0, return_inverse=True)
+            distinct, row_of = distinct_rows(condition.text)
             prefix = StarFlowBlockCache(len(self.layers), text_length)
             hidden = self.proj_txt(distinct.to(self.proj_txt.weight.dtype))
             self.transformer(hidden, self._rope(condition), 0, prefix, condition.attention_temperature)
