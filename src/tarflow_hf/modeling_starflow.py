@@ -260,8 +260,8 @@ class StarFlowCondition:
 
 def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows of `rows` along dim 0, in order of first appearance; the index of each row's distinct row).
-    Row by row with `torch.equal` rather than `torch.unique(dim=0)`, which not every device implements; a batch has
-    few rows."""
+    Plain row-by-row comparisons, which every device runs (`torch.unique(dim=0)` would sort); a batch has few
+    rows."""
     firsts: list[int] = []
     row_of = []
     for i, row in enumerate(rows):
