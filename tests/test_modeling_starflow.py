@@ -270,6 +270,31 @@ def test_repeated_text_rows_run_the_prefix_once():
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
+def test_a_span_without_cache_runs_the_prefix_once_and_matches_the_forward_pass():
+    """The cache-less span (the Newton sampler's passes) also sends each distinct text row through the prefix once,
+    and predicts what the forward pass computes from the whole sequence, every row with its own text."""
+    model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    torch.manual_seed(7)
+    prompt_a, prompt_b = torch.randn(2, 1, 3, 8).unbind(0)
+    text = torch.cat([prompt_a, prompt_b, prompt_a, prompt_a])
+    x = torch.randn(4, 16, 2)  # tokens in raster order
+    deep = model.blocks[-1]
+    rope = model._rope_table(4, 4, 3, torch.float32)
+    condition = StarFlowCondition(text, rope, 16)
+    prefix_rows = []
+    hook = deep.proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
+    with torch.no_grad():
+        log_scale, shift = deep.affine_span(deep.sequence_inputs(deep.permute(x)), 0, None, condition)
+        hook.remove()
+        z, minus_log_scale, _ = deep(x, text, rope)
+    assert prefix_rows == [2], prefix_rows
+    torch.testing.assert_close(log_scale, -minus_log_scale, atol=1e-5, rtol=0)
+    # z = (x - shift) / scale in block order
+    torch.testing.assert_close(shift, deep.permute(x) - deep.permute(z) * log_scale.exp(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="must start at position 0"):
+        deep.affine_span(x[:, :1], 3, None, condition)
+
+
 def test_logdet_is_the_jacobian_log_determinant():
     """Against brute force: slogdet of the autograd Jacobian of the whole flow, in float64."""
     model = random_model(small_config(sample_size=2, patch_size=1, layers_per_block=[1, 1])).double()

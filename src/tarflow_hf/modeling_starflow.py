@@ -393,14 +393,14 @@ class StarFlowBlock(nn.Module):
         hidden = self.proj_in(tokens.to(self.proj_in.weight.dtype))
         rope = self._rope(condition)
         offset = condition.text_length if self.reads_text else 0
-        if cache is None:
-            if position != 0:
-                raise ValueError("affine_span without a cache must start at position 0 (it cannot see earlier tokens)")
-            if offset:
-                hidden = torch.cat([self.proj_txt(condition.text.to(hidden.dtype)), hidden], dim=1)
-            hidden = self.transformer(hidden, rope, 0, None, condition.attention_temperature)[:, offset:]
-        else:
-            hidden = self.transformer(hidden, rope, cache.offset + position, cache, condition.attention_temperature)
+        if cache is None and position != 0:
+            raise ValueError("affine_span without a cache must start at position 0 (it cannot see earlier tokens)")
+        if cache is None and offset:
+            # The text prefix through a throwaway cache: once per distinct text row (`new_cache`), where running it
+            # with the tokens would repeat it for every row (a Newton pass has 2 * token_dim + 1 copies of each).
+            cache = self.new_cache(condition, len(tokens) // branches, tokens.shape[1])
+        start = 0 if cache is None else cache.offset + position
+        hidden = self.transformer(hidden, rope, start, cache, condition.attention_temperature)
         scale, shift = self.affine(hidden)
         return guide(condition.guidance, torch.log(scale), shift, weight)
 
