@@ -8,7 +8,9 @@ The mid-size configuration is the issue's: latent 4x16x16, patch 1, width 256 sh
 active (proj_out, norms), as in the reference fixtures. Apple's code is never copied: `--ml-starflow` points at a
 checkout of apple/ml-starflow, imported at run time (it needs `einops`), fed our weights through the reverse
 conversion. Apple's block Jacobi calls `torch.distributed.all_reduce`, so a one-process gloo group is started.
-The samplers are timed round-robin (`round_robin`), since this machine's speed drifts by up to 1.5x over minutes.
+The samplers are timed round-robin (`round_robin`), since this machine's speed drifts by up to 1.5x over minutes:
+every other round in reverse order, with each compared pair side by side (ours next to Apple's), so a pair is
+timed back to back, each first in half of the rounds (use an even `--repeats`).
 Each round also times a 200 MB streaming read (memory bandwidth); its speed is printed per round beside the exact
 sampler's ratio to Apple's.
 """
@@ -116,11 +118,14 @@ class Results(dict):
 
 def round_robin(samplers: dict, repeats: int) -> tuple[dict, dict]:
     """Each sampler once to warm up (its result kept), then `repeats` rounds that time every sampler once in turn,
-    so that a slow spell of the shared machine falls on all of them alike. -> (seconds per name, result per name)"""
+    so that a slow spell of the shared machine falls on all of them alike; every other round runs in reverse order,
+    so that neighbours in `samplers` (ours next to Apple's) are timed back to back, each first in half of the
+    rounds. -> (seconds per name, result per name)"""
     results = {name: sample() for name, sample in samplers.items()}
     times = {name: [] for name in samplers}
-    for _ in range(repeats):
-        for name, sample in samplers.items():
+    for round_index in range(repeats):
+        order = list(samplers.items())
+        for name, sample in order if round_index % 2 == 0 else reversed(order):
             start = time.perf_counter()
             sample()
             times[name].append(time.perf_counter() - start)
@@ -202,6 +207,9 @@ def run(args: argparse.Namespace) -> dict:
     # by it, Apple's by operator overheads, so a round's ratio may depend on what the other tenants take.
     probe = torch.randn(STREAMING_PROBE_FLOATS)
     samplers["streaming_read"] = probe.sum
+    # Neighbours are timed back to back (`round_robin`): each compared pair sits side by side.
+    order = ("exact_unpacked", "exact", "original", "block_jacobi", "original_block_jacobi", "shallow_jacobi")
+    samplers = {name: samplers[name] for name in order if name in samplers} | samplers
     times, latents = round_robin(samplers, args.repeats)
     read_times = times.pop("streaming_read")
     del samplers["streaming_read"]
