@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_tarflow_hf
 
 from tarflow_hf.cli import CommandError
 from tarflow_hf.configuration_starflow import StarFlowConfig
@@ -191,6 +195,62 @@ def test_command_line(tmp_path, capsys):
     assert "assuming the released" in capsys.readouterr().out
 
 
+AUTOMODEL_SCRIPT = """
+import sys
+
+import torch
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+assert not [name for name in sys.modules if name.startswith("tarflow_hf")]
+torch.manual_seed(0)
+x = torch.randn(1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+text = torch.randn(1, model.config.max_text_length, model.config.text_hidden_size)
+print(type(model).__module__, repr(model(x, text).logdet.item()))
+"""
+
+
+def test_transformer_only_folder_loads_with_automodel_and_remote_code(tmp_path, capsys):
+    """A --transformer-only conversion (a fresh `python -m tarflow_hf convert` process, as users run it) carries the
+    model's code and `auto_map`: a process that cannot import tarflow_hf loads it with `AutoModel(...,
+    trust_remote_code=True)` and computes what the package does. Without --license-file the card (and the command)
+    warn that the license text is missing; the card always carries the attribution notice the license requires."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    converted = subprocess.run(
+        [sys.executable, "-m", "tarflow_hf", "convert", str(FIXTURES / "sf_t2i.pth"), str(out),
+         "--config", str(FIXTURES / "sf_t2i.yaml"), "--transformer-only"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert converted.returncode == 0, converted.stderr
+    assert "--license-file LICENSE_MODEL" in converted.stderr
+    folder = out / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_starflow.StarFlowModel"
+    result = run_without_tarflow_hf(AUTOMODEL_SCRIPT, tmp_path, str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, logdet = result.stdout.split()
+    assert module.startswith("transformers_modules"), module
+    model = load_ml_starflow_checkpoint(FIXTURES / "sf_t2i.pth", FIXTURES / "sf_t2i.yaml")
+    torch.manual_seed(0)
+    x = torch.randn(1, model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    text = torch.randn(1, model.config.max_text_length, model.config.text_hidden_size)
+    assert abs(float(logdet) - model(x, text).logdet.item()) < 1e-4
+    card = (folder / "README.md").read_text()
+    attribution = (
+        '"Apple Machine Learning Research Model is licensed under the Apple Machine Learning Research Model License '
+        'Agreement."'
+    )
+    assert attribution in card and "Warning: this folder does not carry the license's text" in card
+    licensed = ["--transformer-only", "--overwrite", "--license-file", str(FIXTURES / "README.md")]
+    assert (
+        run(parse([str(FIXTURES / "sf_t2i.pth"), str(out), "--config", str(FIXTURES / "sf_t2i.yaml"), *licensed])) == 0
+    )
+    card = (folder / "README.md").read_text()
+    assert attribution in card and "Warning" not in card and "`LICENSE` in this folder holds" in card
+    assert "license's text" not in capsys.readouterr().err
+
+
 def test_checkpoint_family_is_recognised():
     assert is_starflow_checkpoint_keys(list(apple_state("sf_t2i")))
     assert not is_starflow_checkpoint_keys(["var", "blocks.0.pos_embed", "blocks.0.proj_in.weight"])
@@ -252,6 +312,8 @@ def test_tarflow_hf_convert_writes_a_starflow_pipeline(tmp_path, capsys):
     # The pipeline's card says what the folder is and whose weights they are, under which license.
     assert "format conversion of Apple's STARFlow checkpoint `sf_t2i.pth`" in card
     assert "license_name: apple-amlr" in card and "research purposes only" in card
+    assert "licensed under the Apple Machine Learning Research Model License Agreement." in card
+    assert "`LICENSE` in this folder holds the license's text" in card and "Warning" not in card
     assert str(tmp_path) not in card
     reference = load_ml_starflow_checkpoint(FIXTURES / "sf_t2i.pth", FIXTURES / "sf_t2i.yaml")
     for key, tensor in reference.state_dict().items():

@@ -160,10 +160,12 @@ def test_labels_on_unconditional_model_are_refused():
             {"sampler": "euler"},
             "sampler must be one of ('sequential', 'jacobi', 'newton', 'block_jacobi'), got 'euler'",
         ),
-        ({"jacobi_tolerance": 0}, "jacobi_tolerance must be > 0"),
-        ({"jacobi_max_iterations": 0}, "jacobi_max_iterations must be >= 1, got 0"),
-        ({"jacobi_window": 0}, "jacobi_window must be >= 1 (or None for all patches), got 0"),
-        ({"jacobi_sequential_blocks": -1}, "jacobi_sequential_blocks must be >= 0, got -1"),
+        ({"jacobi_tolerance": 0}, "jacobi_tolerance must be a number > 0, got 0"),
+        ({"jacobi_block_size": 2.5}, "jacobi_block_size must be an integer >= 1, got 2.5"),
+        ({"jacobi_sequential_blocks": 1.5}, "jacobi_sequential_blocks must be an integer >= 0, got 1.5"),
+        ({"jacobi_max_iterations": 0}, "jacobi_max_iterations must be an integer >= 1, got 0"),
+        ({"jacobi_window": 0}, "jacobi_window must be an integer >= 1 (or None for all patches), got 0"),
+        ({"jacobi_sequential_blocks": -1}, "jacobi_sequential_blocks must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_sampling_options(kwargs, message):

@@ -306,14 +306,16 @@ def test_logdet_is_the_jacobian_log_determinant():
     torch.testing.assert_close(model(x, text).logdet[0], expected, atol=1e-9, rtol=0)
 
 
-def test_guided_samples_follow_the_gaussian_product_rule():
-    """One guided token by hand: x_1 = z_1 * sigma + mu with the product of the two branches' Gaussians."""
+@pytest.mark.parametrize("rule", ["gaussian_product", "extrapolate"])
+def test_guided_samples_follow_the_guidance_rule(rule):
+    """One guided token by hand, x_1 = z_1 * sigma + mu: with STARFlow's rule (sigma, mu) is the product of the two
+    branches' Gaussians, with TarFlow's log sigma and mu are extrapolated from the branches."""
     model = random_model(small_config(layers_per_block=[1]))
     torch.manual_seed(3)
     z = torch.randn(2, 2, 4, 4)
     text, negative = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     w = 2.5
-    sample = model.inverse(z, text, negative, guidance_scale=1 + w)
+    sample = model.inverse(z, text, negative, guidance_scale=1 + w, guidance_rule=rule)
     block = model.blocks[0]  # the deep block, reversed order: token 0 in its order is the last raster token
     tokens = block.permute(model.patchify(z).flatten(1, 2))
     sos = block.sos_embed.expand(2, -1, -1)
@@ -324,11 +326,44 @@ def test_guided_samples_follow_the_gaussian_product_rule():
             hidden = torch.cat([block.proj_txt(y), block.proj_in(sos)], dim=1)
             params.append(block.affine(block.transformer(hidden, rope, 0)[:, -1:]))
     (sigma_c, mu_c), (sigma_u, mu_u) = params
-    s = (sigma_c / sigma_u).clamp(max=1) ** 2
-    sigma = sigma_c / (1 + w - w * s).sqrt()
-    mu = ((1 + w) * mu_c - w * s * mu_u) / (1 + w - w * s)
+    if rule == "gaussian_product":
+        s = (sigma_c / sigma_u).clamp(max=1) ** 2
+        sigma = sigma_c / (1 + w - w * s).sqrt()
+        mu = ((1 + w) * mu_c - w * s * mu_u) / (1 + w - w * s)
+    else:
+        sigma = (sigma_c.log() + w * (sigma_c.log() - sigma_u.log())).exp()
+        mu = mu_c + w * (mu_c - mu_u)
     first = block.permute(model.patchify(sample).flatten(1, 2))[:, :1]
     torch.testing.assert_close(first, tokens[:, :1] * sigma + mu, atol=1e-5, rtol=0)
+
+
+def test_attention_temperature_divides_every_attention_logit():
+    """Temperature T is the same model with every query projection divided by T (logits are linear in the query,
+    RoPE included), for every sampler, guided, in every block and the text prefix; the parallel samplers also
+    agree with the sequential one at that temperature."""
+    model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    cooled = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    temperature = 0.7
+    with torch.no_grad():
+        for block in cooled.blocks:
+            for layer in block.layers:
+                width = layer.attention.proj.in_features
+                layer.attention.qkv.weight[:width] /= temperature
+                layer.attention.qkv.bias[:width] /= temperature
+    torch.manual_seed(8)
+    z = torch.randn(2, 2, 4, 4)
+    text, negative = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    guided = dict(negative_encoder_hidden_states=negative, guidance_scale=3.0)
+    samples = {}
+    for sampler in ("sequential", "block_jacobi", "jacobi", "newton"):
+        options = {"jacobi_tolerance": 1e-7} if sampler in ("jacobi", "newton") else {}
+        warm = model.inverse(z, text, **guided, sampler=sampler, attention_temperature=temperature, **options)
+        cold = cooled.inverse(z, text, **guided, sampler=sampler, **options)
+        torch.testing.assert_close(warm, cold, atol=1e-5, rtol=0, msg=f"sampler={sampler}")
+        samples[sampler] = warm
+    assert (samples["sequential"] - model.inverse(z, text, **guided)).abs().max() > 1e-2  # the temperature matters
+    for sampler in ("jacobi", "newton"):
+        torch.testing.assert_close(samples[sampler], samples["sequential"], atol=1e-4, rtol=0, msg=sampler)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -347,7 +382,16 @@ def test_bad_inputs_are_refused_with_a_message():
         (lambda: model.inverse(x, text, torch.randn(2, 3, 8), guidance_scale=0.5), "guidance_scale"),
         (lambda: model.inverse(x, text, sampler="euler"), "sampler"),
         (lambda: model.inverse(x, text, attention_temperature=0.0), "attention_temperature"),
-        (lambda: model.inverse(x, text, jacobi_sequential_blocks=-1), "jacobi_sequential_blocks must be >= 0"),
+        (lambda: model.inverse(x, text, attention_temperature="1"), "attention_temperature must be a number > 0"),
+        (lambda: model.inverse(x, text, torch.randn(2, 3, 8), 2.0, guidance_rule="mean"), "guidance_rule must be"),
+        (lambda: model.inverse(x, text, jacobi_block_size=2.5), "jacobi_block_size must be an integer >= 1"),
+        (lambda: model(torch.randn(0, 2, 4, 4), text[:0]), "empty batch"),
+        (lambda: model.inverse(torch.randn(0, 2, 4, 4), text[:0]), "empty batch"),
+        (lambda: model.denoise(x, text, noise_std="0.3"), "noise_std must be a finite number"),
+        (
+            lambda: model.inverse(x, text, jacobi_sequential_blocks=-1),
+            "jacobi_sequential_blocks must be an integer >= 0",
+        ),
         (lambda: model.denoise(x, text, noise_std=-1.0), "noise_std"),
     ]
     for call, message in cases:
@@ -370,6 +414,10 @@ def test_bad_inputs_are_refused_with_a_message():
         ({"text_hidden_size": 0}, "text_hidden_size"),
         ({"soft_clip": -1.0}, "soft_clip"),
         ({"patch_size": 0}, "patch_size"),
+        ({"noise_std": float("inf")}, "noise_std"),
+        ({"soft_clip": float("nan")}, "soft_clip"),
+        ({"default_guidance_scale": 0.5}, "default_guidance_scale"),
+        ({"default_guidance_scale": float("nan")}, "default_guidance_scale"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, field):

@@ -241,6 +241,21 @@ def test_guidance_arguments_reach_the_model(pipe, model, noise):
         pipe(class_labels=labels, latents=noise, guidance_target="size")
     with pytest.raises(ValueError, match=r"guidance_schedule must be one of"):
         pipe(class_labels=labels, latents=noise, guidance_schedule="cosine")
+    product = pipe(
+        class_labels=labels,
+        latents=noise,
+        guidance_scale=2.5,
+        guidance_rule="gaussian_product",
+        denoise=False,
+        output_type="pt",
+    ).images
+    direct = model.inverse(noise, torch.tensor(labels), 2.5, guidance_rule="gaussian_product")
+    torch.testing.assert_close(product, to_unit(direct), rtol=0, atol=0)
+    assert not torch.allclose(
+        product, pipe(class_labels=labels, latents=noise, guidance_scale=2.5, denoise=False, output_type="pt").images
+    )
+    with pytest.raises(ValueError, match=r"guidance_rule must be one of \('extrapolate', 'gaussian_product'\)"):
+        pipe(class_labels=labels, latents=noise, guidance_scale=2.5, guidance_rule="mean")
 
 
 def test_default_guidance_scale_comes_from_the_config(noise):

@@ -399,6 +399,26 @@ def test_sampler_options_reach_the_model():
     assert out.stats.sequential_blocks == [True] + [False] * (model.config.num_blocks - 1)
 
 
+def test_guidance_rule_reaches_the_model():
+    """TarFlow's extrapolation through STARFlow's pipeline: the model's sample with that rule, not the default's."""
+    _, model, expected = reference()
+    pipe = make_pipe()
+    arguments = dict(
+        prompt_embeds=expected["y_cond"],
+        negative_prompt_embeds=expected["y_neg"],
+        latents=expected["noise"],
+        guidance_scale=2.5,
+        denoise=False,
+        output_type="latent",
+    )
+    extrapolated = pipe(**arguments, guidance_rule="extrapolate").images
+    direct = model.inverse(expected["noise"], expected["y_cond"], expected["y_neg"], 2.5, guidance_rule="extrapolate")
+    torch.testing.assert_close(extrapolated, direct, rtol=0, atol=1e-6)
+    assert (extrapolated - pipe(**arguments).images).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"guidance_rule must be one of \('extrapolate', 'gaussian_product'\)"):
+        pipe(**arguments, guidance_rule="mean")
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 BAD_INPUTS = [
     (dict(prompt="w10", prompt_embeds=torch.zeros(1, 16, 32)), "prompt_embeds"),

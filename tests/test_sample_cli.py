@@ -136,8 +136,11 @@ def test_grid_write_failing_midway_keeps_the_previous_grid(folders, tmp_path, mo
         (["{cond}", "--guidance-scale", "nan"], r"--guidance-scale must be a finite number, got nan"),
         (["{cond}", "--noise-std", "-1"], r"noise_std must be a finite number >= 0, got -1.0"),
         (["{cond}", "--attention-temperature", "0"], r"attention_temperature must be > 0, got 0.0"),
-        (["{cond}", "--sampler", "jacobi", "--jacobi-window", "0"], r"jacobi_window must be >= 1 \(or None"),
-        (["{cond}", "--sampler", "jacobi", "--jacobi-tolerance", "-1"], r"jacobi_tolerance must be > 0, got -1.0"),
+        (["{cond}", "--sampler", "jacobi", "--jacobi-window", "0"], r"jacobi_window must be an integer >= 1 \(or None"),
+        (
+            ["{cond}", "--sampler", "jacobi", "--jacobi-tolerance", "-1"],
+            r"jacobi_tolerance must be a number > 0, got -1.0",
+        ),
         (
             ["{cond}", "--output", "{tmp}/grid.txt"],
             r"--output '.*grid.txt': PIL cannot write images with extension '.txt'",

@@ -1,5 +1,7 @@
 """STARFlow model configuration."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -79,6 +81,18 @@ class StarFlowConfig(PreTrainedConfig):
         self._check_sizes()
         super().__post_init__(**kwargs)
 
+    def _check_numbers(self) -> None:
+        for name in ("soft_clip", "noise_std", "latent_norm_regularization"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 1 <= self.default_guidance_scale < math.inf:
+            raise ValueError(
+                f"default_guidance_scale must be a finite number >= 1 (1 is no guidance; Apple's cfg g is 1 + g), "
+                f"got {self.default_guidance_scale}"
+            )
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta}")
+
     def _check_sizes(self) -> None:
         # Plain ValueError (rather than a `validate_*` hook, which `@strict` wraps) so callers can catch it.
         sizes = ("sample_size", "in_channels", "patch_size", "hidden_size", "deep_hidden_size", "head_dim", "mlp_ratio")
@@ -89,11 +103,7 @@ class StarFlowConfig(PreTrainedConfig):
             raise ValueError(
                 f"layers_per_block must list at least one block, each with >= 1 layers, got {self.layers_per_block}"
             )
-        for name in ("soft_clip", "noise_std", "latent_norm_regularization"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        self._check_numbers()
         if self.text_hidden_size < 0 or self.max_text_length < 0:
             raise ValueError(
                 f"text_hidden_size and max_text_length must be >= 0, got {self.text_hidden_size} and "

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from . import register_auto_classes
 from .cli import CommandError
 from .configuration_starflow import StarFlowConfig
 from .convert import (
@@ -407,8 +408,9 @@ def conversion_note(source: str) -> str:
     )
 
 
-def model_card(config: StarFlowConfig, source: str) -> str:
-    """README.md of a converted folder: what it is, where it comes from, and the weights' license."""
+def model_card(config: StarFlowConfig, source: str, has_license_file: bool = False) -> str:
+    """README.md of a converted folder: what it is, where it comes from, and the weights' license (with a warning
+    when the folder does not carry the license's text)."""
     return f"""---
 library_name: transformers
 license: other
@@ -424,8 +426,7 @@ tags:
 
 {conversion_note(source)}
 
-**License.** {LICENSE_NOTE} Use of these weights is subject to that license; `LICENSE` in this folder holds its
-text when the conversion was given `--license-file`. All credit for the model goes to its authors at Apple.
+**License.** {APPLE_AMLR.card_text(has_license_file)} All credit for the model goes to its authors at Apple.
 
 Configuration: {describe_config(config)}; training noise std {config.noise_std}, soft clip {config.soft_clip}.
 
@@ -453,9 +454,11 @@ def convert_ml_starflow_checkpoint(
     if license_file is not None and not Path(license_file).is_file():
         raise FileNotFoundError(f"license file not found: {license_file}")
     model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
+    register_auto_classes()  # save_pretrained then writes the code and `auto_map` (AutoModel, trust_remote_code)
     with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_tarflow_folder) as tmp:
         model.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(model.config, str(checkpoint)), encoding="utf-8")
+        card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if license_file is not None:
             shutil.copyfile(license_file, tmp / "LICENSE")
     return model.config
@@ -579,20 +582,22 @@ def convert_ml_starflow_pipeline(
     model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
     check_finite(model.state_dict(), f"checkpoint {checkpoint}")
     components = None if transformer_only else load_pipeline_components(text_encoder, vae)
+    register_auto_classes()  # save_pretrained then writes the code and `auto_map` (AutoModel, trust_remote_code)
     with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_converted_folder) as tmp:
+        documents = tmp / "transformer" if components is None else tmp
+        documents.mkdir(exist_ok=True)
+        if license_file is not None:  # first: the card says whether the folder carries it
+            shutil.copyfile(license_file, documents / "LICENSE")
         if components is None:
-            model.save_pretrained(tmp / "transformer")
-            documents = tmp / "transformer"
-            (documents / "README.md").write_text(model_card(model.config, str(checkpoint)), encoding="utf-8")
+            model.save_pretrained(documents)
+            card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
+            (documents / "README.md").write_text(card, encoding="utf-8")
         else:  # the pipeline's card (tarflow_hf.hub), told that this is a conversion
             from .pipeline_starflow import StarFlowPipeline
 
             pipeline = StarFlowPipeline(transformer=model, **components)
             description = conversion_note(str(checkpoint))
             pipeline.save_pretrained(tmp, model_card={"description": description, "repo_id": output_dir.name})
-            documents = tmp
-        if license_file is not None:
-            shutil.copyfile(license_file, documents / "LICENSE")
     return model.config
 
 
@@ -682,6 +687,12 @@ def run(args: argparse.Namespace) -> int:
     what = "transformer" if transformer_only else "pipeline"
     print(f"converted {args.source} -> {args.destination} ({what}): {describe_config(config)}")
     print(LICENSE_NOTE)
+    if license_file is None:
+        print(
+            f"warning: the folder does not carry the license's text, which must go with the weights when they are "
+            f"shared; convert again with --license-file {APPLE_AMLR.text_name} ({APPLE_AMLR.link})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -72,6 +72,23 @@ class WeightsLicense:
     id: str  # how `model_card(license=...)` names it
     link: str
     note: str  # one sentence: who released the weights, for what, under what
+    attribution: str = ""  # the notice the license requires on redistribution, verbatim
+    text_name: str = "LICENSE"  # the license's file in the original repository
+
+    def card_text(self, has_license_file: bool) -> str:
+        """The card's license paragraph: the note, the attribution notice, and whether the folder carries the
+        license's text as `LICENSE` (a warning when not: redistributing the weights requires a copy)."""
+        attribution = f' Attribution notice: "{self.attribution}"' if self.attribution else ""
+        if has_license_file:
+            where = "`LICENSE` in this folder holds the license's text."
+        else:
+            where = (
+                f"**Warning: this folder does not carry the license's text**, which must go with the weights whenever "
+                f"they are shared: add {self.text_name} from [its source]({self.link}) as `LICENSE` (a conversion "
+                f"does it with `tarflow-hf convert ... --license-file {self.text_name}`)."
+            )
+        terms = f"Use of these weights is subject to that license ([{self.id}]({self.link}))."
+        return f"{self.note}{attribution}\n{terms} {where}"
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,11 @@ APPLE_AMLR = WeightsLicense(
         "Apple's STARFlow weights are released for research purposes only under the Apple Machine Learning Research "
         "Model License (LICENSE_MODEL in apple/ml-starflow)."
     ),
+    attribution=(
+        "Apple Machine Learning Research Model is licensed under the Apple Machine Learning Research Model License "
+        "Agreement."
+    ),
+    text_name="LICENSE_MODEL",
 )
 FAMILIES: dict[str, Family] = {
     "tarflow": Family(
@@ -404,7 +426,7 @@ def model_card(
         _config_table(pipeline),
         _usage(pipeline, family, name, with_code),
         *(_wrap(key, text) for key, text in sections.items() if text),
-        _license_section(family) if weights and license == weights.id else "",
+        _license_section(family, folder) if weights and license == weights.id else "",
         f"## Citation\n\n{family.citation} [{family.paper}]({family.paper})" if family.paper else "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(part for part in body if part) + "\n")
@@ -423,13 +445,12 @@ def _license_id(data: ModelCardData) -> str | None:
     return name if data.license == "other" and name else data.license
 
 
-def _license_section(family: Family) -> str:
-    weights = family.weights_license
+def _license_section(family: Family, folder: str | os.PathLike | None) -> str:
+    has_license_file = folder is not None and Path(folder, "LICENSE").is_file()
     return (
         f"## License\n\nThis pipeline's transformer holds Apple's released {family.title} weights (or weights derived "
         "from them), converted by tarflow-hf:\nthe tensors are Apple's, only their names and file format differ. "
-        f"{weights.note}\nUse of these weights is subject to that license ([{weights.id}]({weights.link})). "
-        "All credit for the model goes to its authors at Apple."
+        f"{family.weights_license.card_text(has_license_file)} All credit for the model goes to its authors at Apple."
     )
 
 

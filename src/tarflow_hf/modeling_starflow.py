@@ -37,7 +37,7 @@ from .layers import (
     init_torch_defaults,
     layer_norm_fp32,
 )
-from .sampling import Guidance, SamplerOptions, SamplingStats, guide, invert_block
+from .sampling import Guidance, GuidanceRuleName, SamplerOptions, SamplingStats, guide, invert_block
 
 logger = logging.get_logger(__name__)
 
@@ -512,6 +512,8 @@ class StarFlowModel(StarFlowPreTrainedModel):
             )
         if not latents.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {latents.dtype}")
+        if latents.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(latents.shape)}); pass at least one latent")
 
     def _check_text(self, text: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
         """Text embeddings (B, L, text_hidden_size) on the model's device; one row is broadcast to the batch."""
@@ -615,6 +617,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         guidance_scale: float = 1.0,
         sampler: Literal["sequential", "block_jacobi", "jacobi", "newton"] = "sequential",
         attention_temperature: float = 1.0,
+        guidance_rule: GuidanceRuleName = "gaussian_product",
         jacobi_block_size: int = 16,
         jacobi_threshold: float = 1e-3,
         jacobi_max_iterations: int | None = None,
@@ -635,8 +638,8 @@ class StarFlowModel(StarFlowPreTrainedModel):
             negative_encoder_hidden_states (`torch.Tensor`, same shape): the unconditional branch's embeddings,
                 needed when guiding; Apple uses the empty prompt's encoding.
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention (1.0 is
-                none; Apple's `--cfg g` is `1 + g`), applied in the deep block only with STARFlow's Gaussian-product
-                rule; the shallow blocks never see text. Must be >= 1.
+                none; Apple's `--cfg g` is `1 + g`), applied in the deep block only, as Apple does; the shallow
+                blocks never see text. At least 1 with the Gaussian-product rule.
             sampler (`str`): `"sequential"` (exact, Apple's default), `"block_jacobi"` (Apple's `--jacobi 1`:
                 chunks of `jacobi_block_size` tokens iterated to the relative change `jacobi_threshold`, at most
                 `jacobi_max_iterations` (default 32) passes each), `"jacobi"` or `"newton"` (this package's parallel
@@ -644,6 +647,9 @@ class StarFlowModel(StarFlowPreTrainedModel):
             attention_temperature (`float`): divides the attention logits of every layer of every block, both
                 guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi decoder, which
                 ignores it, every sampler here applies it.
+            guidance_rule (`str`, defaults to `"gaussian_product"`): how the two branches' predictions combine:
+                STARFlow's `"gaussian_product"` (the Gaussian p_c^(1+w) / p_u^w) or TarFlow's `"extrapolate"`
+                (cond + w * (cond - uncond) on log-scale and shift), where w = guidance_scale - 1.
             jacobi_window (`int`, *optional*): `"jacobi"` only: tokens iterated together after the settled prefix.
             jacobi_sequential_blocks (`int`): run this many of the first blocks in sampling order with the exact
                 sampler whatever `sampler` says. `1` keeps the deep block exact and iterates only the shallow ones,
@@ -661,9 +667,9 @@ class StarFlowModel(StarFlowPreTrainedModel):
         """
         self._check_latents(latents, "latents")
         batch, _, height, width = latents.shape
-        guidance = Guidance(scale=guidance_scale, rule="gaussian_product")
-        if not attention_temperature > 0:
-            raise ValueError(f"attention_temperature must be > 0, got {attention_temperature}")
+        guidance = Guidance(scale=guidance_scale, rule=guidance_rule)
+        if not isinstance(attention_temperature, int | float) or not attention_temperature > 0:
+            raise ValueError(f"attention_temperature must be a number > 0, got {attention_temperature!r}")
         options = SamplerOptions(
             sampler=sampler,
             jacobi_tolerance=jacobi_tolerance,
@@ -736,8 +742,8 @@ class StarFlowModel(StarFlowPreTrainedModel):
         embeddings only.
         """
         sigma = self.config.noise_std if noise_std is None else noise_std
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma}")
+        if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma!r}")
         self._check_latents(latents, "latents")
         text = self._check_text(encoder_hidden_states, latents.shape[0], "encoder_hidden_states")
         outputs = []

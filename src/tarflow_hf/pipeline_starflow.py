@@ -340,6 +340,7 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         denoise: bool = True,
         sampler: str = "sequential",
         attention_temperature: float = 1.0,
+        guidance_rule: str = "gaussian_product",
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -385,6 +386,9 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                 `jacobi_tolerance`, `jacobi_window` tokens at a time); see [`StarFlowModel.inverse`].
             attention_temperature (`float`, defaults to 1.0):
                 Divides the attention logits of every layer (Apple's `attn_temp`).
+            guidance_rule (`str`, defaults to `"gaussian_product"`):
+                How the branches combine: STARFlow's `"gaussian_product"` (above) or TarFlow's `"extrapolate"`
+                (`cond + (w - 1) * (cond - uncond)` on the log-scale and the shift).
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` (float32 (batch, height, width, 3) in [0, 1]), `"pt"` (float32 (batch, 3, height,
                 width) in [0, 1]) or `"latent"` (the flow's latents, denoised when `denoise`, not decoded).
@@ -466,6 +470,7 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                 guidance_scale=guidance_scale,
                 sampler=sampler,
                 attention_temperature=attention_temperature,
+                guidance_rule=guidance_rule,
                 return_stats=True,
                 callback=on_block,
                 **sampler_options,

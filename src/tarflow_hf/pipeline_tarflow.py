@@ -244,6 +244,7 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
         guidance_scale: float | None = None,
         guidance_target: str = "both",
         guidance_schedule: str = "constant",
+        guidance_rule: str = "extrapolate",
         attention_temperature: float = 1.0,
         sampler: str = "sequential",
         jacobi_tolerance: float = 1e-4,
@@ -283,6 +284,9 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
                 Guide the log-scale (`"scale"`), the shift (`"shift"`) or `"both"`.
             guidance_schedule (`str`, defaults to `"constant"`):
                 `"linear"` is Apple's annealed guidance: `w` ramps from 1 up to its value over the patch sequence.
+            guidance_rule (`str`, defaults to `"extrapolate"`):
+                How the branches combine: TarFlow's `"extrapolate"` (above) or STARFlow's `"gaussian_product"` (the
+                Gaussian `p_cond^w / p_uncond^(w - 1)` of the two branches' predictions; `guidance_target="both"`).
             attention_temperature (`float`, defaults to 1.0):
                 Divides the attention logits of the unconditional branch only (Apple's `attn_temp`).
             sampler (`str`, defaults to `"sequential"`):
@@ -388,6 +392,7 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
                 guidance_scale=guidance_scale,
                 guidance_target=guidance_target,
                 guidance_schedule=guidance_schedule,
+                guidance_rule=guidance_rule,
                 attention_temperature=attention_temperature,
                 sampler=sampler,
                 jacobi_tolerance=jacobi_tolerance,

@@ -250,23 +250,33 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not self.jacobi_tolerance > 0:
-            raise ValueError(f"jacobi_tolerance must be > 0, got {self.jacobi_tolerance}")
+        if not _is_positive_number(self.jacobi_tolerance):
+            raise ValueError(f"jacobi_tolerance must be a number > 0, got {self.jacobi_tolerance!r}")
         if self.sampler == "newton" and (self.jacobi_window is not None or self.jacobi_max_iterations is not None):
             raise ValueError(
                 "jacobi_window and jacobi_max_iterations apply to sampler='jacobi' only; 'newton' works on all "
                 "patches and never takes more passes than 'sequential'"
             )
-        if self.jacobi_window is not None and self.jacobi_window < 1:
-            raise ValueError(f"jacobi_window must be >= 1 (or None for all patches), got {self.jacobi_window}")
-        if self.jacobi_max_iterations is not None and self.jacobi_max_iterations < 1:
-            raise ValueError(f"jacobi_max_iterations must be >= 1, got {self.jacobi_max_iterations}")
-        if self.jacobi_sequential_blocks < 0:
-            raise ValueError(f"jacobi_sequential_blocks must be >= 0, got {self.jacobi_sequential_blocks}")
-        if self.jacobi_block_size < 1:
-            raise ValueError(f"jacobi_block_size must be >= 1, got {self.jacobi_block_size}")
-        if not self.jacobi_threshold > 0:
-            raise ValueError(f"jacobi_threshold must be > 0, got {self.jacobi_threshold}")
+        if self.jacobi_window is not None and not _is_int_at_least(self.jacobi_window, 1):
+            raise ValueError(
+                f"jacobi_window must be an integer >= 1 (or None for all patches), got {self.jacobi_window!r}"
+            )
+        if self.jacobi_max_iterations is not None and not _is_int_at_least(self.jacobi_max_iterations, 1):
+            raise ValueError(f"jacobi_max_iterations must be an integer >= 1, got {self.jacobi_max_iterations!r}")
+        if not _is_int_at_least(self.jacobi_sequential_blocks, 0):
+            raise ValueError(f"jacobi_sequential_blocks must be an integer >= 0, got {self.jacobi_sequential_blocks!r}")
+        if not _is_int_at_least(self.jacobi_block_size, 1):
+            raise ValueError(f"jacobi_block_size must be an integer >= 1, got {self.jacobi_block_size!r}")
+        if not _is_positive_number(self.jacobi_threshold):
+            raise ValueError(f"jacobi_threshold must be a number > 0, got {self.jacobi_threshold!r}")
+
+
+def _is_int_at_least(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def invert_block(
