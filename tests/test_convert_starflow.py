@@ -254,6 +254,9 @@ def test_transformer_only_folder_loads_with_automodel_and_remote_code(tmp_path, 
 def test_checkpoint_family_is_recognised():
     assert is_starflow_checkpoint_keys(list(apple_state("sf_t2i")))
     assert not is_starflow_checkpoint_keys(["var", "blocks.0.pos_embed", "blocks.0.proj_in.weight"])
+    tarflow = Path(__file__).parent / "fixtures" / "tiny_cond.pth"
+    with pytest.raises(ValueError, match=r"is not an apple/ml-starflow checkpoint .*`tarflow-hf convert`"):
+        load_ml_starflow_checkpoint(tarflow, FIXTURES / "sf_t2i.yaml")
 
 
 def test_sources_are_recognised_for_dispatch(tmp_path):

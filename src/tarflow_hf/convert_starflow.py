@@ -391,6 +391,11 @@ def load_ml_starflow_checkpoint(
 
         logging.get_logger(__name__).warning(assumed_settings_note())
     state = load_apple_state_dict(path)
+    if not is_starflow_checkpoint_keys(list(state)):
+        raise ValueError(
+            f"{source} is not an apple/ml-starflow checkpoint (no start tokens or final norms among its keys: an "
+            "ml-tarflow checkpoint converts with `tarflow-hf convert`, which recognises both)"
+        )
     yaml_source = "the released yaml" if settings is None else f"config {os.fspath(config_yaml)}"
     config = starflow_config_from_apple(state, settings, yaml_source)
     return model_from_apple_state_dict(state, config, source)
