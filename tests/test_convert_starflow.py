@@ -317,6 +317,18 @@ def test_tarflow_hf_convert_writes_a_starflow_pipeline(tmp_path, capsys):
     assert "license_name: apple-amlr" in card and "research purposes only" in card
     assert "licensed under the Apple Machine Learning Research Model License Agreement." in card
     assert "`LICENSE` in this folder holds the license's text" in card and "Warning" not in card
+    # A copy saved from it (after fine-tuning, say) keeps the license text; one saved from weights without it warns.
+    pipe.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "LICENSE").read_text() == (FIXTURES / "README.md").read_text()
+    assert "`LICENSE` in this folder holds the license's text" in (tmp_path / "resaved" / "README.md").read_text()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "LICENSE").write_text("the user's own")
+    pipe.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "LICENSE").read_text() == "the user's own"  # never overwritten
+    StarFlowPipeline(**pipe.components).save_pretrained(tmp_path / "unlicensed")  # assembled in memory
+    assert not (tmp_path / "unlicensed" / "LICENSE").exists()
+    unlicensed_card = (tmp_path / "unlicensed" / "README.md").read_text()
+    assert "Warning: this folder does not carry the license's text" in unlicensed_card
     assert str(tmp_path) not in card
     reference = load_ml_starflow_checkpoint(FIXTURES / "sf_t2i.pth", FIXTURES / "sf_t2i.yaml")
     for key, tensor in reference.state_dict().items():

@@ -281,12 +281,27 @@ def save_pipeline(
         card = model_card(pipeline, **{"repo_id": display_name(save_directory), **(card or {})}, folder=save_directory)
     from diffusers import DiffusionPipeline  # the generic part: components, weights, model_index.json
 
+    carried_license = _license_to_carry(pipeline, save_directory)
     with atomic_folder(save_directory, merge=True) as staging:
         DiffusionPipeline.save_pretrained(pipeline, staging, safe_serialization=True, **save_kwargs)
         write_layout(pipeline, staging, with_code)
         if write_card:
             card.save(staging / "README.md")
+        if carried_license is not None:
+            shutil.copyfile(carried_license, staging / "LICENSE")
     return save_directory
+
+
+def _license_to_carry(pipeline: Any, folder: Path) -> Path | None:
+    """The `LICENSE` of the folder the pipeline was loaded from, when its weights' license must go with them (a
+    family with a `weights_license`) and `folder` has none yet: a fine-tuned or re-saved copy of Apple's weights
+    keeps the license text its source carried."""
+    family = FAMILIES.get(pipeline.transformer.config.model_type)
+    source = getattr(pipeline, "name_or_path", None)
+    if family is None or family.weights_license is None or not source or (folder / "LICENSE").exists():
+        return None
+    license_file = Path(source, "LICENSE")
+    return license_file if license_file.is_file() and license_file.resolve() != (folder / "LICENSE").resolve() else None
 
 
 def hub_id(value: str | os.PathLike | None) -> str | None:
@@ -426,7 +441,7 @@ def model_card(
         _config_table(pipeline),
         _usage(pipeline, family, name, with_code),
         *(_wrap(key, text) for key, text in sections.items() if text),
-        _license_section(family, folder) if weights and license == weights.id else "",
+        _license_section(family, pipeline, folder) if weights and license == weights.id else "",
         f"## Citation\n\n{family.citation} [{family.paper}]({family.paper})" if family.paper else "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(part for part in body if part) + "\n")
@@ -445,8 +460,10 @@ def _license_id(data: ModelCardData) -> str | None:
     return name if data.license == "other" and name else data.license
 
 
-def _license_section(family: Family, folder: str | os.PathLike | None) -> str:
-    has_license_file = folder is not None and Path(folder, "LICENSE").is_file()
+def _license_section(family: Family, pipeline: Any, folder: str | os.PathLike | None) -> str:
+    has_license_file = folder is not None and (
+        Path(folder, "LICENSE").is_file() or _license_to_carry(pipeline, Path(folder)) is not None
+    )
     return (
         f"## License\n\nThis pipeline's transformer holds Apple's released {family.title} weights (or weights derived "
         "from them), converted by tarflow-hf:\nthe tensors are Apple's, only their names and file format differ. "
