@@ -459,14 +459,22 @@ def convert_ml_starflow_checkpoint(
     if license_file is not None and not Path(license_file).is_file():
         raise FileNotFoundError(f"license file not found: {license_file}")
     model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
-    register_auto_classes()  # save_pretrained then writes the code and `auto_map` (AutoModel, trust_remote_code)
     with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_tarflow_folder) as tmp:
-        model.save_pretrained(tmp)
-        card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        if license_file is not None:
-            shutil.copyfile(license_file, tmp / "LICENSE")
+        _write_model_folder(model, tmp, checkpoint, license_file)
     return model.config
+
+
+def _write_model_folder(
+    model: StarFlowModel, folder: Path, checkpoint: Path, license_file: str | os.PathLike | None
+) -> None:
+    """The converted model with its code and `auto_map` (so `AutoModel`, with `trust_remote_code` where tarflow-hf
+    is not installed, loads it), its card, and the license text when given."""
+    register_auto_classes()  # save_pretrained writes the code and `auto_map` of registered classes only
+    model.save_pretrained(folder)
+    card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    if license_file is not None:
+        shutil.copyfile(license_file, folder / "LICENSE")
 
 
 def _model_directory(folder: Path) -> Path:
@@ -587,19 +595,14 @@ def convert_ml_starflow_pipeline(
     model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
     check_finite(model.state_dict(), f"checkpoint {checkpoint}")
     components = None if transformer_only else load_pipeline_components(text_encoder, vae)
-    register_auto_classes()  # save_pretrained then writes the code and `auto_map` (AutoModel, trust_remote_code)
     with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_converted_folder) as tmp:
-        documents = tmp / "transformer" if components is None else tmp
-        documents.mkdir(exist_ok=True)
-        if license_file is not None:  # first: the card says whether the folder carries it
-            shutil.copyfile(license_file, documents / "LICENSE")
         if components is None:
-            model.save_pretrained(documents)
-            card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
-            (documents / "README.md").write_text(card, encoding="utf-8")
-        else:  # the pipeline's card (tarflow_hf.hub), told that this is a conversion
+            _write_model_folder(model, tmp / "transformer", checkpoint, license_file)
+        else:  # the pipeline's card (tarflow_hf.hub), told that this is a conversion, and checking for LICENSE
             from .pipeline_starflow import StarFlowPipeline
 
+            if license_file is not None:
+                shutil.copyfile(license_file, tmp / "LICENSE")
             pipeline = StarFlowPipeline(transformer=model, **components)
             description = conversion_note(str(checkpoint))
             pipeline.save_pretrained(tmp, model_card={"description": description, "repo_id": output_dir.name})
