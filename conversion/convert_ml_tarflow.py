@@ -1,16 +1,17 @@
-"""Convert an apple/ml-tarflow checkpoint to a TarFlowPipeline folder, or back (the same as `tarflow-hf convert`).
+"""Convert an Apple checkpoint (apple/ml-tarflow or apple/ml-starflow) to a pipeline folder, or back: the same as
+`tarflow-hf convert`.
 
     python conversion/convert_ml_tarflow.py afhq_model_8_768_8_8_0.07.pth tarflow-afhq-256
     python conversion/convert_ml_tarflow.py CHECKPOINT.pth OUTPUT_DIR [--noise-std S] [--in-channels C]
         [--labels afhq|imagenet|none|FILE.json] [--overwrite]
     python conversion/convert_ml_tarflow.py --reverse FOLDER OUT.pth [--overwrite]
 
-All the logic lives in `tarflow_hf.convert`; see its documentation.
+All the logic lives in `tarflow_hf.convert` and `tarflow_hf.convert_starflow`; see their documentation.
 """
 
 import sys
 
-from tarflow_hf.convert import main
+from tarflow_hf.commands import run_command
 
 if __name__ == "__main__":
-    sys.exit(main(prog="convert_ml_tarflow.py"))
+    sys.exit(run_command("convert", prog="convert_ml_tarflow.py"))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tarflow_hf.cli import COMMANDS
+from tarflow_hf.commands import COMMANDS
 
 HEAVY = ("torch", "diffusers", "gradio", "transformers")
 PROBE = """
@@ -36,11 +36,11 @@ def test_importtime_shows_no_torch():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "tarflow_hf.cli" in imported
+    assert "tarflow_hf.commands" in imported
     assert not {"torch", "diffusers", "gradio"} & imported
 
 
 def test_every_command_has_its_arguments_and_module():
-    from tarflow_hf.arguments import ARGUMENTS
+    from tarflow_hf.commands.arguments import ARGUMENTS
 
     assert set(ARGUMENTS) == {name for name, _, _ in COMMANDS}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import FIXTURES, load_reference, random_model, tiny_config
 
-from tarflow_hf import TarFlowModel, cli
+from tarflow_hf import TarFlowModel, commands
 from tarflow_hf import convert as convert_module
 from tarflow_hf.convert import (
     hf_to_apple_state_dict,
@@ -92,7 +92,7 @@ def random_state(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
 
 
 def convert(*args: str | os.PathLike) -> int:
-    return cli.main(["convert", *map(str, args)])
+    return commands.main(["convert", *map(str, args)])
 
 
 def convert_error(capsys, *args: str | os.PathLike) -> str:

@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import run_without_tarflow_hf
 
-from tarflow_hf.cli import CommandError
+from tarflow_hf.commands import CommandError
+from tarflow_hf.commands.arguments import convert as add_arguments
+from tarflow_hf.commands.convert import run
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import (
     RELEASED_YAML,
-    add_arguments,
     apple_to_hf_state_dict,
     convert_ml_starflow_checkpoint,
     deprecated_buffers,
@@ -28,7 +29,6 @@ from tarflow_hf.convert_starflow import (
     is_starflow_source,
     load_ml_starflow_checkpoint,
     read_apple_yaml,
-    run,
     starflow_config_from_apple,
 )
 from tarflow_hf.modeling_starflow import StarFlowModel
@@ -275,6 +275,8 @@ def test_sources_are_recognised_for_dispatch(tmp_path):
         config=str(FIXTURES / "sf_t2i.yaml"),
         license_file=None,
         transformer_only=True,
+        text_encoder=None,
+        vae=None,
     )
     assert run(namespace) == 0
     assert is_starflow_source(tmp_path / "out")
@@ -299,7 +301,7 @@ def local_components(root: Path) -> tuple[Path, Path]:
 
 def test_tarflow_hf_convert_writes_a_starflow_pipeline(tmp_path, capsys):
     """`tarflow-hf convert` hands STARFlow checkpoints over and, without --transformer-only, writes a pipeline."""
-    from tarflow_hf.cli import main
+    from tarflow_hf.commands import main
     from tarflow_hf.pipeline_starflow import StarFlowPipeline
 
     t5, vae = local_components(tmp_path)
@@ -343,7 +345,7 @@ def test_tarflow_hf_convert_writes_a_starflow_pipeline(tmp_path, capsys):
 
 
 def test_tarflow_hf_convert_refuses_flags_of_the_other_family(tmp_path, capsys):
-    from tarflow_hf.cli import main
+    from tarflow_hf.commands import main
 
     for flags in (["--noise-std", "0.1"], ["--in-channels", "3"], ["--labels", "none"]):
         assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "out"), *flags]) == 2
@@ -361,7 +363,7 @@ def test_tarflow_hf_convert_refuses_flags_of_the_other_family(tmp_path, capsys):
 
 
 def test_nan_weights_are_reported_as_nan(tmp_path, capsys):
-    from tarflow_hf.cli import main
+    from tarflow_hf.commands import main
 
     state = apple_state("sf_t2i")
     key = next(key for key in state if key.endswith("proj_out.weight"))

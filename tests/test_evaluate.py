@@ -15,7 +15,7 @@ import torch
 from conftest import random_model, tiny_config
 
 from tarflow_hf.classifier import SmallCNN, accuracy, load_classifier, save_classifier, train_classifier
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.evaluate import (
     InceptionFeatures,
     balanced_labels,
@@ -236,7 +236,7 @@ def test_two_process_evaluation_matches_one_process(tmp_path):
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "tarflow_hf.evaluate", *common, "--output", str(tmp_path / "two.json"),
+        "-m", "tarflow_hf", "evaluate", *common, "--output", str(tmp_path / "two.json"),
         "--save-samples", str(tmp_path / "two.png"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
@@ -309,6 +309,7 @@ def test_failed_writes_keep_the_previous_outputs(tmp_path, monkeypatch):
     import safetensors.torch
 
     from tarflow_hf import evaluate as evaluate_module
+    from tarflow_hf.commands import evaluate as evaluate_command
 
     accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
     dataset = blob_dataset(8)
@@ -317,10 +318,10 @@ def test_failed_writes_keep_the_previous_outputs(tmp_path, monkeypatch):
         return images.flatten(1).float()
 
     samples = (torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda args: {"fid": 1.0})
+    monkeypatch.setattr(evaluate_command, "evaluate", lambda args: {"fid": 1.0})
 
     def write_results():
-        evaluate_module.run(SimpleNamespace(output=str(tmp_path / "metrics.json")))
+        evaluate_command.run(SimpleNamespace(output=str(tmp_path / "metrics.json")))
 
     def write_statistics(count: int):
         evaluate_module.reference_statistics(dataset, count, features, tmp_path / "ref.npz", accelerator)
@@ -397,6 +398,7 @@ def test_classifier_with_other_classes_is_refused(model_and_data, tmp_path, caps
 
 def test_output_onto_a_folder_is_refused_before_computing(model_and_data, tmp_path, capsys, monkeypatch):
     from tarflow_hf import evaluate as evaluate_module
+    from tarflow_hf.commands import evaluate as evaluate_command
 
     model, idx = model_and_data
     (tmp_path / "folder").mkdir()

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from tarflow_hf import TarFlowConfig, TarFlowModel, TarFlowPipeline
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.evaluate import bits_per_dim
 
 NOISE_STD = 0.5

@@ -79,7 +79,7 @@ CHECK = textwrap.dedent(
     """
     import sys, torch
     from tarflow_hf import TarFlowPipeline
-    from tarflow_hf.cli import main
+    from tarflow_hf.commands import main
 
     pipe = TarFlowPipeline.from_pretrained(sys.argv[1])
     torch.save(pipe.transformer.state_dict(), sys.argv[2])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import random_model
 
-from tarflow_hf.cli import main
+from tarflow_hf.commands import main
 from tarflow_hf.grids import make_grid
 from tarflow_hf.modeling_tarflow import TarFlowModel
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
@@ -146,8 +146,8 @@ def test_grid_write_failing_midway_keeps_the_previous_grid(folders, tmp_path, mo
             r"--output '.*grid.txt': PIL cannot write images with extension '.txt'",
         ),
         (["{cond}", "--output", "{tmp}"], r"--output '.*' is a folder; give an image file name"),
-        (["{tmp}/missing"], r"MODEL '.*missing' is neither an existing folder nor a Hub repo id"),
-        (["{tmp}"], r"MODEL '.*' is not a pipeline folder \(no model_index.json\)"),
+        (["{tmp}/missing"], r"'.*missing' is neither an existing folder nor a Hub repo id"),
+        (["{tmp}"], r".* is not a TarFlow or STARFlow folder \(no model_index.json"),
         (["{cond}", "--device", "gpu:zero"], r"--device 'gpu:zero' is not a torch device"),
     ],
 )

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.train import EMA, add_noise, cosine_lr, drop_labels, train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

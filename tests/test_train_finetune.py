@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import tarflow_hf
 from tarflow_hf import TarFlowConfig, TarFlowModel, TarFlowPipeline
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.data import load_image_dataset
 
 DIGITS = [str(d) for d in range(10)]

@@ -18,8 +18,8 @@ from conftest import mnist_train_args as argv
 from conftest import parse_train_args as parse
 from conftest import write_idx_split
 
-from tarflow_hf.cli import build_parser
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import build_parser
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.train import train
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "src" / "tarflow_hf" / "train.py"

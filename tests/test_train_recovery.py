@@ -17,7 +17,7 @@ from conftest import parse_train_args as parse
 from PIL import Image
 from safetensors.torch import load_file
 
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.train import list_checkpoints, train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

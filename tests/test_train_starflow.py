@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import T5EncoderModel
 
-from tarflow_hf.cli import main as cli_main
+from tarflow_hf.commands import main as cli_main
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.data import load_captioned_dataset
 from tarflow_hf.modeling_starflow import StarFlowModel

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .modeling_tarflow import JacobiStats, TarFlowModel, TarFlowOutput, TarFlowPreTrainedModel
     from .pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
     from .pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
+    from .registry import AutoFlowPipeline
     from .sampling import Guidance, SamplingStats
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ _LAZY = {
     "StarFlowPipeline": "pipeline_starflow",
     "StarFlowPipelineOutput": "pipeline_starflow",
     "Guidance": "sampling",
+    "AutoFlowPipeline": "registry",
     "SamplingStats": "sampling",
 }
 _registered = False
@@ -90,6 +92,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BUNDLED_CLASSIFIER",
     "BUNDLED_MODEL",
+    "AutoFlowPipeline",
     "Guidance",
     "JacobiStats",
     "SamplingStats",

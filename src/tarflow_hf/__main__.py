@@ -2,6 +2,6 @@
 
 import sys
 
-from tarflow_hf.cli import main
+from tarflow_hf.commands import main
 
 sys.exit(main())

@@ -27,7 +27,6 @@ Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,13 +41,11 @@ from typing import Any, TypeVar
 import torch
 from transformers import PreTrainedConfig
 
-from .arguments import APPLE_FILE_NAME_PATTERN, DEFAULT_NUM_CHANNELS
-from .arguments import convert as add_arguments
-from .cli import CommandError
 from .configuration_tarflow import TarFlowConfig
 from .fileio import atomic_file, atomic_folder
 from .labels import resolve_labels
 from .modeling_tarflow import TarFlowModel
+from .registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME
 
 # Apple's `transformer_flow.Model` takes no head size: every released model uses MetaBlock's default of 64.
 APPLE_HEAD_DIM = 64
@@ -424,7 +421,7 @@ def _resolve_noise_std(noise_std: float | None, name: CheckpointName | None) -> 
         if noise_std is None:
             raise ValueError(
                 "the training noise is unknown: the file name does not follow Apple's pattern "
-                f"{APPLE_FILE_NAME_PATTERN}; pass --noise-std (the std of the Gaussian noise the model was "
+                f"{APPLE_TARFLOW_FILE_NAME}; pass --noise-std (the std of the Gaussian noise the model was "
                 "trained with, e.g. 0.07 for AFHQ, 0.05 for ImageNet 64, 0.15 for ImageNet 128)"
             )
         return noise_std
@@ -515,7 +512,7 @@ def infer_config(
     arch = _read_architecture(shapes, source)
     name = checkpoint_name
     explicit_channels = num_channels is not None
-    channels = num_channels if explicit_channels else DEFAULT_NUM_CHANNELS
+    channels = num_channels if explicit_channels else APPLE_TARFLOW_CHANNELS
     if channels < 1:
         raise ValueError(f"--in-channels must be a positive integer, got {channels}")
     patch_size = _patch_size(arch.patch_dim, channels, explicit_channels, name)
@@ -806,69 +803,9 @@ def export_ml_tarflow_checkpoint(
     return output_path
 
 
-# ------------------------------------------------------------------------------------------ command line
-STARFLOW_ONLY_FLAGS = (
-    ("--config", "config"),
-    ("--license-file", "license_file"),
-    ("--transformer-only", "transformer_only"),
-    ("--text-encoder", "text_encoder"),
-    ("--vae", "vae"),
-)
-
-
-def run(args: argparse.Namespace) -> int:
-    from . import convert_starflow
-
-    if convert_starflow.is_starflow_source(args.source):  # an ml-starflow .pth, or (--reverse) a STARFlow folder
-        return convert_starflow.run(args)
-    given = [flag for flag, name in STARFLOW_ONLY_FLAGS if getattr(args, name, None)]
-    if given:
-        raise CommandError(
-            f"{', '.join(given)} apply to apple/ml-starflow checkpoints; {args.source} is not one (an ml-tarflow "
-            "checkpoint takes --noise-std, --in-channels, --labels)"
-        )
-    try:
-        if args.reverse:
-            conversion_flags = (
-                ("--noise-std", args.noise_std),
-                ("--in-channels", args.in_channels),
-                ("--labels", args.labels),
-            )
-            given = [flag for flag, value in conversion_flags if value is not None]
-            if given:
-                raise CommandError(f"--reverse takes no {', '.join(given)}: they only matter when converting a .pth")
-            path = export_ml_tarflow_checkpoint(args.source, args.destination, overwrite=args.overwrite)
-            print(f"wrote {path}")
-            return 0
-        config = convert_ml_tarflow_checkpoint(
-            args.source,
-            args.destination,
-            num_channels=args.in_channels,
-            noise_std=args.noise_std,
-            labels=args.labels,
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, FileExistsError):
-        raise
-    except OSError as error:  # permissions, a full disk...: the user's environment, not a bug
-        raise CommandError(str(error)) from error
-    names = list(config.id2label.values())
-    shown = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if config.num_classes else ""
-    print(f"converted {args.source} -> {args.destination}: {describe_config(config)}{shown}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Entry point of `conversion/convert_ml_tarflow.py`: the `tarflow-hf convert` command on its own."""
-    from .cli import run_command
-
-    return run_command("convert", argv, prog)
-
-
 __all__ = [
     "APPLE_DATASET_LABELS",
     "CheckpointName",
-    "add_arguments",
     "apple_key_to_hf",
     "apple_to_hf_state_dict",
     "check_finite",
@@ -885,13 +822,11 @@ __all__ = [
     "is_tarflow_folder",
     "load_apple_state_dict",
     "load_ml_tarflow_checkpoint",
-    "main",
     "meta_model",
     "model_from_apple_state_dict",
     "non_finite_weights",
     "parse_checkpoint_name",
     "read_model_config",
     "read_tarflow_folder",
-    "run",
     "state_shapes",
 ]

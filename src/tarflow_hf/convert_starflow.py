@@ -27,13 +27,11 @@ Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from typing import Any
 import torch
 
 from . import register_auto_classes
-from .cli import CommandError
 from .configuration_starflow import StarFlowConfig
 from .convert import (
     check_finite,
@@ -54,8 +51,8 @@ from .convert import (
     state_shapes,
 )
 from .fileio import atomic_file, atomic_folder
-from .hub import APPLE_AMLR
 from .modeling_starflow import StarFlowModel
+from .registry import APPLE_AMLR, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
 
 VAE_DOWNSAMPLING = 8
 RELEASED_YAML_NAME = "configs/starflow_3B_t2i_256x256.yaml"
@@ -538,7 +535,7 @@ def _load_component(kind: str, load: Any, name: str) -> Any:
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         flag = "--text-encoder" if kind != "VAE" else "--vae"
-        raise CommandError(
+        raise ValueError(
             f"could not load the {kind} {name!r} ({first_line}); give a local folder with {flag}, or convert the "
             "transformer alone with --transformer-only"
         ) from None
@@ -550,10 +547,8 @@ def load_pipeline_components(text_encoder: str | None = None, vae: str | None = 
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
-    from .arguments import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
-
-    text_encoder = text_encoder or DEFAULT_TEXT_ENCODER
-    vae = vae or DEFAULT_VAE
+    text_encoder = text_encoder or STARFLOW_TEXT_ENCODER
+    vae = vae or STARFLOW_VAE
     return {
         "text_encoder": _load_component("text encoder", T5EncoderModel.from_pretrained, text_encoder).eval(),
         "tokenizer": _load_component("tokenizer", AutoTokenizer.from_pretrained, text_encoder),
@@ -609,101 +604,6 @@ def convert_ml_starflow_pipeline(
     return model.config
 
 
-# ------------------------------------------------------------------------------------------ command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .arguments import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
-
-    parser.add_argument(
-        "source", metavar="CHECKPOINT", help="apple/ml-starflow .pth state dict (with --reverse: a converted folder)"
-    )
-    parser.add_argument("destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth)")
-    parser.add_argument("--reverse", action="store_true", help="convert a converted folder back to an Apple .pth")
-    parser.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE.yaml",
-        help=f"Apple's training config (default: the released {RELEASED_YAML_NAME} values)",
-    )
-    parser.add_argument(
-        "--license-file",
-        default=None,
-        metavar="FILE",
-        help="copy this license text (Apple's LICENSE_MODEL) into the folder as LICENSE",
-    )
-    parser.add_argument(
-        "--transformer-only", action="store_true", help="write OUTPUT/transformer/ alone (no text encoder, VAE)"
-    )
-    parser.add_argument(
-        "--text-encoder", default=None, metavar="ID_OR_PATH", help=f"T5 encoder + tokenizer ({DEFAULT_TEXT_ENCODER})"
-    )
-    parser.add_argument("--vae", default=None, metavar="ID_OR_PATH", help=f"AutoencoderKL ({DEFAULT_VAE})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a conversion from parsed arguments. Also takes `tarflow-hf convert`'s namespace (its ml-tarflow-only
-    flags must then be unset), so that command can hand STARFlow sources over (see `is_starflow_source`)."""
-    config_yaml, license_file = getattr(args, "config", None), getattr(args, "license_file", None)
-    transformer_only = getattr(args, "transformer_only", False)
-    text_encoder, vae = getattr(args, "text_encoder", None), getattr(args, "vae", None)
-    tarflow_only = [
-        flag
-        for flag, name in (("--noise-std", "noise_std"), ("--in-channels", "in_channels"), ("--labels", "labels"))
-        if getattr(args, name, None) is not None
-    ]
-    if tarflow_only:
-        raise CommandError(
-            f"{', '.join(tarflow_only)} apply to ml-tarflow checkpoints; a STARFlow checkpoint takes --config FILE.yaml"
-        )
-    if transformer_only and (text_encoder or vae):
-        given = ", ".join(flag for flag, value in (("--text-encoder", text_encoder), ("--vae", vae)) if value)
-        raise CommandError(f"--transformer-only writes no text encoder or VAE; drop {given}")
-    try:
-        if args.reverse:
-            given = [
-                flag
-                for flag, value in (
-                    ("--config", config_yaml),
-                    ("--license-file", license_file),
-                    ("--transformer-only", transformer_only),
-                    ("--text-encoder", text_encoder),
-                    ("--vae", vae),
-                )
-                if value
-            ]
-            if given:
-                raise CommandError(f"--reverse takes no {', '.join(given)}: they only matter when converting a .pth")
-            print(f"wrote {export_ml_starflow_checkpoint(args.source, args.destination, overwrite=args.overwrite)}")
-            return 0
-        if config_yaml is None:
-            print(assumed_settings_note())
-        config = convert_ml_starflow_pipeline(
-            args.source,
-            args.destination,
-            config_yaml=config_yaml,
-            license_file=license_file,
-            text_encoder=text_encoder,
-            vae=vae,
-            transformer_only=transformer_only,
-            overwrite=args.overwrite,
-            warn_assumed=False,  # printed above
-        )
-    except (FileNotFoundError, FileExistsError):
-        raise
-    except OSError as error:  # permissions, a full disk...: the user's environment, not a bug
-        raise CommandError(str(error)) from error
-    what = "transformer" if transformer_only else "pipeline"
-    print(f"converted {args.source} -> {args.destination} ({what}): {describe_config(config)}")
-    print(LICENSE_NOTE)
-    if license_file is None:
-        print(
-            f"warning: the folder does not carry the license's text, which must go with the weights when they are "
-            f"shared; convert again with --license-file {APPLE_AMLR.text_name} ({APPLE_AMLR.link})",
-            file=sys.stderr,
-        )
-    return 0
-
-
 def is_starflow_source(path: str | os.PathLike) -> bool:
     """True when `path` is an apple/ml-starflow `.pth` (by its keys, read memory-mapped) or a STARFlow model folder
     (config.json, or transformer/config.json, with model_type "starflow"); False for anything else, unreadable
@@ -730,26 +630,7 @@ def is_starflow_checkpoint_keys(keys: Sequence[str]) -> bool:
     return any(key.endswith(".sos_embed") or key.endswith(".final_norm.weight") for key in keys)
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """`python -m tarflow_hf.convert_starflow`: the STARFlow conversion on its own."""
-    from .cli import USER_ERRORS
-
-    parser = argparse.ArgumentParser(prog=prog or "python -m tarflow_hf.convert_starflow", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except USER_ERRORS as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = [
-    "add_arguments",
     "apple_to_hf_state_dict",
     "convert_ml_starflow_checkpoint",
     "convert_ml_starflow_pipeline",
@@ -762,6 +643,5 @@ __all__ = [
     "load_ml_starflow_checkpoint",
     "load_pipeline_components",
     "read_apple_yaml",
-    "run",
     "starflow_config_from_apple",
 ]

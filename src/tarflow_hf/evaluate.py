@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -36,8 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .arguments import evaluate as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
-from .fileio import atomic_file, write_text_atomic
+from .fileio import atomic_file
 from .modeling_tarflow import TarFlowModel
 from .pipeline_tarflow import TarFlowPipeline
 
@@ -348,12 +345,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     set_progress(not getattr(args, "quiet", False))
-    from .sample import _progress_bars, load_pipeline
+    from .registry import AutoFlowPipeline, loading_progress_bars
     from .train import use_cpu
 
     accelerator = Accelerator(cpu=use_cpu(False))
-    with _progress_bars(enabled=not getattr(args, "quiet", False)):
-        model: TarFlowModel = load_pipeline(args.model, None, torch.float32).transformer
+    with loading_progress_bars(enabled=not getattr(args, "quiet", False)):
+        model: TarFlowModel = AutoFlowPipeline.from_pretrained(args.model, dtype=torch.float32).transformer
     model = model.float().to(accelerator.device).eval()
     config = model.config
     classifier = None
@@ -509,25 +506,3 @@ def _save_grid(samples: torch.Tensor, rows: int, per_row: int, path: Path, max_c
     grid = make_grid(images, columns)
     with atomic_file(path) as staging:
         grid.save(staging, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-
-
-def run(args: argparse.Namespace) -> int:
-    results = evaluate(args)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        text = json.dumps(results, indent=2)
-        print(text)
-        if args.output:
-            write_text_atomic(args.output, text + "\n")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
-    return run_command("evaluate", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

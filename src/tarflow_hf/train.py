@@ -56,7 +56,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -66,8 +65,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .arguments import FINE_TUNE_LR, TRAIN_LR, TRAIN_NOISE_STD
-from .arguments import train as add_arguments
+from .commands.arguments import FINE_TUNE_LR, TRAIN_LR, TRAIN_NOISE_STD
+from .commands.arguments import train as add_arguments
 from .configuration_tarflow import TarFlowConfig
 from .data import (
     EpochShuffleSampler,
@@ -1138,18 +1137,3 @@ def train(args: argparse.Namespace) -> TrainResult:
     start_outputs(run)
     run_epochs(run)
     return finish(run)
-
-
-def run(args: argparse.Namespace) -> int:
-    train(args)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
-    return run_command("train", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

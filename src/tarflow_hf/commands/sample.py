@@ -14,26 +14,20 @@ Image i is drawn from its own generator seeded `seed + i`, so a seed gives the s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
 
-from .arguments import sample as add_arguments  # noqa: F401 (re-exported: the sub-command's arguments)
-from .cli import CommandError
-from .fileio import atomic_file
-from .grids import PADDING, make_grid  # noqa: F401 (PADDING re-exported)
-from .hub import REPO_ID
-from .labels import display_name, parse_label, resolve_class_ids
+from ..fileio import atomic_file
+from ..grids import make_grid
+from ..labels import display_name, parse_label, resolve_class_ids
+from ..registry import AutoFlowPipeline, loading_progress_bars
+from . import CommandError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     # Not torch's global generator: it starts from the same seed in every process.
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
 
-    with _progress_bars(enabled=not args.quiet):
-        pipe = load_pipeline(args.model, args.revision, DTYPES[args.dtype])
+    with loading_progress_bars(enabled=not args.quiet):
+        pipe = AutoFlowPipeline.from_pretrained(args.model, revision=args.revision, dtype=DTYPES[args.dtype])
     _check_weights(pipe.transformer, args.model)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
@@ -191,7 +185,7 @@ def _is_text_to_image(pipe: Any) -> bool:
 def _check_weights(model: torch.nn.Module, name: str) -> None:
     """NaN or infinite weights make every sample non-finite: say so up front, naming them, rather than let
     sampling fail with a message about numeric overflow."""
-    from .convert import non_finite_weights
+    from ..convert import non_finite_weights
 
     bad = non_finite_weights(model.state_dict())
     if bad:
@@ -217,20 +211,6 @@ def _check_output(path: str) -> Path:
     return output
 
 
-@contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Loading bars of diffusers and transformers on or off, restored afterwards (they are process-wide)."""
-    libraries = (diffusers_logging, transformers_logging)
-    before = [library.is_progress_bar_enabled() for library in libraries]
-    for library in libraries:
-        library.enable_progress_bar() if enabled else library.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for library, was_enabled in zip(libraries, before, strict=True):
-            library.enable_progress_bar() if was_enabled else library.disable_progress_bar()
-
-
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -241,61 +221,6 @@ def _device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name!r}: CUDA is not available here; use --device cpu")
     return device
-
-
-def load_pipeline(model: str, revision: str | None, dtype: torch.dtype) -> Any:
-    """A TarFlowPipeline or StarFlowPipeline (by the folder's model_index.json) from a folder, a Hub id, or
-    'bundled'; a mistake is one line."""
-    from . import BUNDLED_MODEL
-
-    if model == "bundled":
-        model = BUNDLED_MODEL
-        if not Path(model).is_dir():
-            raise CommandError(f"the bundled model is missing from this installation ({model}); reinstall tarflow-hf")
-    path = Path(model)
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise CommandError(
-                f"MODEL {model!r} is not a pipeline folder (no model_index.json); make one with "
-                "TarFlowPipeline.save_pretrained or `tarflow-hf convert`"
-            )
-    elif not REPO_ID.match(model):
-        raise CommandError(f"MODEL {model!r} is neither an existing folder nor a Hub repo id (owner/name)")
-    try:
-        return _pipeline_class(model, revision).from_pretrained(model, revision=revision, dtype=dtype)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandError(f"could not load {model!r}: {first_line}") from None
-
-
-_load = load_pipeline  # the earlier private name
-
-
-def _pipeline_class(model: str, revision: str | None) -> Any:
-    """StarFlowPipeline when model_index.json names it, else TarFlowPipeline."""
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            index = Path(hf_hub_download(model, "model_index.json", revision=revision))
-        except Exception:  # offline, or not there: TarFlowPipeline reports what is wrong
-            index = None
-    class_name = None
-    if index is not None:
-        try:
-            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            class_name = None
-    if isinstance(class_name, list) and class_name:
-        class_name = class_name[-1]
-    if class_name == "StarFlowPipeline":
-        from .pipeline_starflow import StarFlowPipeline
-
-        return StarFlowPipeline
-    from .pipeline_tarflow import TarFlowPipeline
-
-    return TarFlowPipeline
 
 
 def _class_ids(pipe: Any, labels: list[int | str]) -> list[int] | None:

@@ -1,8 +1,8 @@
 """The command line's arguments, one function per sub-command, apart from the code each drives: building the parser
-(and so `tarflow-hf --help`, `tarflow-hf train --help`) imports neither torch nor diffusers. Each sub-command module
-re-exports its function as `add_arguments`; `tarflow_hf.cli` imports a sub-command's module only to run it.
+(and so `tarflow-hf --help`, `tarflow-hf train --help`) imports neither torch nor diffusers; `tarflow_hf.commands`
+imports a sub-command's module only to run it. Each flag is declared here, once.
 
-Standard library and `tarflow_hf.labels` only (a test checks that torch stays unimported).
+Standard library, `tarflow_hf.labels` and `tarflow_hf.registry` only (a test checks that torch stays unimported).
 """
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ import argparse
 import math
 from typing import Any
 
-from .labels import LABEL_CHOICES
+from ..labels import LABEL_CHOICES
+from ..registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
 
-# How Apple names its checkpoints; `tarflow-hf convert` reads the architecture and noise from it.
-APPLE_FILE_NAME_PATTERN = "{dataset}_model_{patch}_{width}_{blocks}_{layers}_{noise_std|uniform}.pth"
-DEFAULT_NUM_CHANNELS = 3
-# The components a STARFlow conversion puts around the transformer (Apple's choices).
-DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 # `tarflow-hf sample --dtype`: names of torch dtypes (the sub-command maps them).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -317,14 +312,14 @@ def convert(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
-        f"{APPLE_FILE_NAME_PATTERN})",
+        f"{APPLE_TARFLOW_FILE_NAME})",
     )
     parser.add_argument(
         "--in-channels",
         type=positive_int,
         default=None,
         metavar="C",
-        help=f"image channels: the patch dimension is channels x patch**2 (default {DEFAULT_NUM_CHANNELS})",
+        help=f"image channels: the patch dimension is channels x patch**2 (default {APPLE_TARFLOW_CHANNELS})",
     )
     parser.add_argument(
         "--labels",
@@ -356,10 +351,10 @@ def convert(parser: argparse.ArgumentParser) -> None:
         "--text-encoder",
         default=None,
         metavar="ID_OR_PATH",
-        help=f"T5 model whose encoder and tokenizer the pipeline uses (default: {DEFAULT_TEXT_ENCODER})",
+        help=f"T5 model whose encoder and tokenizer the pipeline uses (default: {STARFLOW_TEXT_ENCODER})",
     )
     starflow.add_argument(
-        "--vae", default=None, metavar="ID_OR_PATH", help=f"diffusers AutoencoderKL (default: {DEFAULT_VAE})"
+        "--vae", default=None, metavar="ID_OR_PATH", help=f"diffusers AutoencoderKL (default: {STARFLOW_VAE})"
     )
 
 
@@ -460,11 +455,7 @@ def sample(parser: argparse.ArgumentParser) -> None:
 ARGUMENTS = {"train": train, "evaluate": evaluate, "convert": convert, "sample": sample}
 
 __all__ = [
-    "APPLE_FILE_NAME_PATTERN",
     "ARGUMENTS",
-    "DEFAULT_NUM_CHANNELS",
-    "DEFAULT_TEXT_ENCODER",
-    "DEFAULT_VAE",
     "DTYPE_NAMES",
     "non_negative_float",
     "positive_int",
