@@ -6,11 +6,13 @@ import argparse
 import gzip
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +175,26 @@ def train_in_two_processes(tmp_path: Path, arguments: list[str]) -> tuple[subpro
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     return done, out
+
+
+# ----------------------------------------------------------------------------------------- killed writers
+def kill_when_ready(script: str, marker: Path, *arguments: str, timeout: float = 240) -> None:
+    """Run `script` (with `arguments`) in a fresh Python and SIGKILL it as soon as it has created `marker`: no
+    exception handler, `finally` or exit hook of the child runs, as when a job is killed outright."""
+    log = marker.with_name(marker.name + ".stderr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", script, *arguments], stdout=stderr, stderr=stderr, env=env)
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                child.wait()
+                raise AssertionError(f"the child never got to {marker.name}: {log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
 
 
 # -------------------------------------------------------------------------------------- STARFlow helpers

@@ -8,15 +8,18 @@ import json
 import os
 import re
 import stat
+import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import kill_when_ready
 
 from tarflow_hf import fileio
 from tarflow_hf.fileio import (
     atomic_file,
     atomic_folder,
     clean_stale_temporaries,
+    discard,
     write_json_atomic,
     write_text_atomic,
 )
@@ -232,7 +235,13 @@ def test_merge_keeps_the_users_files(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- temporaries
 def test_stale_temporaries_of_our_pattern_only_are_cleaned(tmp_path):
-    ours = [".out.0123abcd.tmp", ".out.deadbeef.tmp"]
+    ours = [
+        "..out.0123abcd.tmp.89abcdef.tmp",  # a save into a staging folder: a temporary of a temporary
+        "...out.0123abcd.tmp.89abcdef.tmp.deadbeef.tmp",
+        ".out.0123abcd.old",  # a swap's previous version, `out` being in place
+        ".out.0123abcd.tmp",
+        ".out.deadbeef.tmp",
+    ]
     others = [
         "out",
         ".out.tmp",
@@ -240,19 +249,69 @@ def test_stale_temporaries_of_our_pattern_only_are_cleaned(tmp_path):
         ".out.0123abcd.tmp.bak",
         ".out.0123ABCD.tmp",
         ".out.0123abc.tmp",
+        ".out.0123abcd.bak",
         ".outer.0123abcd.tmp",
         ".out.x.0123abcd.tmp",
         "out.0123abcd.tmp",
         ".other.0123abcd.tmp",
+        "..out.0123abcd.tmp",  # a temporary of `.out`, not of `out`
+        "..out.0123abcd.tmp.89abcdef",
+        ".out.0123abcd.tmp.89abcdef.tmp",  # of `out.0123abcd.tmp`
+        "..other.0123abcd.tmp.89abcdef.tmp",
     ]
     (tmp_path / ours[0]).mkdir()
     (tmp_path / ours[0] / "weights").write_text("half")
-    (tmp_path / ours[1]).write_text("half")
+    for name in ours[1:]:
+        (tmp_path / name).write_text("half")
     for name in others:
         (tmp_path / name).write_text("keep")
-    assert sorted(path.name for path in clean_stale_temporaries(tmp_path, "out")) == ours
+    assert sorted(path.name for path in clean_stale_temporaries(tmp_path, "out")) == sorted(ours)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(others)
     assert clean_stale_temporaries(tmp_path / "absent", "out") == []
+
+
+def test_stale_temporaries_of_every_name_a_pattern_matches(tmp_path):
+    names = ["checkpoint-2", "checkpoint-10", "checkpoint-x", "checkpoint-2.superseded", "model"]
+    for name in names:
+        (tmp_path / f".{name}.0123abcd.tmp").mkdir()
+        (tmp_path / f"..{name}.0123abcd.tmp.89abcdef.tmp").mkdir()
+    removed = clean_stale_temporaries(tmp_path, re.compile(r"checkpoint-\d+"))
+    assert sorted(path.name for path in removed) == sorted(
+        f"{prefix}{name}.0123abcd.tmp{suffix}"
+        for name in ("checkpoint-2", "checkpoint-10")
+        for prefix, suffix in ((".", ""), ("..", ".89abcdef.tmp"))
+    )
+    assert {path.name for path in tmp_path.iterdir()} == {
+        f"{prefix}{name}.0123abcd.tmp{suffix}"
+        for name in ("checkpoint-x", "checkpoint-2.superseded", "model")
+        for prefix, suffix in ((".", ""), ("..", ".89abcdef.tmp"))
+    }
+
+
+def test_discard_never_leaves_part_of_a_folder_under_its_name(tmp_path, monkeypatch):
+    (tmp_path / "old" / "sub").mkdir(parents=True)
+    (tmp_path / "old" / "sub" / "weights").write_text("x")
+    (tmp_path / "file").write_text("x")
+    discard(tmp_path / "file")
+    seen = []
+    monkeypatch.setattr(fileio, "_remove", lambda path: seen.append(path.name))  # the deletion is cut short
+    discard(tmp_path / "old")
+    assert not (tmp_path / "old").exists() and re.fullmatch(r"\.old\.[0-9a-f]{8}\.tmp", seen[0]), seen
+    monkeypatch.undo()
+    assert [path.name for path in clean_stale_temporaries(tmp_path, "old")] == seen
+    assert tree(tmp_path) == {}
+
+
+def test_a_swap_cut_between_its_renames_puts_the_previous_folder_back(tmp_path):
+    """`out` was renamed aside and the process died before the new folder took its place: the aside is the last
+    complete `out`, so the next write puts it back (and then refuses to replace a folder it may not replace)."""
+    (tmp_path / ".out.0123abcd.old").mkdir()
+    (tmp_path / ".out.0123abcd.old" / "weights").write_text("previous")
+    (tmp_path / ".out.89abcdef.tmp").mkdir()
+    (tmp_path / ".out.89abcdef.tmp" / "weights").write_text("new")
+    with pytest.raises(FileExistsError, match="exists and is not empty"), atomic_folder(tmp_path / "out"):
+        raise AssertionError("refused before the block runs")
+    assert tree(tmp_path) == {"out": None, "out/weights": "previous"}
 
 
 def test_a_rerun_cleans_what_a_killed_write_left(tmp_path):
@@ -264,3 +323,70 @@ def test_a_rerun_cleans_what_a_killed_write_left(tmp_path):
         (staging / "f").write_text("x")
     write_text_atomic(tmp_path / "out.json", "{}")
     assert sorted(path.name for path in tmp_path.iterdir()) == [".unrelated.0123abcd.tmp", "out", "out.json"]
+
+
+KILLED_IN_A_NESTED_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from tarflow_hf.fileio import atomic_folder
+
+    out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    with atomic_folder(out, overwrite=True) as staging:  # as training saves its pipeline folder
+        with atomic_folder(staging, merge=True) as inner:  # as save_pipeline merges into the folder it is given
+            (inner / "weights").write_text("half of the new weights")
+            marker.write_text("")
+            time.sleep(600)
+    """
+)
+
+
+def test_a_save_killed_inside_a_staging_folder_is_cleaned_by_the_next_write(tmp_path):
+    """SIGKILL in the middle of a save into a staging folder leaves `.out.{hex}.tmp` and, beside it, the save's own
+    staging `..out.{hex}.tmp.{hex}.tmp` (with the weights written so far); the next write to `out` removes both."""
+    run = tmp_path / "run"
+    run.mkdir()
+    kill_when_ready(KILLED_IN_A_NESTED_SAVE, tmp_path / "marker", str(run / "out"), str(tmp_path / "marker"))
+    left = sorted(path.name for path in run.iterdir())
+    assert len(left) == 2 and re.fullmatch(r"\.\.out\.[0-9a-f]{8}\.tmp\.[0-9a-f]{8}\.tmp", left[0]), left
+    with atomic_folder(run / "out", overwrite=True) as staging:
+        (staging / "weights").write_text("complete")
+    assert tree(run) == {"out": None, "out/weights": "complete"}
+
+
+KILLED_IN_A_SWAP = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from tarflow_hf.fileio import atomic_folder
+
+    out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    rename = os.rename
+
+    def slow_rename(source, destination):  # the new folder's rename into place never happens
+        if Path(destination) == out:
+            marker.write_text("")
+            time.sleep(600)
+        rename(source, destination)
+
+    os.rename = slow_rename
+    with atomic_folder(out, overwrite=True) as staging:
+        (staging / "weights").write_text("new")
+    """
+)
+
+
+def test_a_swap_killed_between_its_renames_loses_nothing(tmp_path):
+    """SIGKILL after the previous `out` was moved aside and before the new one took its place: the next write puts
+    the previous one back (it is the last complete `out`) rather than deleting both copies."""
+    run = tmp_path / "run"
+    (run / "out").mkdir(parents=True)
+    (run / "out" / "weights").write_text("previous")
+    kill_when_ready(KILLED_IN_A_SWAP, tmp_path / "marker", str(run / "out"), str(tmp_path / "marker"))
+    assert not (run / "out").exists()
+    with pytest.raises(FileExistsError, match="exists and is not empty"), atomic_folder(run / "out"):
+        raise AssertionError("refused before the block runs")
+    assert tree(run) == {"out": None, "out/weights": "previous"}
+    with atomic_folder(run / "out", overwrite=True) as staging:
+        (staging / "weights").write_text("new")
+    assert tree(run) == {"out": None, "out/weights": "new"}

@@ -7,10 +7,13 @@ write removes what it made (its temporary, and the parent folders it created).
 
 Conventions:
 
-- Temporaries are named `.{name}.{8 hex digits}.tmp` after their destination `name`. A run killed outright
-  (SIGKILL, power loss) cannot clean up, so the next write to the same destination removes these leftovers with
-  `clean_stale_temporaries`, which matches only that pattern. This assumes one writer per destination at a time,
-  as the rest of the package does.
+- Temporaries are named `.{name}.{8 hex digits}.tmp` after their destination `name`; while a folder is replaced,
+  the previous one waits under `.{name}.{8 hex digits}.old`. A save into a staging folder (a pipeline saved into
+  `atomic_folder`'s temporary merges through another one) makes temporaries of temporaries:
+  `..{name}.{hex}.tmp.{hex}.tmp`. A run killed outright (SIGKILL, power loss) cannot clean up, so the next write to
+  the same destination removes these leftovers with `clean_stale_temporaries`, which matches only these shapes (any
+  depth of them), and puts a previous folder back where a swap was cut between its two renames. This assumes one
+  writer per destination at a time, as the rest of the package does.
 - What is written gets ordinary permissions: 0o666 / 0o777 less the process umask (0o644 / 0o755 under the usual
   022), as `open()` and `mkdir` make them, executable bits kept. `tempfile.mkstemp`/`mkdtemp`, and some writers
   (safetensors' `save_file` writes 0o600 files), make them private, which for saved weights is a bug; so the
@@ -37,15 +40,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-_SUFFIX = ".tmp"
+_SUFFIX = ".tmp"  # a temporary being written: garbage once its writer is gone
+_ASIDE = ".old"  # the previous version of a folder while `_swap` replaces it
+# One layer of a temporary's name around the name it stands for: `.{inner}.{8 hex digits}{.tmp|.old}`.
+_LAYER = re.compile(rf"\.(?P<inner>.+)\.[0-9a-f]{{8}}(?P<kind>{re.escape(_SUFFIX)}|{re.escape(_ASIDE)})")
 
 
-def _temporary_name(name: str) -> str:
-    return f".{name}.{secrets.token_hex(4)}{_SUFFIX}"
+def _temporary_name(name: str, suffix: str = _SUFFIX) -> str:
+    return f".{name}.{secrets.token_hex(4)}{suffix}"
 
 
-def _is_temporary_of(entry: str, name: str) -> bool:
-    return re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}{re.escape(_SUFFIX)}", entry) is not None
+def _temporary_layers(entry: str) -> tuple[str, list[str]] | None:
+    """The destination name a temporary stands for and its layers' kinds, outermost first
+    (`..out.{hex}.tmp.{hex}.tmp` -> `("out", [".tmp", ".tmp"])`); None for a name of no temporary."""
+    kinds = []
+    while (layer := _LAYER.fullmatch(entry)) is not None:
+        kinds.append(layer["kind"])
+        entry = layer["inner"]
+    return (entry, kinds) if kinds else None
 
 
 def _remove(path: Path) -> None:
@@ -56,16 +68,32 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def clean_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
-    """Remove the temporaries an interrupted write to `folder/name` left behind (`.{name}.{8 hex}.tmp`, exactly)
-    and return them. Nothing else is touched, whatever its name."""
+def clean_stale_temporaries(folder: str | os.PathLike, name: str | re.Pattern[str]) -> list[Path]:
+    """Remove what interrupted writes to `folder/name` left behind and return it: temporaries `.{name}.{8 hex}.tmp`,
+    temporaries of those at any depth (`..{name}.{hex}.tmp.{hex}.tmp`), and previous versions `.{name}.{hex}.old`
+    that a folder swap had moved aside. Where `name` itself is missing, the swap was cut between its two renames:
+    the previous version is put back instead (it is the last complete one). `name` may be a compiled pattern: the
+    leftovers of every destination name it matches whole. Nothing else is touched, whatever its name."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [entry for entry in folder.iterdir() if _is_temporary_of(entry.name, name)]
-    for entry in stale:
-        _remove(entry)
-    return stale
+    matches = name.fullmatch if isinstance(name, re.Pattern) else name.__eq__
+    stale: dict[str, list[tuple[Path, list[str]]]] = {}
+    for entry in folder.iterdir():
+        layers = _temporary_layers(entry.name)
+        if layers is not None and matches(layers[0]):
+            stale.setdefault(layers[0], []).append((entry, layers[1]))
+    removed = []
+    for destination, entries in stale.items():
+        previous = [entry for entry, kinds in entries if kinds == [_ASIDE]]
+        if previous and not (folder / destination).exists() and not (folder / destination).is_symlink():
+            newest = max(previous, key=lambda entry: entry.stat().st_mtime_ns)
+            os.rename(newest, folder / destination)
+            entries = [(entry, kinds) for entry, kinds in entries if entry != newest]
+        for entry, _ in entries:
+            _remove(entry)
+            removed.append(entry)
+    return removed
 
 
 def _new_temporary(path: Path, folder: bool) -> tuple[Path, int]:
@@ -179,7 +207,7 @@ def _swap(new: Path, path: Path) -> None:
     if not (path.exists() or path.is_symlink()):
         os.rename(new, path)
         return
-    aside = path.parent / _temporary_name(path.name)
+    aside = path.parent / _temporary_name(path.name, _ASIDE)
     os.rename(path, aside)
     try:
         os.rename(new, path)
@@ -230,6 +258,7 @@ def atomic_folder(
     ```
     """
     path = Path(path)
+    clean_stale_temporaries(path.parent, path.name)  # first: it may put back the folder a killed swap moved aside
     _check_destination(path, overwrite, may_replace, merge)
     with _temporary_beside(path, folder=True) as (staging, ordinary):
         try:
@@ -244,6 +273,15 @@ def atomic_folder(
             _remove(staging)  # after a merge, the emptied staging folder; after a swap, nothing
 
 
+def discard(path: str | os.PathLike) -> None:
+    """Delete a file or folder tree so that no part of it is ever left under its name: it is renamed to a temporary
+    name first, which `clean_stale_temporaries` removes should the deletion be cut short."""
+    path = Path(path)
+    doomed = path.parent / _temporary_name(path.name)
+    os.rename(path, doomed)
+    _remove(doomed)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """Write `text` to `path` atomically (see `atomic_file`)."""
     with atomic_file(path) as temporary:
@@ -256,4 +294,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None 
     return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
 
 
-__all__ = ["atomic_file", "atomic_folder", "clean_stale_temporaries", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_file",
+    "atomic_folder",
+    "clean_stale_temporaries",
+    "discard",
+    "write_json_atomic",
+    "write_text_atomic",
+]
