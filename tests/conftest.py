@@ -126,18 +126,28 @@ def mnist_train_args(idx_dir: Path, output: Path, *extra: str) -> list[str]:
 
 
 def parse_train_args(arguments: list[str]) -> argparse.Namespace:
-    from tarflow_hf.train import add_arguments
+    from tarflow_hf.commands.arguments import train as add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(arguments)
 
 
+def train_as_the_command_line(arguments: list[str]):
+    """`train` as `tarflow-hf train ARGUMENTS` calls it (with the reproducing command for the card); its result."""
+    from tarflow_hf.commands.train import format_command
+    from tarflow_hf.training import train
+
+    args = parse_train_args(arguments)
+    return train(args, command=format_command(args))
+
+
 TWO_PROCESS_WORKER = textwrap.dedent(
     """
     import argparse, hashlib, sys
     from accelerate import PartialState
-    from tarflow_hf.train import add_arguments, train
+    from tarflow_hf.commands.arguments import train as add_arguments
+    from tarflow_hf.training import train
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

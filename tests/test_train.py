@@ -13,13 +13,15 @@ import pytest
 import torch
 from conftest import mnist_train_args as base_args
 from conftest import parse_train_args as parse
-from conftest import reset_accelerate, train_in_two_processes, write_idx_split
+from conftest import reset_accelerate, train_as_the_command_line, train_in_two_processes, write_idx_split
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
 from tarflow_hf.commands import main as cli_main
-from tarflow_hf.train import EMA, add_noise, cosine_lr, drop_labels, train
+from tarflow_hf.training import train
+from tarflow_hf.training.ema import EMA
+from tarflow_hf.training.recipe import add_noise, cosine_lr, drop_labels
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -87,7 +89,9 @@ def test_ema_tracks_the_average():
 
 # -------------------------------------------------------------------------------------------------- training
 def test_training_lowers_the_loss(idx_dir, tmp_path):
-    result = train(parse(base_args(idx_dir, tmp_path / "run", "--max-steps", "30", "--lr", "1e-2", "--ema-decay", "0")))
+    result = train_as_the_command_line(
+        base_args(idx_dir, tmp_path / "run", "--max-steps", "30", "--lr", "1e-2", "--ema-decay", "0")
+    )
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 30
     first, last = metrics[0]["loss"], np.mean([m["loss"] for m in metrics[-5:]])
@@ -134,11 +138,17 @@ def test_checkpoints_are_rotated_and_atomic(idx_dir, tmp_path):
     assert names == ["checkpoint-4", "checkpoint-6"]  # no .tmp leftovers, oldest removed
 
 
+def snapshot(output: Path) -> dict[Path, bytes] | bytes:
+    if output.is_dir():
+        return {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    return output.read_bytes()
+
+
 def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch, caplog):
-    """Reruns whose writes fail midway (the serializer writes part of a file, then the disk is full) leave each
-    output of the earlier run as it was (checkpoint, pipeline folder, summary) and no debris. A sample grid that
-    fails to be written is a warning: the run goes on, and the earlier grid stays. Resuming from checkpoint-2
-    moves the earlier checkpoint-4 aside (renamed, intact) before the new branch writes its own."""
+    """Reruns whose writes fail midway (the serializer writes part of a file, then the disk is full) lose nothing of
+    the run before them: each of its outputs (checkpoint, pipeline folder, summary, sample grid) is where it was or,
+    the rerun resuming from checkpoint-2 and so starting a new branch, moved aside intact; and no debris is left. A
+    sample grid that fails to be written is a warning: the run goes on."""
     import pathlib
 
     import safetensors.torch
@@ -147,10 +157,8 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch,
     out = tmp_path / "run"
     flags = ["--max-steps", "4", "--checkpoint-every", "2", "--keep-checkpoints", "5", "--sample-every", "4"]
     train(parse(base_args(idx_dir, out, *flags)))
+    reset_accelerate()
     rerun = parse(base_args(idx_dir, out, *flags, "--resume", str(out / "checkpoints" / "checkpoint-2")))
-
-    def snapshot(folder: Path) -> dict[Path, bytes]:
-        return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
     def disk_full(path, content: bytes = b"part") -> None:
         Path(path).write_bytes(content)
@@ -158,11 +166,12 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch,
 
     grid = out / "samples" / "step_0000004.png"
     earlier_grid = grid.read_bytes()
-    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="tarflow_hf.train"):
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="tarflow_hf.training"):
         patch.setattr(Image.Image, "save", lambda image, fp, *a, **k: disk_full(fp))
         result = train(rerun)  # the run completes
     reset_accelerate()
-    assert result.pipeline_dir is not None and grid.read_bytes() == earlier_grid
+    assert result.pipeline_dir is not None and not grid.exists()
+    assert (out / "samples" / "step_0000004.superseded.png").read_bytes() == earlier_grid
     assert "step_0000004.png failed" in caplog.text and "No space left on device" in caplog.text
 
     write_text = pathlib.Path.write_text
@@ -178,20 +187,74 @@ def test_failed_writes_keep_the_previous_outputs(idx_dir, tmp_path, monkeypatch,
         (out / "train_summary.json", pathlib.Path, "write_text", summary_fails),
     ]
     for output, owner, name, failing in failures:
-        before = snapshot(output) if output.is_dir() else output.read_bytes()
-        aside_before = set((out / "checkpoints").iterdir())
+        train(rerun)  # a run that completes: the failing one has an earlier output to lose
+        reset_accelerate()
+        before, siblings = snapshot(output), set(output.parent.iterdir())
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, failing)
             with pytest.raises(OSError, match="No space left on device"):
                 train(rerun)
         reset_accelerate()
-        if output.name == "checkpoint-4":  # moved aside intact; the new branch's checkpoint-4 was not written
-            (moved,) = set((out / "checkpoints").iterdir()) - aside_before
-            assert moved.name.startswith("checkpoint-4.superseded") and snapshot(moved) == before
-            assert not output.exists()
-        else:
-            assert (snapshot(output) if output.is_dir() else output.read_bytes()) == before, output
+        if output.exists():
+            assert snapshot(output) == before, output
+        else:  # moved aside intact
+            aside = Path(output.name).stem + ".superseded"
+            (moved,) = [path for path in set(output.parent.iterdir()) - siblings if path.name.startswith(aside)]
+            assert snapshot(moved) == before, output
         assert not list(out.rglob(".*")), output  # no temporaries left
+
+
+def hub_online_with_a_token(monkeypatch) -> None:
+    """The Hub switched on and a token to upload with, whatever the test machine has (no request is ever made)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test_token")
+
+
+@pytest.mark.parametrize(
+    ("problem", "repo", "message"),
+    [
+        ("offline", "me/tiny", "the Hub is switched off (HF_HUB_OFFLINE)"),
+        ("no token", "me/tiny", "no Hugging Face token"),
+        ("repo id", "me/tiny/extra", "not a Hub repository id"),
+        ("repo id", "tiny", "not a Hub repository id"),
+    ],
+)
+def test_an_upload_that_cannot_work_stops_before_training(
+    problem, repo, message, idx_dir, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub
+
+    hub_online_with_a_token(monkeypatch)
+    if problem == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if problem == "no token":
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "run"
+    code = cli_main(["train", *base_args(idx_dir, out, "--max-steps", "2", "--push-to-hub", repo)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and repo in err, err
+    assert not out.exists()  # found before any step
+
+
+def test_a_failed_upload_keeps_the_model_and_says_where(idx_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("Max retries exceeded with url: /api/repos/create\n(Caused by NameResolutionError)")
+
+    hub_online_with_a_token(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    out = tmp_path / "run"
+    code = cli_main(["train", *base_args(idx_dir, out, "--max-steps", "2", "--push-to-hub", "me/tiny")])
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # one line, no traceback
+    assert code == 2 and "upload to me/tiny failed" in err, err
+    assert f"the trained model is kept in {out / 'model'}" in err, err
+    assert TarFlowPipeline.from_pretrained(str(out / "model")).transformer.config.num_classes == 10
 
 
 def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
@@ -210,6 +273,7 @@ def test_push_to_hub_uploads_a_loadable_folder(idx_dir, tmp_path, monkeypatch):
         shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
         return "https://huggingface.co/fake/commit"
 
+    hub_online_with_a_token(monkeypatch)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", lambda self, repo_id, filename, **kwargs: False)

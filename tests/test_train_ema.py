@@ -1,9 +1,9 @@
-"""EMA weights of `tarflow_hf.train.train`, recomputed by hand from the raw weights of every optimizer step.
+"""EMA weights of `tarflow_hf.training.train`, recomputed by hand from the raw weights of every optimizer step.
 
-The documented rule (`--ema-decay d`, train.py's EMA): after update n (n = 1, 2, ...),
+The documented rule (`--ema-decay d`, `tarflow_hf.training.ema.EMA`): after update n (n = 1, 2, ...),
     shadow <- decay_n * shadow + (1 - decay_n) * weights,   decay_n = min(d, (1 + n) / (10 + n)),
 starting from the initial weights. The raw weights after each optimizer step are recorded with torch's global
-optimizer hooks, so the expected EMA comes from the training run itself, not from train.py's EMA code. A constant
+optimizer hooks, so the expected EMA comes from the training run itself, not from the EMA code. A constant
 learning rate (--min-lr = --lr) keeps every step large, so the average visibly lags the last weights.
 """
 
@@ -14,7 +14,7 @@ import torch
 from conftest import parse_train_args, write_idx_split
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from tarflow_hf.train import train
+from tarflow_hf.training import train
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

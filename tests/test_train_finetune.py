@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw, ImageFont
 
 import tarflow_hf
-from tarflow_hf import TarFlowConfig, TarFlowModel, TarFlowPipeline
+from tarflow_hf import TarFlowConfig, TarFlowModel, TarFlowPipeline, registry
 from tarflow_hf.commands import main as cli_main
 from tarflow_hf.data import load_image_dataset
 
@@ -48,12 +48,13 @@ def write_value_folder(root: Path, names: list[str], per_class: int = 2, size: i
     return root
 
 
-def tiny_pipeline(folder: Path, **config) -> Path:
+def tiny_pipeline(folder: Path, sampler=None, **config) -> Path:
     settings = dict(
         image_size=8, num_channels=1, patch_size=2, hidden_size=32, head_dim=16, num_blocks=2, layers_per_block=1
     )
     torch.manual_seed(0)
-    TarFlowPipeline(transformer=TarFlowModel(TarFlowConfig(**settings, **config))).save_pretrained(folder)
+    model = TarFlowModel(TarFlowConfig(**settings, **config))
+    TarFlowPipeline(transformer=model, sampler=sampler).save_pretrained(folder)
     return folder
 
 
@@ -89,21 +90,29 @@ def test_fine_tuning_the_bundled_model_with_the_defaults_improves_it(tmp_path, c
     assert recipe["lr"] == 1e-4 and recipe["noise_std"] == 0.1 and recipe["warmup_steps"] == 3
     card = ModelCard.load(out / "model" / "README.md")
     assert card.data.license == "apache-2.0"  # the bundled model's license
+    assert card.data.base_model in ("tarflow-mnist", ["tarflow-mnist"])  # named as the README publishes it
     assert "--init-from bundled" in card.text and str(tmp_path) not in card.content
     assert (out / "samples" / "final.png").is_file()
 
 
-def test_fine_tuning_keeps_noise_and_guidance_and_samples_with_the_model_guidance(tmp_path, monkeypatch):
-    base = tiny_pipeline(tmp_path / "base", num_classes=2, noise_std=0.1, default_guidance_scale=2.5)
+def test_fine_tuning_keeps_noise_guidance_and_sampler_and_samples_exactly_with_the_model_guidance(
+    tmp_path, monkeypatch
+):
+    """The fine-tuned pipeline keeps the base's noise level, default guidance and sampler (model_index.json); the
+    sample grids are drawn at the model's guidance with the exact sampler, whatever sampler the pipeline keeps."""
+    from tarflow_hf.samplers import JacobiSampler, SequentialSampler
+
+    base_sampler = JacobiSampler(tolerance=1e-3, window=4)
+    base = tiny_pipeline(tmp_path / "base", base_sampler, num_classes=2, noise_std=0.1, default_guidance_scale=2.5)
     data = write_value_folder(tmp_path / "data", ["a", "b"], per_class=4)
-    guidance_used = []
-    inverse = TarFlowModel.inverse
+    calls = []
+    call = TarFlowPipeline.__call__
 
-    def recording_inverse(self, *args, **kwargs):
-        guidance_used.append(kwargs.get("guidance_scale"))
-        return inverse(self, *args, **kwargs)
+    def recording_call(self, *args, **kwargs):
+        calls.append((kwargs.get("guidance_scale"), kwargs.get("sampler")))
+        return call(self, *args, **kwargs)
 
-    monkeypatch.setattr(TarFlowModel, "inverse", recording_inverse)
+    monkeypatch.setattr(TarFlowPipeline, "__call__", recording_call)
     out = tmp_path / "run"
     code = cli_main(
         ["train", "--init-from", str(base), "--dataset", str(data), "--output-dir", str(out), "--max-steps", "2",
@@ -113,7 +122,8 @@ def test_fine_tuning_keeps_noise_and_guidance_and_samples_with_the_model_guidanc
     saved = json.loads((out / "model" / "transformer" / "config.json").read_text())
     assert saved["noise_std"] == 0.1 and saved["default_guidance_scale"] == 2.5
     assert json.loads((out / "recipe.json").read_text())["noise_std"] == 0.1  # trained at the model's noise
-    assert guidance_used == [2.5, 2.5, 2.5]  # grids at steps 1 and 2, and the final one
+    assert TarFlowPipeline.from_pretrained(str(out / "model")).sampler == base_sampler
+    assert calls == [(2.5, SequentialSampler())] * 3  # grids at steps 1 and 2, and the final one
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["final.png", "step_0000001.png", "step_0000002.png"]
 
 
@@ -172,7 +182,8 @@ def test_init_from_a_missing_folder_is_one_line_at_once(tmp_path, capsys):
          str(tmp_path / "run")]
     )  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "no such pipeline folder" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no-such-model' is neither an existing folder nor a Hub repo id" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_model_card_of_a_model_fine_tuned_from_the_hub(tmp_path, monkeypatch):
@@ -186,6 +197,7 @@ def test_model_card_of_a_model_fine_tuned_from_the_hub(tmp_path, monkeypatch):
         return from_pretrained(cls, str(base) if name == "someone/tiny-base" else name, *args, **kwargs)
 
     monkeypatch.setattr(TarFlowPipeline, "from_pretrained", classmethod(fake_hub))
+    monkeypatch.setattr(registry, "family_of_hub_repo", lambda repo_id, revision=None: registry.family_of_folder(base))
     monkeypatch.chdir(tmp_path)
     code = cli_main(
         ["train", "--init-from", "someone/tiny-base", "--dataset", os.path.join("data", "letters"), "--output-dir",
@@ -200,3 +212,11 @@ def test_model_card_of_a_model_fine_tuned_from_the_hub(tmp_path, monkeypatch):
     assert "## Training recipe" in card.text and "Final training metrics" in card.text
     assert '"lr": 0.0001' in card.text and '"bits_per_dim"' in card.text
     assert str(tmp_path) not in card.content and "/tmp" not in card.content
+
+
+def test_the_bundled_model_is_named_after_its_folder():
+    from tarflow_hf.training.outputs import BUNDLED_MODEL_NAME, base_model_name
+
+    assert Path(tarflow_hf.BUNDLED_MODEL).name == BUNDLED_MODEL_NAME
+    assert base_model_name("bundled") == base_model_name(tarflow_hf.BUNDLED_MODEL) == BUNDLED_MODEL_NAME
+    assert base_model_name("someone/model") == "someone/model" and base_model_name(None) is None

@@ -4,21 +4,25 @@ one line and keeps the checkpoints, a failing sample grid never stops training, 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, reset_accelerate, write_idx_split
+from conftest import TINY_MODEL, kill_when_ready, reset_accelerate, write_idx_split
 from conftest import mnist_train_args as argv
 from conftest import parse_train_args as parse
 from PIL import Image
 from safetensors.torch import load_file
 
 from tarflow_hf.commands import main as cli_main
-from tarflow_hf.train import list_checkpoints, train
+from tarflow_hf.training import train
+from tarflow_hf.training.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -68,7 +72,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(idx_dir
     target = out / "checkpoints" / "checkpoint-4" / damaged
     target.write_bytes(target.read_bytes()[: max(1, target.stat().st_size // 2)])
 
-    with caplog.at_level("WARNING", logger="tarflow_hf.train"):
+    with caplog.at_level("WARNING", logger="tarflow_hf.training"):
         result = train(parse(argv(idx_dir, out, *common, "--resume", "latest")))
     assert "checkpoint-4 is damaged" in caplog.text
     assert result.progress.step == 6
@@ -80,17 +84,17 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(idx_dir
 def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     idx_dir, tmp_path, monkeypatch, capsys
 ):
-    import tarflow_hf.train as train_module
+    from tarflow_hf.training import families
 
     calls = {"n": 0}
-    add_noise = train_module.add_noise
+    add_noise = families.add_noise
 
     def poisoned(images, *args, **kwargs):  # the fourth batch is NaN: step 4's loss is not finite
         calls["n"] += 1
         noisy = add_noise(images, *args, **kwargs)
         return noisy * float("nan") if calls["n"] == 4 else noisy
 
-    monkeypatch.setattr(train_module, "add_noise", poisoned)
+    monkeypatch.setattr(families, "add_noise", poisoned)
     out = tmp_path / "run"
     code = cli_main(["train", *argv(idx_dir, out, "--max-steps", "8", "--checkpoint-every", "2")])
     err = capsys.readouterr().err.strip()
@@ -111,7 +115,7 @@ def test_a_failing_sample_grid_never_stops_training(idx_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(TarFlowModel, "inverse", overflow)
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="tarflow_hf.train"):
+    with caplog.at_level("WARNING", logger="tarflow_hf.training"):
         result = train(parse(argv(idx_dir, out, "--max-steps", "4", "--checkpoint-every", "2", "--sample-every", "2")))
     assert result.pipeline_dir == out / "model" and (out / "model" / "model_index.json").is_file()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
@@ -163,3 +167,119 @@ def test_resume_of_a_damaged_named_checkpoint_is_one_line(idx_dir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "cannot load this checkpoint" in err, err
     assert files(checkpoint) == files(tmp_path / "copy")  # left as it was
+
+
+# ------------------------------------------------------------------------------------ outputs that fail to write
+def refuse_writes_under(folder: Path, monkeypatch) -> None:
+    """From now on, every attempt to create, write, rename or delete anything under `folder` fails as on a
+    read-only file system (running as root, chmod would not stop the writes)."""
+    import builtins
+    import io
+
+    def under(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(str(folder) + os.sep)
+
+    def refused(path) -> OSError:
+        return OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    def guard(function, writes=lambda *args: True):
+        def guarded(path, *args, **kwargs):
+            if under(path) and writes(*args, **kwargs):
+                raise refused(path)
+            return function(path, *args, **kwargs)
+
+        return guarded
+
+    def writing_mode(mode="r", *args, **kwargs) -> bool:
+        return any(flag in mode for flag in "wax+")
+
+    def writing_flags(flags, *args, **kwargs) -> bool:
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    for module in (builtins, io):
+        monkeypatch.setattr(module, "open", guard(io.open, writing_mode))
+    monkeypatch.setattr(os, "open", guard(os.open, writing_flags))
+    for name in ("mkdir", "unlink", "rmdir", "remove"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    for name in ("rename", "replace"):
+        original = getattr(os, name)
+
+        def moved(source, destination, *args, original=original, **kwargs):
+            if under(source) or under(destination):
+                raise refused(destination)
+            return original(source, destination, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, moved)
+
+
+def test_an_output_folder_turned_read_only_stops_with_one_line_naming_the_last_checkpoint(
+    idx_dir, tmp_path, monkeypatch, capsys
+):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    out = tmp_path / "run"
+    steps = []
+
+    def after_step(optimizer, args, kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:  # after the checkpoint of step 2
+            refuse_writes_under(out, monkeypatch)
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        code = cli_main(["train", *argv(idx_dir, out, "--max-steps", "8", "--checkpoint-every", "2")])
+    finally:
+        handle.remove()
+        monkeypatch.undo()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert "Read-only file system" in err and f"the last good checkpoint is {checkpoint} (--resume it)" in err, err
+    assert "training stopped at step 3" in err, err
+    assert (checkpoint / "progress.json").is_file()
+
+
+KILLED_WHILE_SAVING = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    import transformers.modeling_utils
+    from tarflow_hf.commands import main
+
+    marker, what, arguments = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+
+    def then_hang(write):
+        def slow(*args, **kwargs):
+            result = write(*args, **kwargs)
+            if what == "checkpoint" and args[0].name != "progress.json":
+                return result
+            marker.write_text("")  # the weights are written: a late kill leaves a whole copy of them
+            time.sleep(600)
+        return slow
+
+    if what == "model":
+        transformers.modeling_utils.safe_save_file = then_hang(transformers.modeling_utils.safe_save_file)
+    else:
+        pathlib.Path.write_text = then_hang(pathlib.Path.write_text)
+    main(["train", *arguments])
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["model", "checkpoint"])
+def test_what_a_save_killed_midway_left_is_removed_by_the_next_run(what, idx_dir, tmp_path):
+    """SIGKILL while training saves its pipeline folder (into a staging folder, through another one: hidden
+    `.model.{hex}.tmp` and `..model.{hex}.tmp.{hex}.tmp`) or a checkpoint: the next run removes every hidden leftover,
+    whatever it writes itself."""
+    out = tmp_path / "run"
+    first = argv(idx_dir, out, "--max-steps", "2", "--checkpoint-every", "2", "--stop-after-steps", "2")
+    if what == "model":
+        first = argv(idx_dir, out, "--max-steps", "2")
+    kill_when_ready(KILLED_WHILE_SAVING, tmp_path / "marker", str(tmp_path / "marker"), what, *first)
+    leftovers = [path.name for path in out.rglob(".*")]
+    assert leftovers and all(name.endswith(".tmp") for name in leftovers), leftovers
+    if what == "model":
+        assert any(name.startswith("..model.") for name in leftovers), leftovers
+    train(parse(argv(idx_dir, out, "--max-steps", "3", "--checkpoint-every", "3")))
+    assert not list(out.rglob(".*"))
+    assert (out / "model" / "model_index.json").is_file() and (out / "checkpoints" / "checkpoint-3").is_dir()

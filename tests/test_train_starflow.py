@@ -9,7 +9,6 @@ token N, a 4-level AutoencoderKL (downsampling 8) and a 2-block STARFlow on a 4x
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import parse_train_args as parse
-from conftest import reset_accelerate, tiny_vae, train_in_two_processes, word_tokenizer
+from conftest import reset_accelerate, tiny_vae, train_as_the_command_line, train_in_two_processes, word_tokenizer
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -28,7 +27,9 @@ from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.data import load_captioned_dataset
 from tarflow_hf.modeling_starflow import StarFlowModel
 from tarflow_hf.pipeline_starflow import StarFlowPipeline
-from tarflow_hf.train import StarFlowFamily, drop_captions, family_for, train
+from tarflow_hf.training import train
+from tarflow_hf.training.families import StarFlowFamily, family_for
+from tarflow_hf.training.recipe import drop_captions
 
 T5_TINY = Path(__file__).parent / "fixtures" / "starflow" / "t5_tiny"
 IMAGE_SIZE = 32  # 4x4 latent
@@ -163,15 +164,15 @@ def test_caption_dropout_encodes_the_empty_prompt(base, data):
 
 def train_setup(base: Path, data: Path, drop: float):
     """A run set up as `train` does, stopped before the first step."""
-    from tarflow_hf import train as train_module
+    from tarflow_hf.training.setup import init_model, resolve_args, start_accelerator
+    from tarflow_hf.training.state import Run
 
     args = parse(argv(base, data, data.parent / "unused", "--drop-label", str(drop), "--ema-decay", "0"))
     family = family_for(args.init_from)
-    resolved = argparse.Namespace(**{**vars(args), "lr": 1e-4})
-    accelerator = train_module.start_accelerator(resolved, [])
-    run = train_module.Run(args=resolved, given=args, accelerator=accelerator, output_dir=Path("."), trackers=[])
-    run.family = family
-    train_module.init_model(run)
+    resolved = resolve_args(args)
+    accelerator = start_accelerator(resolved, [])
+    run = Run(resolved, None, accelerator, Path("."), [], family)
+    init_model(run)
     run.generator = torch.Generator().manual_seed(0)
     return run
 
@@ -179,8 +180,8 @@ def train_setup(base: Path, data: Path, drop: float):
 # ---------------------------------------------------------------------------------------------------- training
 def test_fine_tuning_trains_only_the_transformer_and_saves_a_pipeline_that_samples(base, data, tmp_path):
     out = tmp_path / "run"
-    result = train(parse(argv(base, data, out, "--max-steps", "12", "--lr", "3e-3", "--ema-decay", "0",
-                              "--warmup-steps", "1", "--sample-every", "12")))  # fmt: skip
+    result = train_as_the_command_line(argv(base, data, out, "--max-steps", "12", "--lr", "3e-3", "--ema-decay", "0",
+                                            "--warmup-steps", "1", "--sample-every", "12"))  # fmt: skip
     metrics = read_metrics(out)
     assert len(metrics) == 12 and all(np.isfinite(m["loss"]) for m in metrics)
     first, last = np.mean([m["loss"] for m in metrics[:3]]), np.mean([m["loss"] for m in metrics[-3:]])

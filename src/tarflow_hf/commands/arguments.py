@@ -2,7 +2,8 @@
 (and so `tarflow-hf --help`, `tarflow-hf train --help`) imports neither torch nor diffusers; `tarflow_hf.commands`
 imports a sub-command's module only to run it. Each flag is declared here, once.
 
-Standard library, `tarflow_hf.labels` and `tarflow_hf.registry` only (a test checks that torch stays unimported).
+Standard library, `tarflow_hf.labels`, `tarflow_hf.registry` and `tarflow_hf.training.defaults` only (a test checks
+that torch stays unimported).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from ..labels import LABEL_CHOICES
 from ..registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
+from ..training.defaults import FINE_TUNE_LR, NEW_MODEL_DEFAULTS, TRAIN_LR, TRAIN_NOISE_STD, WARMUP_PERCENT
 
 # `tarflow-hf sample --dtype`: names of torch dtypes (the sub-command maps them).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -87,11 +89,9 @@ def train(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--config", default=None, help="TarFlowConfig json for a new model, the flags below override (default: none)"
     )
-    model.add_argument("--patch-size", type=positive_int, default=None, help="new model (default: 4)")
-    model.add_argument("--hidden-size", type=positive_int, default=None, help="new model (default: 128)")
-    model.add_argument("--num-blocks", type=positive_int, default=None, help="new model (default: 4)")
-    model.add_argument("--layers-per-block", type=positive_int, default=None, help="new model (default: 2)")
-    model.add_argument("--head-dim", type=positive_int, default=None, help="new model (default: 64)")
+    for name, default in NEW_MODEL_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        model.add_argument(flag, type=positive_int, default=None, help=f"new model (default: {default})")
     model.add_argument("--mlp-ratio", type=positive_int, default=None, help="new model (default: 4)")
     model.add_argument(
         "--no-nvp", action="store_true", help="new model: volume-preserving flow (shift only, learned prior variance)"
@@ -116,8 +116,8 @@ def train(parser: argparse.ArgumentParser) -> None:
         "--warmup-steps",
         type=non_negative_int,
         default=None,
-        help="linear warm-up steps (default: a new model one epoch as Apple, at most 10%% of the steps; "
-        "with --init-from 10%% of the steps, at least 1)",
+        help=f"linear warm-up steps (default: a new model one epoch as Apple, at most {WARMUP_PERCENT}%% of the "
+        f"steps; with --init-from {WARMUP_PERCENT}%% of the steps, at least 1)",
     )
     _option(recipe, "--weight-decay", non_negative_float, 1e-4)
     _option(recipe, "--adam-beta1", unit_interval_float, 0.9)
@@ -208,12 +208,6 @@ def train(parser: argparse.ArgumentParser) -> None:
         "--torch-threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
     out.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
-
-
-# Defaults of `tarflow-hf train` that depend on fine-tuning (`--init-from`) or not.
-TRAIN_LR = 2e-3
-FINE_TUNE_LR = 1e-4
-TRAIN_NOISE_STD = 0.05
 
 
 def _number(text: str, kind: type = float) -> float:
