@@ -519,6 +519,84 @@ def _json_block(data: Any) -> str:
     return f"```json\n{json.dumps(data, indent=2, sort_keys=True)}\n```"
 
 
+# ----------------------------------------------------------------------------------- bare model folders
+def model_folder_card(
+    model: Any,
+    repo_id: str | None = None,
+    description: str | None = None,
+    folder: str | os.PathLike | None = None,
+    with_code: bool = True,
+) -> ModelCard:
+    """The card of a bare model folder (`model.save_pretrained`, `tarflow-hf convert --transformer-only`): what the
+    family registry says about the model, as on a pipeline's card (title, paper, tags, citation, and the license
+    of the family's released weights: metadata, note, attribution, and whether `folder` carries `LICENSE`), with
+    the usage of a model rather than a pipeline. `repo_id`: the Hub id or folder the usage loads; `description`:
+    the card's first paragraph; `with_code=False`: a folder without code, loaded through tarflow-hf only."""
+    family = family_of_model(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a TarFlow or STARFlow model: no card for it")
+    weights = family.weights_license
+    license_metadata = {"license": "other"}
+    if weights:
+        license_metadata.update(license_name=weights.id, license_link=weights.link)
+    conditioning = _conditioning(model.config)
+    card_data = ModelCardData(
+        library_name="transformers",
+        **license_metadata,
+        tags=[*family.tags, "normalizing-flow", conditioning, "pytorch"],
+    )
+    paper = f" ([paper]({family.paper}))" if family.paper else ""
+    default_description = f"A {family.title} normalizing flow{paper}: the model alone (`{type(model).__name__}`)."
+    has_license_file = folder is not None and Path(folder, "LICENSE").is_file()
+    body = [
+        CARD_MARKER,
+        f"# {family.title} model",
+        description or default_description,
+        _model_config_table(model),
+        _model_usage(model, display_name(repo_id) if repo_id else "path/to/this/folder", with_code),
+        f"## License\n\n{weights.card_text(has_license_file)} All credit for the model goes to its authors at Apple."
+        if weights
+        else "",
+        f"## Citation\n\n{family.citation} [{family.paper}]({family.paper})" if family.paper else "",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(part for part in body if part) + "\n")
+
+
+def _model_config_table(model: Any) -> str:
+    """A bare model's configuration: its data's size (pixels, or a VAE's latents), the `CONFIG_ROWS` fields, the
+    blocks and the parameter count."""
+    config = model.config
+    if hasattr(config, "image_size"):
+        rows = [("image size", f"{config.image_size}x{config.image_size}, {config.num_channels} channels")]
+    else:
+        rows = [("latent grid", f"{config.sample_size}x{config.sample_size}, {config.in_channels} channels")]
+    rows += [(label, getattr(config, key)) for label, key in CONFIG_ROWS if hasattr(config, key)]
+    layers = config.layers_per_block
+    if isinstance(layers, (list, tuple)):
+        rows.append(("flow blocks (transformer layers each)", f"{len(layers)} ({', '.join(map(str, layers))})"))
+    else:
+        rows.append(("flow blocks x transformer layers", f"{config.num_blocks} x {layers}"))
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    rows.append(("parameters", f"{parameters / 1e6:.1f}M" if parameters >= 1e5 else f"{parameters:,}"))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows)
+
+
+def _model_usage(model: Any, name: str, with_code: bool) -> str:
+    """How to load a bare model: with tarflow-hf, and (with code) through `AutoModel` without it. Each code line is
+    a separate string, as in `_usage`."""
+    cls = type(model).__name__
+    fence = "```"
+    installed = ["With the `tarflow-hf` package installed:", "", f"{fence}python", f"from {PACKAGE} import {cls}"]
+    installed += ["", f'model = {cls}.from_pretrained("{name}")', fence]
+    remote = ["Without it, transformers loads the code shipped in this folder:", "", f"{fence}python"]
+    remote += [
+        "from transformers import AutoModel",
+        "",
+        f'model = AutoModel.from_pretrained("{name}", trust_remote_code=True)',
+    ]
+    return "\n".join(["## Usage", "", *installed, *(["", *remote, fence] if with_code else [])])
+
+
 # ------------------------------------------------------------------------------------- no local paths
 def portable(value: Any) -> Any:
     """`value` with every absolute local path replaced by its last component (a local dataset by its folder
@@ -555,6 +633,7 @@ __all__ = [
     "hub_id",
     "is_generated_card",
     "model_card",
+    "model_folder_card",
     "module_files",
     "portable",
     "portable_command",
