@@ -20,13 +20,14 @@ from tarflow_hf import convert as convert_module
 from tarflow_hf.convert import (
     hf_to_apple_state_dict,
     infer_config,
-    inverse_options_from_apple,
     load_ml_tarflow_checkpoint,
     model_from_apple_state_dict,
     parse_checkpoint_name,
 )
+from tarflow_hf.guidance import tarflow_guidance_from_apple
 from tarflow_hf.labels import disambiguate, load_label_file, load_label_set, resolve_labels
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+from tarflow_hf.registry import is_flow_folder
 
 REPO = Path(__file__).resolve().parent.parent
 # The fixtures' conversion flags: their file names do not follow Apple's pattern, and tiny_uncond is grayscale.
@@ -154,7 +155,7 @@ def test_converted_folder_reproduces_apple_outputs(converted, name, loader):
         sample = model.inverse(
             expected["noise"],
             expected.get("y_sample"),
-            **inverse_options_from_apple(kwargs),
+            **tarflow_guidance_from_apple(kwargs),
         )
         torch.testing.assert_close(sample, expected[f"sample_{i}"], **tolerance)
 
@@ -435,6 +436,19 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_truncated_checkpoint_is_named_as_such(tmp_path, capsys, zip_format):
+    """Half a download was 'not a PyTorch checkpoint' with torch's internal error; it is named truncated."""
+    torch.save(load_pth(FIXTURES / "tiny_cond.pth"), tmp_path / "full.pth", _use_new_zipfile_serialization=zip_format)
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    message = convert_error(capsys, tmp_path / "cut.pth", tmp_path / "out", "--noise-std", "0.1")
+    assert f"{tmp_path / 'cut.pth'} is truncated or corrupt" in message and "download or copy it again" in message
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "empty.pth is empty (0 bytes)" in convert_error(capsys, tmp_path / "empty.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 class _CreatesFileWhenUnpickled:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -546,7 +560,7 @@ def test_existing_output_is_not_overwritten(converted, tmp_path, capsys):
     assert f"output directory {out} exists and is not empty; pass --overwrite" in message
     # --overwrite replaces earlier outputs only, never an arbitrary folder.
     message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite")
-    assert "refusing to replace" in message and "not a TarFlow pipeline or model folder" in message
+    assert "refusing to replace" in message and "not a TarFlow/STARFlow pipeline or model folder" in message
     assert [path.name for path in out.iterdir()] == ["keep.txt"]
 
     shutil.copytree(converted["tiny_uncond"], tmp_path / "previous")
@@ -557,9 +571,10 @@ def test_existing_output_is_not_overwritten(converted, tmp_path, capsys):
     assert convert(FIXTURES / "tiny_cond.pth", tmp_path / "empty", "--noise-std", "0.1") == 0
     assert (tmp_path / "empty" / "model_index.json").is_file()
 
-    (tmp_path / "back.pth").write_bytes(b"old")
+    torch.save({"var": torch.zeros(1)}, tmp_path / "back.pth")
+    old = (tmp_path / "back.pth").read_bytes()
     message = convert_error(capsys, "--reverse", converted["tiny_cond"], tmp_path / "back.pth")
-    assert "back.pth exists; pass --overwrite" in message and (tmp_path / "back.pth").read_bytes() == b"old"
+    assert "back.pth exists; pass --overwrite" in message and (tmp_path / "back.pth").read_bytes() == old
     assert convert("--reverse", converted["tiny_cond"], tmp_path / "back.pth", "--overwrite") == 0
     assert_identical(load_pth(FIXTURES / "tiny_cond.pth"), load_pth(tmp_path / "back.pth"))
     leftovers = [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
@@ -666,7 +681,7 @@ def test_overwrite_refuses_folders_of_other_models(tmp_path, capsys, file_name, 
     (out / "weights.bin").write_bytes(b"precious")
     before = snapshot(tmp_path)
     message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite")
-    assert f"refusing to replace {out}: it is not a TarFlow pipeline or model folder" in message
+    assert f"refusing to replace {out}: it is not a TarFlow/STARFlow pipeline or model folder" in message
     assert snapshot(tmp_path) == before
 
 
@@ -681,14 +696,87 @@ def test_overwrite_refuses_folders_of_other_models(tmp_path, capsys, file_name, 
     ],
 )
 def test_overwrite_replaces_tarflow_and_starflow_folders(tmp_path, file_name, content):
+    """An earlier conversion's folder is replaced as a whole: a stale weight shard it held does not survive."""
     out = tmp_path / "out"
     out.mkdir()
     (out / file_name).write_text(json.dumps(content))
-    (out / "stale.safetensors").write_bytes(b"old")
-    assert convert_module.is_tarflow_folder(out)
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"old")
+    assert is_flow_folder(out)
     assert convert(FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite") == 0
-    assert not (out / "stale.safetensors").exists() and (out / "transformer" / "model.safetensors").is_file()
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    assert (out / "transformer" / "model.safetensors").is_file()
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_never_deletes_an_input(converted, tmp_path, capsys):
+    """`--overwrite` onto a folder that holds an input (the checkpoint, the label file), named directly or through a
+    link, is refused before anything is read: replacing the folder would delete the input (the label file was)."""
+    out = tmp_path / "out"
+    shutil.copytree(converted["tiny_cond"], out)
+    shutil.copy(FIXTURES / "tiny_cond.pth", out / "tiny_cond.pth")
+    (out / "names.json").write_text(json.dumps([f"kind {i}" for i in range(10)]))
+    (tmp_path / "link").symlink_to(out)
+    before = snapshot(out)
+    for destination in (out, tmp_path / "link"):
+        message = convert_error(capsys, out / "tiny_cond.pth", destination, "--noise-std", "0.1", "--overwrite")
+        assert f"refusing to replace {destination}: it contains the checkpoint {out / 'tiny_cond.pth'}" in message
+    message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite",
+                            "--labels", out / "names.json")  # fmt: skip
+    assert f"it contains the label file {out / 'names.json'}, which replacing it would delete" in message
+    assert snapshot(out) == before
+
+
+def test_overwrite_refuses_a_folder_holding_the_users_files(converted, tmp_path, capsys):
+    """`--overwrite` replaces an earlier conversion as a whole; files the user added there (notes, samples, a card
+    they edited) are named and the folder is left alone, never deleted with it (they were, silently)."""
+    from tarflow_hf.hub import CARD_MARKER
+
+    out = tmp_path / "out"
+    shutil.copytree(converted["tiny_cond"], out)
+    (out / "notes.txt").write_text("mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "grid.png").write_bytes(b"png")
+    (out / "transformer" / "eval.json").write_text("{}")
+    before = snapshot(out)
+    message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite")
+    assert f"refusing to replace {out}: it holds what no conversion writes: notes.txt, samples/, " in message
+    assert "transformer/eval.json" in message and "move them elsewhere first" in message
+    assert snapshot(out) == before
+    for added in (out / "notes.txt", out / "samples" / "grid.png", out / "samples", out / "transformer" / "eval.json"):
+        added.rmdir() if added.is_dir() else added.unlink()
+    card = out / "README.md"
+    card.write_text(card.read_text().replace(CARD_MARKER, "") + "\nMy notes on this model.\n")
+    message = convert_error(capsys, FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite")
+    assert "it holds what no conversion writes: README.md" in message and "My notes" in card.read_text()
+    card.unlink()  # what is left is the earlier conversion's own: replaced
+    assert convert(FIXTURES / "tiny_cond.pth", out, "--noise-std", "0.1", "--overwrite") == 0
+    assert CARD_MARKER in card.read_text()
+
+
+def test_reverse_never_writes_into_the_converted_folder(converted, tmp_path, capsys):
+    """`--reverse FOLDER OUT.pth` refuses an OUT.pth inside FOLDER, one of its files included (it wrote a .pth over
+    the folder's weights), and a file its files link to (a Hub cache snapshot links to blobs)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(converted["tiny_cond"], folder)
+    blob = tmp_path / "blob"
+    (folder / "transformer" / "model.safetensors").rename(blob)
+    (folder / "transformer" / "model.safetensors").symlink_to(blob)
+    before = {**snapshot(folder), "blob": blob.read_bytes()}
+    for target in (folder / "transformer" / "model.safetensors", folder / "again.pth", blob):
+        message = convert_error(capsys, "--reverse", folder, target, "--overwrite")
+        assert f"refusing to write {target}: it is inside {folder}, the folder being converted" in message
+    assert {**snapshot(folder), "blob": blob.read_bytes()} == before
+
+
+def test_reverse_overwrite_replaces_only_a_checkpoint(converted, tmp_path, capsys):
+    """`--reverse ... --overwrite` replaces an earlier .pth (zip or legacy format), not any file (it did)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    message = convert_error(capsys, "--reverse", converted["tiny_cond"], tmp_path / "notes.txt", "--overwrite")
+    assert f"refusing to replace {tmp_path / 'notes.txt'}: it is not a PyTorch checkpoint" in message
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    torch.save({"var": torch.zeros(1)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert convert("--reverse", converted["tiny_cond"], tmp_path / "legacy.pth", "--overwrite") == 0
+    assert_identical(load_pth(FIXTURES / "tiny_cond.pth"), load_pth(tmp_path / "legacy.pth"))
 
 
 def test_rerun_cleans_what_a_killed_conversion_left(tmp_path):
@@ -729,6 +817,19 @@ def test_script_runs_as_a_subprocess(tmp_path):
     assert "3x16x16, patch 4, width 64, 2 blocks x 2 layers, 10 classes, noise_std 0.1" in result.stdout
     pipeline = TarFlowPipeline.from_pretrained(tmp_path / "out")
     assert_identical(load_pth(FIXTURES / "tiny_cond.pth"), hf_to_apple_state_dict(pipeline.transformer.state_dict()))
+
+
+@pytest.mark.parametrize(
+    ("module", "other"),
+    [("tarflow_hf.convert", "tarflow_hf.convert_starflow"), ("tarflow_hf.convert_starflow", "tarflow_hf.convert")],
+)
+def test_the_two_converters_do_not_import_each_other(module, other):
+    """Both sit on tarflow_hf.apple_checkpoints; importing one (in a fresh interpreter) leaves the other unimported."""
+    code = f"import json, sys, {module}; print(json.dumps([name for name in sys.modules if 'tarflow' in name]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = json.loads(result.stdout)
+    assert module in imported and "tarflow_hf.apple_checkpoints" in imported and other not in imported
 
 
 class _CallsOsSystem:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import run_without_tarflow_hf
 
+from tarflow_hf.apple_checkpoints import is_starflow_state_dict, source_family
 from tarflow_hf.commands import CommandError
 from tarflow_hf.commands.arguments import convert as add_arguments
 from tarflow_hf.commands.convert import run
@@ -21,17 +23,17 @@ from tarflow_hf.convert_starflow import (
     RELEASED_YAML,
     apple_to_hf_state_dict,
     convert_ml_starflow_checkpoint,
+    convert_ml_starflow_pipeline,
     deprecated_buffers,
     expected_apple_shapes,
     export_ml_starflow_checkpoint,
     hf_to_apple_state_dict,
-    is_starflow_checkpoint_keys,
-    is_starflow_source,
     load_ml_starflow_checkpoint,
     read_apple_yaml,
     starflow_config_from_apple,
 )
 from tarflow_hf.modeling_starflow import StarFlowModel
+from tarflow_hf.registry import STARFLOW, TARFLOW
 
 FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
 CASES = ("sf_t2i", "sf_variant")
@@ -252,8 +254,8 @@ def test_transformer_only_folder_loads_with_automodel_and_remote_code(tmp_path, 
 
 
 def test_checkpoint_family_is_recognised():
-    assert is_starflow_checkpoint_keys(list(apple_state("sf_t2i")))
-    assert not is_starflow_checkpoint_keys(["var", "blocks.0.pos_embed", "blocks.0.proj_in.weight"])
+    assert is_starflow_state_dict(list(apple_state("sf_t2i")))
+    assert not is_starflow_state_dict(["var", "blocks.0.pos_embed", "blocks.0.proj_in.weight"])
     tarflow = Path(__file__).parent / "fixtures" / "tiny_cond.pth"
     with pytest.raises(ValueError, match=r"is not an apple/ml-starflow checkpoint .*`tarflow-hf convert`"):
         load_ml_starflow_checkpoint(tarflow, FIXTURES / "sf_t2i.yaml")
@@ -261,25 +263,15 @@ def test_checkpoint_family_is_recognised():
 
 def test_sources_are_recognised_for_dispatch(tmp_path):
     """`tarflow-hf convert` can hand STARFlow checkpoints and folders to this converter, with its own namespace."""
-    assert is_starflow_source(FIXTURES / "sf_t2i.pth")
-    assert not is_starflow_source(Path(__file__).parent / "fixtures" / "tiny_cond.pth")
-    assert not is_starflow_source(tmp_path)
-    namespace = argparse.Namespace(
-        source=str(FIXTURES / "sf_t2i.pth"),
-        destination=str(tmp_path / "out"),
-        reverse=False,
-        overwrite=False,
-        noise_std=None,
-        in_channels=None,
-        labels=None,
-        config=str(FIXTURES / "sf_t2i.yaml"),
-        license_file=None,
-        transformer_only=True,
-        text_encoder=None,
-        vae=None,
-    )
+    assert source_family(FIXTURES / "sf_t2i.pth") is STARFLOW
+    assert source_family(Path(__file__).parent / "fixtures" / "tiny_cond.pth") is TARFLOW
+    assert source_family(tmp_path) is TARFLOW  # the TarFlow converter says what is wrong with it
+    namespace = parse(
+        [str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "out"), "--config", str(FIXTURES / "sf_t2i.yaml"),
+         "--transformer-only"]
+    )  # fmt: skip
     assert run(namespace) == 0
-    assert is_starflow_source(tmp_path / "out")
+    assert source_family(tmp_path / "out") is STARFLOW
     namespace.noise_std = 0.1
     with pytest.raises(CommandError, match="--noise-std"):
         run(namespace)
@@ -389,4 +381,198 @@ def test_python_m_tarflow_hf_convert_dispatches_starflow(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert is_starflow_source(tmp_path / "out") and (tmp_path / "out" / "transformer" / "config.json").is_file()
+    assert source_family(tmp_path / "out") is STARFLOW and (tmp_path / "out" / "transformer" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------- yaml settings (issue 21)
+def yaml_without(tmp_path: Path, *keys: str, replace: dict[str, str] | None = None, header: bool = True) -> Path:
+    """sf_t2i.yaml without the lines of `keys` (and the `arguments:` line unless `header`), values replaced."""
+    lines = []
+    for line in (FIXTURES / "sf_t2i.yaml").read_text().splitlines():
+        key = line.lstrip("- ").split(":")[0]
+        if key in keys or (line == "arguments:" and not header):
+            continue
+        lines.append(f"- {key}: {replace[key]}" if replace and key in replace else line)
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def convert_message(capsys, *args: str | os.PathLike) -> str:
+    """A `tarflow-hf convert --transformer-only` that must fail as a user error: its one-line message."""
+    from tarflow_hf.commands import main
+
+    capsys.readouterr()
+    assert main(["convert", *map(str, args), "--transformer-only"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("tarflow-hf convert: error: ") and "\n" not in message
+    return message
+
+
+def test_yaml_training_settings_are_honoured(tmp_path):
+    """noise_std, soft_clip and latent_norm_regularization come from the yaml (the fixtures' 0.3 / 4 / 1e-4 are the
+    released values, so a hard-coded value would pass them): other values reach the converted folder's config."""
+    config_yaml = yaml_without(
+        tmp_path, replace={"noise_std": "0.55", "soft_clip": "2.5", "latent_norm_regularization": "0.02"}
+    )
+    convert_ml_starflow_checkpoint(FIXTURES / "sf_t2i.pth", tmp_path / "out", config_yaml=config_yaml)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["noise_std"], saved["soft_clip"], saved["latent_norm_regularization"]) == (0.55, 2.5, 0.02)
+    assert StarFlowModel.from_pretrained(tmp_path / "out").config.noise_std == 0.55
+    # A key the yaml leaves out takes Apple's parser default (soft clip off), as in Apple's own loading.
+    config = starflow_config_from_apple(apple_state("sf_t2i"), read_apple_yaml(yaml_without(tmp_path, "soft_clip")))
+    assert config.soft_clip == 0.0
+
+
+def test_yaml_errors_say_what_is_wrong_with_the_yaml(tmp_path, capsys):
+    """A yaml without 'arguments:' was 'the config sets sos=0' (or, with sos given, silently taken); a missing key
+    was attributed to the yaml ('says head_dim=64', a default it never said); a bad value was a raw float() error
+    or a TypeError traceback."""
+    pth = FIXTURES / "sf_t2i.pth"
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("img_size: 64\nchannels: 64\n")
+    for config_yaml in (flat, yaml_without(tmp_path, header=False)):
+        message = convert_message(capsys, pth, tmp_path / "out", "--config", config_yaml)
+        assert f"config {config_yaml} has no 'arguments:' line: it is not an apple/ml-starflow config" in message
+    config_yaml = yaml_without(tmp_path, "head_dim")
+    message = convert_message(capsys, pth, tmp_path / "out", "--config", config_yaml)
+    assert f"config {config_yaml} does not set head_dim, so Apple's default head_dim=64 applies" in message
+    assert "weights give head_dim=32; add '- head_dim: 32' to the yaml" in message and "says" not in message
+    message = convert_message(capsys, pth, tmp_path / "out", "--config", yaml_without(tmp_path, "sos"))
+    assert "does not set sos, so Apple's default sos=0 applies; this port implements" in message
+    message = convert_message(capsys, pth, tmp_path / "out", "--config", yaml_without(tmp_path, "layers_per_block",
+                              replace={"channels": "128"}))  # fmt: skip
+    assert "says channels=128, but the checkpoint's weights give channels=64" in message and "add '" not in message
+    message = convert_message(capsys, pth, tmp_path / "out", "--config", yaml_without(tmp_path, "txt_size"))
+    assert "does not set txt_size, so Apple's default txt_size=0 applies" in message
+    for key, value, expected in (("noise_std", "high", "a finite number >= 0"), ("img_size", "64px", "a whole number")):
+        config_yaml = yaml_without(tmp_path, replace={key: value})
+        message = convert_message(capsys, pth, tmp_path / "out", "--config", config_yaml)
+        assert f"says {key}={value}; expected {expected}" in message
+    (tmp_path / "binary.yaml").write_bytes(b"\x80\x81\xff" * 10)
+    message = convert_message(capsys, pth, tmp_path / "out", "--config", tmp_path / "binary.yaml")
+    assert f"config {tmp_path / 'binary.yaml'} is not a text file" in message
+    assert f"config {tmp_path} is not a file" in convert_message(capsys, pth, tmp_path / "out", "--config", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_starflow_checkpoint_is_named_as_such(tmp_path, capsys):
+    """Half a STARFlow download was taken for an ml-tarflow checkpoint ('--config ... apply to STARFlow
+    checkpoints; ... is a TarFlow one')."""
+    data = (FIXTURES / "sf_t2i.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    message = convert_message(capsys, tmp_path / "cut.pth", tmp_path / "out", "--config", FIXTURES / "sf_t2i.yaml")
+    assert f"{tmp_path / 'cut.pth'} is truncated or corrupt" in message and "TarFlow" not in message
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_ml_starflow_checkpoint(tmp_path / "cut.pth", FIXTURES / "sf_t2i.yaml")
+
+
+def test_the_yaml_names_the_text_encoder_and_vae(tmp_path, capsys):
+    """A pipeline conversion loads the text encoder and VAE the yaml names (`text`, `vae`), not Apple's released
+    ones regardless; a flag still wins, and a name that does not load says where it came from."""
+    from tarflow_hf.commands import main
+    from tarflow_hf.pipeline_starflow import StarFlowPipeline
+
+    t5, vae = local_components(tmp_path)
+    config_yaml = yaml_without(tmp_path, replace={"text": str(t5), "vae": str(vae)})
+    out = tmp_path / "pipe"
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(out), "--config", str(config_yaml)]) == 0
+    pipe = StarFlowPipeline.from_pretrained(out)
+    assert pipe.text_encoder.config.d_model == json.loads((t5 / "config.json").read_text())["d_model"]
+    config_yaml = yaml_without(tmp_path, replace={"text": str(tmp_path / "no_t5"), "vae": str(vae)})
+    capsys.readouterr()
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "other"), "--config", str(config_yaml)]) == 2
+    message = capsys.readouterr().err
+    assert f"could not load the text encoder '{tmp_path / 'no_t5'}', named by config {config_yaml}'s 'text'" in message
+    assert main(["convert", str(FIXTURES / "sf_t2i.pth"), str(tmp_path / "other"), "--config", str(config_yaml),
+                 "--text-encoder", str(t5)]) == 0  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- destinations (issue 21)
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` -> its bytes (None for folders)."""
+    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+
+
+def test_overwrite_never_deletes_an_input(tmp_path, capsys):
+    """`tarflow-hf convert OUT/x.pth OUT --overwrite` deleted the checkpoint (for the released model a 15 GB
+    download); so did a yaml or license file inside OUT. Refused before anything is read, the files kept."""
+    from tarflow_hf.commands import main
+
+    out = tmp_path / "out"
+    config_yaml = FIXTURES / "sf_t2i.yaml"
+    assert (
+        main(["convert", str(FIXTURES / "sf_t2i.pth"), str(out), "--config", str(config_yaml), "--transformer-only"])
+        == 0
+    )
+    shutil.copy(FIXTURES / "sf_t2i.pth", out / "sf_t2i.pth")
+    shutil.copy(config_yaml, out / "sf_t2i.yaml")
+    shutil.copy(FIXTURES / "README.md", out / "LICENSE_MODEL")
+    before = tree(out)
+    message = convert_message(capsys, out / "sf_t2i.pth", out, "--config", config_yaml, "--overwrite")
+    assert f"refusing to replace {out}: it contains the checkpoint {out / 'sf_t2i.pth'}" in message
+    message = convert_message(capsys, FIXTURES / "sf_t2i.pth", out, "--config", out / "sf_t2i.yaml", "--overwrite")
+    assert f"it contains the config {out / 'sf_t2i.yaml'}, which replacing it would delete" in message
+    message = convert_message(capsys, FIXTURES / "sf_t2i.pth", out, "--config", config_yaml, "--overwrite",
+                              "--license-file", out / "LICENSE_MODEL")  # fmt: skip
+    assert f"it contains the license file {out / 'LICENSE_MODEL'}" in message
+    assert tree(out) == before
+
+
+def test_overwrite_refuses_a_folder_holding_the_users_files(tmp_path, capsys):
+    """`--overwrite` onto an earlier conversion removed every file the user had added there, without a word."""
+    out = tmp_path / "out"
+    convert_ml_starflow_pipeline(FIXTURES / "sf_t2i.pth", out, config_yaml=FIXTURES / "sf_t2i.yaml",
+                                 transformer_only=True)  # fmt: skip
+    (out / "notes.txt").write_text("mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "0.png").write_bytes(b"png")
+    (out / "transformer" / "eval.json").write_text("{}")
+    before = tree(out)
+    message = convert_message(capsys, FIXTURES / "sf_t2i.pth", out, "--config", FIXTURES / "sf_t2i.yaml", "--overwrite")
+    assert "it holds what no conversion writes: notes.txt, samples/, transformer/eval.json" in message
+    assert tree(out) == before
+
+
+def test_reverse_never_writes_into_the_converted_folder(tmp_path, capsys):
+    from tarflow_hf.commands import main
+
+    folder = tmp_path / "folder"
+    convert_ml_starflow_checkpoint(FIXTURES / "sf_variant.pth", folder, config_yaml=FIXTURES / "sf_variant.yaml")
+    before = tree(folder)
+    for target in (folder / "model.safetensors", folder / "again.pth"):
+        capsys.readouterr()
+        assert main(["convert", "--reverse", str(folder), str(target), "--overwrite"]) == 2
+        assert f"refusing to write {target}: it is inside {folder}" in capsys.readouterr().err
+    assert tree(folder) == before
+    with pytest.raises(FileExistsError, match="inside"):
+        export_ml_starflow_checkpoint(folder, folder / "model.safetensors", overwrite=True)
+
+
+def test_nan_weights_are_refused_by_every_loader(tmp_path):
+    """Only the command line's pipeline conversion checked for NaN; the library's model-folder conversion wrote
+    the broken weights."""
+    state = apple_state("sf_t2i")
+    state["blocks.1.proj_out.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=r"'blocks.1.proj_out.weight' \(inf\)"):
+        convert_ml_starflow_checkpoint(tmp_path / "inf.pth", tmp_path / "out", config_yaml=FIXTURES / "sf_t2i.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformer_only_card_is_the_hub_card_of_a_model_folder(tmp_path):
+    """The card of a converted model folder comes from tarflow_hf.hub (the registry's family facts and license),
+    not a hand-written one: generated (so a later conversion may replace it), naming the folder it loads."""
+    from tarflow_hf.hub import CARD_MARKER
+    from tarflow_hf.registry import APPLE_AMLR
+
+    out = tmp_path / "starflow-small"
+    convert_ml_starflow_pipeline(FIXTURES / "sf_t2i.pth", out, config_yaml=FIXTURES / "sf_t2i.yaml",
+                                 transformer_only=True, license_file=FIXTURES / "README.md")  # fmt: skip
+    card = (out / "transformer" / "README.md").read_text()
+    assert (
+        CARD_MARKER in card and f"license_name: {APPLE_AMLR.id}" in card and f"license_link: {APPLE_AMLR.link}" in card
+    )
+    assert STARFLOW.citation in card and STARFLOW.paper in card and APPLE_AMLR.card_text(True) in card
+    assert 'StarFlowModel.from_pretrained("starflow-small/transformer")' in card
+    assert "format conversion of Apple's STARFlow checkpoint `sf_t2i.pth`" in card and str(tmp_path) not in card

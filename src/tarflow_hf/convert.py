@@ -27,36 +27,42 @@ Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pickle
 import re
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from transformers import PreTrainedConfig
 
+from .apple_checkpoints import (
+    check_output_file,
+    check_output_folder,
+    check_state_dict,
+    check_weight_values,
+    key_indices,
+    list_keys,
+    load_apple_state_dict,
+    meta_model,
+    non_finite_weights,
+    read_converted_folder,
+    replaceable_output,
+    save_apple_state_dict,
+    shape_of,
+    state_shapes,
+)
 from .configuration_tarflow import TarFlowConfig
-from .fileio import atomic_file, atomic_folder
+from .fileio import atomic_folder
 from .labels import resolve_labels
 from .modeling_tarflow import TarFlowModel
-from .registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME
+from .registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME, TARFLOW
 
 # Apple's `transformer_flow.Model` takes no head size: every released model uses MetaBlock's default of 64.
 APPLE_HEAD_DIM = 64
 # Dataset names in Apple's checkpoint file names -> their label table ("none": an unconditional model).
 APPLE_DATASET_LABELS = {"afhq": "afhq", "imagenet": "imagenet", "imagenet64": "none"}
-# What `--overwrite` may replace (see `is_tarflow_folder`).
-_OUR_PIPELINES = ("TarFlowPipeline", "StarFlowPipeline")
-_OUR_MODEL_TYPES = ("tarflow", "starflow")
-# A model and a config class, for `meta_model` and `read_model_config`.
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
-ConfigT = TypeVar("ConfigT", bound=PreTrainedConfig)
 _APPLE_FILE_NAME = re.compile(
     r"^(?P<dataset>.+?)_model_(?P<patch_size>\d+)_(?P<hidden_size>\d+)_(?P<num_blocks>\d+)_"
     r"(?P<layers_per_block>\d+)_(?P<noise>uniform|\d+(?:\.\d+)?)\.pth$"
@@ -135,29 +141,6 @@ def config_from_apple_arguments(arguments: Mapping[str, Any], **overrides: Any) 
     )
 
 
-def inverse_options_from_apple(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Apple's `Model.reverse` sampling keywords as `TarFlowModel.inverse` / `TarFlowPipeline` arguments (Apple's
-    guidance g is guidance_scale = 1 + g; `annealed_guidance` is the linear schedule)."""
-    return {
-        "guidance_scale": 1.0 + kwargs.get("guidance", 0.0),
-        "attention_temperature": kwargs.get("attn_temp", 1.0),
-        "guidance_schedule": "linear" if kwargs.get("annealed_guidance") else "constant",
-        "guidance_target": {"ab": "both", "a": "scale", "b": "shift"}[kwargs.get("guide_what", "ab")],
-    }
-
-
-def meta_model(model_class: Callable[[Any], ModelT], config: Any) -> ModelT:
-    """`model_class(config)` on the meta device (both families' converters use it): parameters there have shapes
-    but no storage, so building even the largest model is free."""
-    with torch.device("meta"):
-        return model_class(config)
-
-
-def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Every key of a state dict and its shape, in the state dict's order."""
-    return {key: tuple(tensor.shape) for key, tensor in state.items()}
-
-
 def expected_hf_shapes(config: TarFlowConfig) -> dict[str, tuple[int, ...]]:
     """Every key of a `TarFlowModel(config)` state dict and its shape, without allocating weights."""
     return state_shapes(meta_model(TarFlowModel, config).state_dict())
@@ -211,131 +194,9 @@ def parse_checkpoint_name(path: str | os.PathLike) -> CheckpointName | None:
     )
 
 
-# ------------------------------------------------------------------------------------- reading checkpoints
-def _list_keys(keys: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(repr(key) for key in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load that only ever unpickles tensors and plain containers, memory-mapped when the format allows."""
-    # Only the zip format (torch >= 1.6) can be memory-mapped; Apple's checkpoints use it.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        message = str(error)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", message)
-        called = unsafe.group(1) or unsafe.group(2) if unsafe else _pickled_call(path)
-        if called:
-            raise ValueError(
-                f"refused: the file tries to run code (unsafe pickle): {path} calls {called} when unpickled; only "
-                "plain state dicts of tensors (torch.save(model.state_dict())) are loaded, with "
-                "torch.load(weights_only=True)"
-            ) from None
-        reason = re.search(r"WeightsUnpickler error:\s*([^\n]*(?:\n\n[^\n]+)?)", message)
-        detail = " ".join(reason.group(1).split()) if reason and reason.group(1).strip() else "not a torch.save file"
-        raise ValueError(
-            f"{path} is not a PyTorch state dict that torch.load(weights_only=True) can read ({detail})"
-        ) from None
-    except Exception as error:  # torch raises KeyError, RuntimeError, EOFError... on arbitrary bytes
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); expected a .pth file written "
-            "by torch.save(model.state_dict())"
-        ) from None
-
-
-_SAFE_PICKLE_MODULES = ("torch.", "collections.OrderedDict", "_codecs.encode")
-
-
-def _pickled_call(path: Path) -> str | None:
-    """The function a plain (not torch.save) pickle file calls when unpickled, if any: `module.name` of its first
-    GLOBAL / STACK_GLOBAL followed by a call (REDUCE, OBJ, INST, NEWOBJ). Read without unpickling (pickletools)."""
-    import pickletools
-
-    if zipfile.is_zipfile(path):
-        return None
-    strings: list[str] = []
-    name = None
-    try:
-        with path.open("rb") as handle:
-            for opcode, argument, _ in pickletools.genops(handle):
-                if isinstance(argument, str):
-                    strings.append(argument)
-                if opcode.name in ("GLOBAL", "INST"):
-                    name = str(argument).replace(" ", ".")
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    name = f"{strings[-2]}.{strings[-1]}"
-                if opcode.name in ("REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX", "INST") and name:
-                    if not name.startswith(_SAFE_PICKLE_MODULES):  # tensors and ordered dicts are rebuilt by calls
-                        return name
-                    name = None
-    except Exception:  # not a pickle at all: the caller's message stands
-        return None
-    return None
-
-
-def load_apple_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load an Apple `.pth` safely (`weights_only=True`, memory-mapped) and check it is a flat dict of tensors."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise ValueError(
-            f"checkpoint {path} is a directory; expected an apple/ml-tarflow .pth file (to turn a converted folder "
-            "back into a .pth, use --reverse)"
-        )
-    state = _torch_load(path)
-    if not isinstance(state, Mapping):
-        raise ValueError(
-            f"{path} holds a {type(state).__name__}, not a state dict; expected the dict written by "
-            "torch.save(model.state_dict())"
-        )
-    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(
-            f"{path} is not a model state dict: the entries {_list_keys(not_tensors)} are not tensors (a training "
-            "checkpoint or optimizer state?); expected the dict written by torch.save(model.state_dict())"
-        )
-    return dict(state)
-
-
-def check_state_dict(
-    state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str, target: str
-) -> None:
-    """Raise one ValueError naming every missing, unexpected and mis-shaped key of `state` (tensors, or anything
-    with a `.shape`) against `expected`."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [
-        f"{key!r} is {tuple(state[key].shape)}, expected {expected[key]}"
-        for key in expected
-        if key in state and tuple(state[key].shape) != tuple(expected[key])
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_list_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_list_keys(unexpected)}")
-    if mismatched:
-        problems.append("wrong shapes: " + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
-    if problems:
-        raise ValueError(f"{source} does not match {target}: " + "; ".join(problems))
-
-
 # ------------------------------------------------------------------------------------------- inference
 def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, purpose: str, source: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ValueError(f"{source} has no key {key!r} ({purpose}); is it an apple/ml-tarflow state dict?")
-    shape = shapes[key]
-    if len(shape) != ndim:
-        raise ValueError(f"{source}: {key!r} has shape {shape}; expected {ndim} dimensions ({purpose})")
-    return shape
-
-
-def _indices(shapes: Mapping[str, Any], pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(match.group(1)) for key in shapes if (match := regex.match(key))})
+    return shape_of(shapes, key, ndim, source, "apple/ml-tarflow", purpose)
 
 
 @dataclass(frozen=True)
@@ -353,11 +214,11 @@ class _Architecture:
 
 
 def _read_architecture(shapes: Mapping[str, tuple[int, ...]], source: str) -> _Architecture:
-    blocks = _indices(shapes, r"^blocks\.(\d+)\.")
+    blocks = key_indices(shapes, r"^blocks\.(\d+)\.")
     if not blocks:
         raise ValueError(
             f"{source} is not an apple/ml-tarflow state dict: it has no 'blocks.N.*' keys "
-            f"(its keys: {_list_keys(list(shapes))})"
+            f"(its keys: {list_keys(list(shapes))})"
         )
     num_patches, patch_dim = _shape(shapes, "var", 2, "the prior variance, (patches, patch dim)", source)
     hidden_size, proj_in_dim = _shape(shapes, "blocks.0.proj_in.weight", 2, "the patch embedding", source)
@@ -365,7 +226,7 @@ def _read_architecture(shapes: Mapping[str, tuple[int, ...]], source: str) -> _A
         raise ValueError(
             f"{source}: 'var' has patch dim {patch_dim} but 'blocks.0.proj_in.weight' takes {proj_in_dim} inputs"
         )
-    layers = _indices(shapes, r"^blocks\.0\.attn_blocks\.(\d+)\.")
+    layers = key_indices(shapes, r"^blocks\.0\.attn_blocks\.(\d+)\.")
     if not layers:
         raise ValueError(f"{source} has no key 'blocks.0.attn_blocks.0.*': no transformer layers in block 0")
     mlp_width, mlp_in = _shape(shapes, "blocks.0.attn_blocks.0.mlp.main.0.weight", 2, "the MLP expansion", source)
@@ -508,7 +369,7 @@ def infer_config(
     (256, 8, 'cat')
     ```
     """
-    shapes = {str(key): tuple(value.shape) for key, value in state.items()}
+    shapes = state_shapes(state)
     arch = _read_architecture(shapes, source)
     name = checkpoint_name
     explicit_channels = num_channels is not None
@@ -575,27 +436,8 @@ def _count(number: int, singular: str, plural: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ building models
-def non_finite_weights(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Keys of the floating-point tensors holding NaN or infinite values (meta tensors are not read)."""
-    return [
-        f"{key!r} ({'NaN' if tensor.isnan().any() else 'inf'})"
-        for key, tensor in state.items()
-        if tensor.is_floating_point() and not tensor.is_meta and not tensor.isfinite().all()
-    ]
-
-
-def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse NaN / infinite weights up front: sampling would otherwise only report non-finite output."""
-    bad = non_finite_weights(state)
-    if bad:
-        raise ValueError(f"{source} holds NaN or infinite weights: {_list_keys(bad)}; the checkpoint is broken")
-
-
 def _check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
-    not_float = [f"{key!r} ({tensor.dtype})" for key, tensor in state.items() if not tensor.is_floating_point()]
-    if not_float:
-        raise ValueError(f"{source}: every weight must be a floating-point tensor; got {', '.join(not_float[:6])}")
-    check_finite(state, source)
+    check_weight_values(state, source)
     for key, mask in state.items():
         if key.endswith(".attn_mask") and not mask.is_meta and not torch.equal(mask, torch.ones_like(mask).tril()):
             raise ValueError(
@@ -649,43 +491,6 @@ def load_ml_tarflow_checkpoint(
     return model_from_apple_state_dict(state, config, source)
 
 
-# ------------------------------------------------------------------------------------------ destinations
-def is_tarflow_folder(folder: Path) -> bool:
-    """True for a folder a conversion (or TarFlow/STARFlow's save_pretrained) wrote: a pipeline folder whose
-    model_index.json names TarFlowPipeline/StarFlowPipeline, or a model folder whose config.json has model_type
-    tarflow/starflow. `--overwrite` replaces only these, never another program's or the user's folder."""
-
-    def read(name: str) -> dict:
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    class_name = read("model_index.json").get("_class_name")
-    if isinstance(class_name, list) and class_name:  # ["pipeline_tarflow", "TarFlowPipeline"]: remote code
-        class_name = class_name[-1]
-    return class_name in _OUR_PIPELINES or read("config.json").get("model_type") in _OUR_MODEL_TYPES
-
-
-def _check_directory_destination(target: Path, overwrite: bool, protect: Path | None = None) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output {target} exists and is not a directory")
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"output directory {target} exists and is not empty; pass --overwrite to replace it")
-    # --overwrite replaces earlier outputs, never an arbitrary folder (or the one holding the input).
-    if not is_tarflow_folder(target):
-        raise FileExistsError(
-            f"refusing to replace {target}: it is not a TarFlow pipeline or model folder (no model_index.json naming "
-            "TarFlowPipeline or StarFlowPipeline, nor a config.json with model_type tarflow or starflow); remove it "
-            "yourself or choose another output directory"
-        )
-    if protect is not None and protect.resolve().is_relative_to(target.resolve()):
-        raise FileExistsError(f"refusing to replace {target}: it contains the input {protect}")
-
-
 # ------------------------------------------------------------------------------------------- conversions
 def convert_ml_tarflow_checkpoint(
     checkpoint: str | os.PathLike,
@@ -697,7 +502,9 @@ def convert_ml_tarflow_checkpoint(
     overwrite: bool = False,
 ) -> TarFlowConfig:
     """Convert an Apple `.pth` into a folder that `TarFlowPipeline.from_pretrained(output_dir)` loads (the model
-    in its `transformer/` subfolder, as safetensors). Returns the configuration it inferred.
+    in its `transformer/` subfolder, as safetensors). Returns the configuration it inferred. `overwrite` replaces
+    an earlier conversion's folder, never one holding the inputs or anything a conversion does not write
+    (`tarflow_hf.apple_checkpoints.check_output_folder`).
 
     ```python
     >>> from tarflow_hf.pipeline_tarflow import TarFlowPipeline
@@ -706,101 +513,38 @@ def convert_ml_tarflow_checkpoint(
     ```
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    _check_directory_destination(output_dir, overwrite, protect=checkpoint)
+    inputs = {"the checkpoint": checkpoint, "the label file": labels if isinstance(labels, str) else None}
+    check_output_folder(output_dir, overwrite, inputs)
     model = load_ml_tarflow_checkpoint(checkpoint, num_channels=num_channels, noise_std=noise_std, labels=labels)
     from .hub import display_name
     from .pipeline_tarflow import TarFlowPipeline  # diffusers is slow to import; only conversions need it
 
-    with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_tarflow_folder) as tmp:
+    with atomic_folder(output_dir, overwrite=overwrite, may_replace=replaceable_output(inputs)) as tmp:
         # The card's usage example names the final folder, not the temporary one it is written in.
         TarFlowPipeline(transformer=model).save_pretrained(tmp, model_card={"repo_id": display_name(output_dir)})
     return model.config
 
 
-def check_folder(folder: Path, expected: str) -> None:
-    """Refuse a `folder` that is missing or is not a folder (`--reverse` takes `expected`)."""
-    if not folder.exists():
-        raise FileNotFoundError(f"folder not found: {folder}")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder; --reverse takes {expected}")
-
-
-def _model_directory(folder: Path) -> Path:
-    """The model folder of a pipeline folder (its `transformer/`), or `folder` itself if it is a model folder."""
-    check_folder(folder, "a converted pipeline or model folder")
-    if (folder / "model_index.json").is_file():
-        folder = folder / "transformer"
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"{folder} is neither a TarFlow pipeline folder (model_index.json + transformer/) nor a model folder "
-            "(config.json + model.safetensors)"
-        )
-    return folder
-
-
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {model_dir}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update(load_file(model_dir / file))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"cannot read weights {model_dir / file}: {error}") from None
-    return state
-
-
-def read_model_config(model_dir: Path, config_class: type[ConfigT]) -> ConfigT:
-    """`model_dir/config.json` as a `config_class`, refused when unreadable or another family's."""
-    config_file = model_dir / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        config = config_class.from_json_file(config_file)
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"cannot read {config_file}: {error}") from None
-    if model_type != config_class.model_type:
-        raise ValueError(f"{config_file} is a {model_type!r} config, not a {config_class.model_type!r} one")
-    return config
-
-
 def read_tarflow_folder(folder: str | os.PathLike) -> tuple[TarFlowConfig, dict[str, torch.Tensor]]:
     """The config and the exact stored tensors (dtypes as saved) of a converted pipeline or model folder."""
-    model_dir = _model_directory(Path(folder))
-    config = read_model_config(model_dir, TarFlowConfig)
-    state = _read_safetensors(model_dir)
-    check_state_dict(state, expected_hf_shapes(config), f"the weights in {model_dir}", "its config.json")
-    return config, state
+    return read_converted_folder(folder, TarFlowConfig, expected_hf_shapes, TARFLOW.title)
 
 
 def export_ml_tarflow_checkpoint(
     folder: str | os.PathLike, output_path: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Write a converted folder back as an Apple `.pth`: the same keys, in Apple's order, dtypes, shapes and
-    values (the causal masks included) as the checkpoint it came from.
+    values (the causal masks included) as the checkpoint it came from. `overwrite` replaces an earlier `.pth`,
+    never another file nor a file of `folder`.
 
     ```python
     >>> export_ml_tarflow_checkpoint("tarflow-afhq-256", "afhq_model_8_768_8_8_0.07.pth")
     ```
     """
-    output_path = Path(output_path)
-    if output_path.is_dir():
-        raise FileExistsError(f"output {output_path} is a directory; give a .pth file path")
-    if output_path.exists() and not overwrite:
-        raise FileExistsError(f"output file {output_path} exists; pass --overwrite to replace it")
+    output_path = check_output_file(output_path, overwrite, folder)
     config, state = read_tarflow_folder(folder)
     apple = hf_to_apple_state_dict(state)
-    apple = {key: apple[key] for key in expected_apple_shapes(config)}
-    with atomic_file(output_path) as tmp:
-        torch.save(apple, tmp)
-    return output_path
+    return save_apple_state_dict({key: apple[key] for key in expected_apple_shapes(config)}, output_path)
 
 
 __all__ = [
@@ -808,9 +552,7 @@ __all__ = [
     "CheckpointName",
     "apple_key_to_hf",
     "apple_to_hf_state_dict",
-    "check_finite",
-    "check_folder",
-    "check_state_dict",
+    "config_from_apple_arguments",
     "convert_ml_tarflow_checkpoint",
     "describe_config",
     "expected_apple_shapes",
@@ -819,14 +561,9 @@ __all__ = [
     "hf_key_to_apple",
     "hf_to_apple_state_dict",
     "infer_config",
-    "is_tarflow_folder",
-    "load_apple_state_dict",
     "load_ml_tarflow_checkpoint",
-    "meta_model",
     "model_from_apple_state_dict",
     "non_finite_weights",
     "parse_checkpoint_name",
-    "read_model_config",
     "read_tarflow_folder",
-    "state_shapes",
 ]

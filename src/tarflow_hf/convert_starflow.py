@@ -1,15 +1,18 @@
-"""Port apple/ml-starflow checkpoints to StarFlowModel folders and back.
+"""Port apple/ml-starflow checkpoints to StarFlowModel / StarFlowPipeline folders and back.
 
-    python -m tarflow_hf.convert_starflow starflow_3B_t2i_256x256.pth starflow-3b --config starflow_3B_t2i_256x256.yaml
-    python -m tarflow_hf.convert_starflow --reverse starflow-3b starflow_again.pth
+    tarflow-hf convert starflow_3B_t2i_256x256.pth starflow-3b --config starflow_3B_t2i_256x256.yaml
+    tarflow-hf convert starflow_3B_t2i_256x256.pth starflow-3b-transformer --transformer-only
+    tarflow-hf convert --reverse starflow-3b starflow_again.pth
 
 The architecture (blocks, layers, widths, patch and text sizes, and the training grid, text length and head size
 from the deprecated buffers when the checkpoint has them) is read off the weights. What they cannot tell (soft
-clip, training noise, latent channels, regulariser weight) comes from Apple's yaml (`--config`, the
-`configs/*.yaml` format: `- key: value` lines, lists space-separated); without one, the released
-`configs/starflow_3B_t2i_256x256.yaml` values are assumed and printed. A yaml value that contradicts the weights
-is an error. Checkpoints are loaded with `torch.load(weights_only=True, mmap=True)` and the model is built on the
-meta device and takes the memory-mapped tensors as they are, so a conversion holds a single copy of the weights.
+clip, training noise, latent channels, regulariser weight, and which text encoder and VAE go around the model)
+comes from Apple's yaml (`--config`, the `configs/*.yaml` format: `arguments:` then `- key: value` lines, lists
+space-separated), read as Apple's `load_model_config` reads it: a key the yaml does not set takes the default of
+Apple's `train.py` parser. Without a yaml, the released `configs/starflow_3B_t2i_256x256.yaml` values are assumed
+and printed. A yaml value (or a default it falls back to) that contradicts the weights is an error naming which
+it is. Checkpoints are loaded with `torch.load(weights_only=True, mmap=True)` and the model is built on the meta
+device and takes the memory-mapped tensors as they are, so a conversion holds a single copy of the weights.
 
 Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
@@ -27,34 +30,41 @@ Key layout of Apple's `transformer_flow.Model` state dict and ours:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import register_auto_classes
-from .configuration_starflow import StarFlowConfig
-from .convert import (
-    check_finite,
-    check_folder,
+from .apple_checkpoints import (
+    check_input_file,
+    check_output_file,
+    check_output_folder,
     check_state_dict,
-    is_tarflow_folder,
+    check_weight_values,
+    is_starflow_state_dict,
+    key_indices,
     load_apple_state_dict,
     meta_model,
-    read_model_config,
+    read_converted_folder,
+    replaceable_output,
+    save_apple_state_dict,
+    shape_of,
     state_shapes,
 )
-from .fileio import atomic_file, atomic_folder
+from .configuration_starflow import StarFlowConfig
+from .fileio import atomic_folder
 from .modeling_starflow import StarFlowModel
-from .registry import APPLE_AMLR, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
+from .registry import STARFLOW, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
 
 VAE_DOWNSAMPLING = 8
+APPLE_STARFLOW_REPOSITORY = "https://github.com/apple/ml-starflow"
 RELEASED_YAML_NAME = "configs/starflow_3B_t2i_256x256.yaml"
 # The released yaml (plus the parser default head_dim 64): what a checkpoint without `--config` is assumed to be.
 RELEASED_YAML: dict[str, Any] = {
@@ -68,6 +78,8 @@ RELEASED_YAML: dict[str, Any] = {
     "noise_std": 0.3,
     "soft_clip": 4.0,
     "latent_norm_regularization": 1e-4,
+    "text": STARFLOW_TEXT_ENCODER,
+    "vae": STARFLOW_VAE,
 }
 # Apple's parser defaults (train.py `get_tarflow_parser`) for the settings read here: a yaml without a key means
 # this value, as in Apple's own loading.
@@ -109,7 +121,6 @@ SUPPORTED_FLAGS: dict[str, Any] = {
 }
 _DROPPED = re.compile(r"^(var|blocks\.\d+\.attn_mask|feat_rope\.freqs_(cos|sin))$")
 _RENAMES = [(".attn_blocks.", ".layers."), (".mlp.main.0.", ".mlp.fc1."), (".mlp.main.2.", ".mlp.fc2.")]
-LICENSE_NOTE = APPLE_AMLR.note
 
 
 # ------------------------------------------------------------------------------------------------- yaml
@@ -126,21 +137,85 @@ def _yaml_value(text: str) -> Any:
 
 
 def read_apple_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Apple's config yaml (`arguments:` then `- key: value` lines) as a dict. Values are parsed as `sample.py`
-    does, as command-line flags: numbers, and space-separated lists (`layers_per_block: 2 2 24`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
+    """Apple's config yaml (`arguments:` then `- key: value` lines) as a dict. Values are parsed as Apple's
+    `load_model_config` does, as command-line flags: numbers, and space-separated lists (`layers_per_block: 2 2
+    24`). A file without the `arguments:` line is not Apple's format (Apple's loader reads that key only)."""
+    path = check_input_file(path, "config")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path} is not a text file; expected Apple's yaml (configs/*.yaml)") from None
     values: dict[str, Any] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    has_arguments = False
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
-        if not line or line == "arguments:":
-            continue
-        match = re.fullmatch(r"-?\s*([A-Za-z_][\w-]*)\s*:\s*(.*)", line)
-        if match is None:
-            raise ValueError(f"{path}:{number}: expected '- key: value', got {raw.strip()!r}")
-        values[match.group(1)] = _yaml_value(match.group(2))
+        if line == "arguments:":
+            has_arguments = True
+        elif line:
+            match = re.fullmatch(r"-?\s*([A-Za-z_][\w-]*)\s*:\s*(.*)", line)
+            if match is None:
+                raise ValueError(f"{path}:{number}: expected '- key: value', got {raw.strip()!r}")
+            values[match.group(1)] = _yaml_value(match.group(2))
+    if not has_arguments:
+        raise ValueError(
+            f"config {path} has no 'arguments:' line: it is not an apple/ml-starflow config (configs/*.yaml: "
+            "'arguments:' then '- key: value' lines)"
+        )
     return values
+
+
+@dataclass(frozen=True)
+class AppleSettings:
+    """Apple's training settings of a checkpoint: a yaml's values over Apple's parser defaults, remembering which
+    keys the yaml set, so that an error names the yaml only for what it says."""
+
+    values: Mapping[str, Any]
+    given: frozenset[str]
+    source: str | None  # "config X.yaml"; None: the released yaml's values, assumed (the weights are not checked)
+
+    @classmethod
+    def from_yaml(cls, yaml_dict: Mapping[str, Any], source: str) -> AppleSettings:
+        return cls({**APPLE_PARSER_DEFAULTS, **yaml_dict}, frozenset(yaml_dict), source)
+
+    @classmethod
+    def released(cls) -> AppleSettings:
+        return cls({**APPLE_PARSER_DEFAULTS, **SUPPORTED_FLAGS, **RELEASED_YAML}, frozenset(RELEASED_YAML), None)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def origin(self, key: str) -> str:
+        """Where the value of `key` comes from, with the value: `config c.yaml says head_dim=32`, or that Apple's
+        default applies because the yaml does not set it."""
+        value = self.values.get(key)
+        if self.source is None:
+            return f"the released yaml's {key}={value}"
+        if key in self.given:
+            return f"{self.source} says {key}={value}"
+        return f"{self.source} does not set {key}, so Apple's default {key}={value} applies"
+
+    def number(self, key: str) -> float:
+        """The value of `key` as a finite number >= 0 (noise, clip and loss weights)."""
+        value = self.values.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise ValueError(f"{self.origin(key)}; expected a finite number >= 0")
+        return float(value)
+
+    def size(self, key: str) -> int | None:
+        """The value of `key` as a whole number (None when unset)."""
+        value = self.values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{self.origin(key)}; expected a whole number")
+        return value
+
+
+def apple_settings(config_yaml: str | os.PathLike | Mapping[str, Any] | None) -> AppleSettings:
+    """The settings of a yaml file, of an already parsed yaml dict, or (None) the released yaml's."""
+    if config_yaml is None:
+        return AppleSettings.released()
+    if isinstance(config_yaml, Mapping):
+        return AppleSettings.from_yaml(config_yaml, "the given yaml settings")
+    return AppleSettings.from_yaml(read_apple_yaml(config_yaml), f"config {os.fspath(config_yaml)}")
 
 
 # ----------------------------------------------------------------------------------------- key mapping
@@ -210,115 +285,148 @@ def expected_apple_shapes(config: StarFlowConfig) -> dict[str, tuple[int, ...]]:
     return state_shapes(hf_to_apple_state_dict(meta_model(StarFlowModel, config).state_dict(), config))
 
 
-def _block_indices(shapes: Mapping[str, Any], pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(match.group(1)) for key in shapes if (match := regex.match(key))})
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
+    return shape_of(shapes, key, ndim, "the checkpoint", "apple/ml-starflow transformer_flow.Model")
 
 
-def _shape_of(shapes: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise ValueError(
-            f"the checkpoint has no {key!r}; is it an apple/ml-starflow transformer_flow.Model state dict?"
-        )
-    shape = tuple(shapes[key])
-    if len(shape) != ndim:
-        raise ValueError(f"{key!r} has shape {shape}; expected {ndim} dimensions")
-    return shape
+def _yaml_text(value: Any) -> str:
+    """A value as a yaml line writes it (lists space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
-def _agree(name: str, from_weights: Any, from_yaml: Any, source: str | None) -> Any:
-    """The weights' value, checked against the yaml's (`source` None: an assumed yaml, not checked); or the
-    yaml's when the weights do not tell."""
+def _contradiction(settings: AppleSettings, key: str, from_weights: str, fix: Any) -> ValueError:
+    """A yaml value (or the default a yaml falls back to) that the weights contradict: which it is, both values,
+    and for a default the line that would set it."""
+    hint = "" if key in settings.given else f"; add '- {key}: {_yaml_text(fix)}' to the yaml"
+    return ValueError(f"{settings.origin(key)}, but the checkpoint's weights give {from_weights}{hint}")
+
+
+def _agree(key: str, from_weights: Any, from_yaml: Any, settings: AppleSettings) -> Any:
+    """The weights' value, checked against the settings' (unless assumed: the released yaml's values only fill in
+    what the weights do not tell); the settings' when the weights do not tell."""
     if from_weights is None:
         return from_yaml
-    if source is not None and from_yaml is not None and from_yaml != from_weights:
-        raise ValueError(f"{source} says {name}={from_yaml}, but the checkpoint's weights give {from_weights}")
+    if settings.source is not None and from_yaml is not None and from_yaml != from_weights:
+        raise _contradiction(settings, key, f"{key}={_yaml_text(from_weights)}", from_weights)
     return from_weights
 
 
-def _check_flags(settings: Mapping[str, Any]) -> None:
+def _check_flags(settings: AppleSettings) -> None:
     for flag, supported in SUPPORTED_FLAGS.items():
         value = settings.get(flag, supported)
         if value is not None and value != supported:
             raise ValueError(
-                f"the config sets {flag}={value!r}; this port implements apple/ml-starflow's released text-to-image "
+                f"{settings.origin(flag)}; this port implements apple/ml-starflow's released text-to-image "
                 f"architecture only ({flag}={supported!r})"
             )
     if settings.get("use_pretrained_lm") not in (None, "None"):
         raise ValueError("use_pretrained_lm models (a Gemma deep block) are not supported by this port")
 
 
-def starflow_config_from_apple(
-    state_shapes: Mapping[str, Any], yaml_dict: Mapping[str, Any] | None = None, source: str = "the yaml"
-) -> StarFlowConfig:
-    """The StarFlowConfig of an Apple state dict, from its keys and shapes (`state_shapes`: key -> shape, or
-    tensors) and Apple's yaml settings (`yaml_dict`, as `read_apple_yaml` returns them; None: the released 3B
-    yaml's values). Contradictions between the two raise ValueError."""
-    shapes = {
-        key: tuple(value.shape) if hasattr(value, "shape") else tuple(value) for key, value in state_shapes.items()
-    }
-    settings = {**APPLE_PARSER_DEFAULTS, **SUPPORTED_FLAGS, **RELEASED_YAML}
-    if yaml_dict is not None:
-        settings = {**APPLE_PARSER_DEFAULTS, **yaml_dict}
-    else:  # the released values fill in what the weights cannot tell; the architecture is the weights' own
-        source = None
-    _check_flags(settings)
-    blocks = _block_indices(shapes, r"^blocks\.(\d+)\.")
+def _transformer_sizes(shapes: Mapping[str, tuple[int, ...]], settings: AppleSettings) -> dict[str, Any]:
+    """Blocks, layers, widths and text width, read off the weights (and checked against the settings)."""
+    blocks = key_indices(shapes, r"^blocks\.(\d+)\.")
     if not blocks or blocks != list(range(len(blocks))):
         raise ValueError(f"the checkpoint's blocks are numbered {blocks}; expected blocks.0 .. blocks.N-1")
-    layers = [len(_block_indices(shapes, rf"^blocks\.{i}\.attn_blocks\.(\d+)\.")) for i in blocks]
+    layers = [len(key_indices(shapes, rf"^blocks\.{i}\.attn_blocks\.(\d+)\.")) for i in blocks]
     deep = blocks[-1]
-    width, patch_dim = _shape_of(shapes, "blocks.0.proj_in.weight", 2)
-    deep_width = _shape_of(shapes, f"blocks.{deep}.proj_in.weight", 2)[0]
-    fc1 = _shape_of(shapes, "blocks.0.attn_blocks.0.mlp.main.0.weight", 2)[0] if layers[0] else 4 * width
-    text_hidden = (
-        _shape_of(shapes, f"blocks.{deep}.proj_txt.weight", 2)[1] if f"blocks.{deep}.proj_txt.weight" in shapes else 0
-    )
+    width = _shape(shapes, "blocks.0.proj_in.weight", 2)[0]
+    deep_width = _shape(shapes, f"blocks.{deep}.proj_in.weight", 2)[0]
+    fc1 = _shape(shapes, "blocks.0.attn_blocks.0.mlp.main.0.weight", 2)[0] if layers[0] else 4 * width
+    text_key = f"blocks.{deep}.proj_txt.weight"
     yaml_layers = settings.get("layers_per_block")
     if isinstance(yaml_layers, int):  # Apple repeats a single value for every block
         yaml_layers = [yaml_layers] * len(blocks)
-    layers = _agree("layers_per_block", layers, yaml_layers, source)
-    _agree("channels", width, settings.get("channels"), source)
+    _agree("layers_per_block", layers, yaml_layers, settings)
+    _agree("channels", width, settings.size("channels"), settings)
     if settings.get("top_block_channels") not in (None, 0):
-        _agree("top_block_channels", deep_width, settings["top_block_channels"], source)
+        _agree("top_block_channels", deep_width, settings.size("top_block_channels"), settings)
+    return {
+        "hidden_size": width,
+        "deep_hidden_size": deep_width,
+        "layers_per_block": layers,
+        "mlp_ratio": fc1 // width,
+        "text_hidden_size": _shape(shapes, text_key, 2)[1] if text_key in shapes else 0,
+    }
 
-    # The deprecated buffers give the training grid, the text length and the head size exactly.
-    grid_tokens = shapes["var"][0] if "var" in shapes else None
-    positions = shapes["blocks.0.attn_mask"][0] if "blocks.0.attn_mask" in shapes else None
-    head_dim = shapes["feat_rope.freqs_cos"][1] if "feat_rope.freqs_cos" in shapes else None
-    head_dim = _agree("head_dim", head_dim, settings.get("head_dim", 64), source)
-    channels = settings.get("channel_size", 4)
-    patch = math.isqrt(patch_dim // channels) if patch_dim % channels == 0 else 0
-    if patch * patch * channels != patch_dim:
+
+def _patch_size(patch_dim: int, settings: AppleSettings) -> int:
+    """p with the token width = channel_size * p**2."""
+    channels = settings.size("channel_size")
+    patch = math.isqrt(patch_dim // channels) if channels and patch_dim % channels == 0 else 0
+    if not patch or patch * patch * channels != patch_dim:
         raise ValueError(
-            f"the token width {patch_dim} is not channel_size={channels} times a square patch; give the yaml's "
-            "channel_size"
+            f"{settings.origin('channel_size')}, but the checkpoint's token width {patch_dim} is not channel_size "
+            "times a square patch"
         )
-    patch = _agree("patch_size", patch, settings.get("patch_size"), source)
+    return _agree("patch_size", patch, settings.size("patch_size"), settings)
+
+
+def _grid(grid_tokens: int | None, patch: int, settings: AppleSettings) -> int:
+    """The side of the training latent grid: from the `var` buffer (grid**2 rows), else from img_size."""
     grid = math.isqrt(grid_tokens) if grid_tokens is not None else None
     if grid is not None and grid * grid != grid_tokens:
         raise ValueError(f"'var' has {grid_tokens} rows, not a square grid")
-    yaml_grid = settings["img_size"] // VAE_DOWNSAMPLING // patch if settings.get("img_size") else None
-    grid = _agree("img_size / (8 * patch_size)", grid, yaml_grid, source)
+    img_size = settings.size("img_size")
+    yaml_grid = img_size // VAE_DOWNSAMPLING // patch if img_size else None
     if grid is None:
-        raise ValueError("the checkpoint has no 'var' buffer and no img_size was given: the training size is unknown")
+        if yaml_grid is None:
+            raise ValueError(
+                "the checkpoint has no 'var' buffer and no img_size was given: the training size is unknown"
+            )
+        return yaml_grid
+    if settings.source is not None and yaml_grid is not None and yaml_grid != grid:
+        pixels = grid * patch * VAE_DOWNSAMPLING
+        raise _contradiction(
+            settings, "img_size", f"a {grid}x{grid} latent grid of patch {patch} ({pixels} pixels)", pixels
+        )
+    return grid
+
+
+def _latent_sizes(shapes: Mapping[str, tuple[int, ...]], settings: AppleSettings, has_text: bool) -> dict[str, Any]:
+    """Latent channels, patch, training grid, head size and text length. Apple's deprecated buffers, when the
+    checkpoint has them, give the grid (`var`), the text length (`attn_mask`) and the head size (`feat_rope`)."""
+    positions = shapes["blocks.0.attn_mask"][0] if "blocks.0.attn_mask" in shapes else None
+    head_dim = shapes["feat_rope.freqs_cos"][1] if "feat_rope.freqs_cos" in shapes else None
+    head_dim = _agree("head_dim", head_dim, settings.size("head_dim"), settings)
+    patch = _patch_size(_shape(shapes, "blocks.0.proj_in.weight", 2)[1], settings)
+    grid = _grid(shapes["var"][0] if "var" in shapes else None, patch, settings)
     text_length = positions - grid * grid if positions is not None else None
-    text_length = _agree("txt_size", text_length, settings.get("txt_size"), source) if text_hidden else 0
+    text_length = _agree("txt_size", text_length, settings.size("txt_size"), settings) if has_text else 0
+    return {
+        "sample_size": grid * patch,
+        "in_channels": settings.size("channel_size"),
+        "patch_size": patch,
+        "head_dim": head_dim,
+        "max_text_length": text_length or 0,
+    }
+
+
+def config_from_settings(state_or_shapes: Mapping[str, Any], settings: AppleSettings) -> StarFlowConfig:
+    """The StarFlowConfig of an Apple state dict (its tensors, or key -> shape) trained with `settings`.
+    Contradictions between the two raise ValueError naming the yaml key (or Apple's default)."""
+    shapes = {
+        key: tuple(value.shape) if hasattr(value, "shape") else tuple(value) for key, value in state_or_shapes.items()
+    }
+    _check_flags(settings)
+    sizes = _transformer_sizes(shapes, settings)
     return StarFlowConfig(
-        sample_size=grid * patch,
-        in_channels=channels,
-        patch_size=patch,
-        hidden_size=width,
-        deep_hidden_size=deep_width,
-        layers_per_block=layers,
-        head_dim=head_dim,
-        mlp_ratio=fc1 // width,
-        soft_clip=float(settings.get("soft_clip", 0.0) or 0.0),
-        noise_std=float(settings.get("noise_std", 0.0) or 0.0),
-        text_hidden_size=text_hidden,
-        max_text_length=text_length or 0,
-        latent_norm_regularization=float(settings.get("latent_norm_regularization", 0.0) or 0.0),
+        **sizes,
+        **_latent_sizes(shapes, settings, has_text=sizes["text_hidden_size"] > 0),
+        soft_clip=settings.number("soft_clip"),
+        noise_std=settings.number("noise_std"),
+        latent_norm_regularization=settings.number("latent_norm_regularization"),
     )
+
+
+def starflow_config_from_apple(
+    state_or_shapes: Mapping[str, Any], yaml_dict: Mapping[str, Any] | None = None, source: str = "the yaml"
+) -> StarFlowConfig:
+    """The StarFlowConfig of an Apple state dict, from its keys and shapes (its tensors, or key -> shape) and
+    Apple's yaml settings (`yaml_dict`, as `read_apple_yaml` returns them, named `source` in errors;
+    None: the released 3B yaml's values). Contradictions between the two raise ValueError."""
+    settings = AppleSettings.released() if yaml_dict is None else AppleSettings.from_yaml(yaml_dict, source)
+    return config_from_settings(state_or_shapes, settings)
 
 
 def describe_config(config: StarFlowConfig) -> str:
@@ -332,32 +440,19 @@ def describe_config(config: StarFlowConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _check_values(state: Mapping[str, torch.Tensor], source: str) -> None:
-    not_float = [f"{key!r} ({tensor.dtype})" for key, tensor in state.items() if not tensor.is_floating_point()]
-    if not_float:
-        raise ValueError(f"{source}: every weight must be a floating-point tensor; got {', '.join(not_float[:6])}")
-
-
 def model_from_apple_state_dict(
     state: Mapping[str, torch.Tensor], config: StarFlowConfig, source: str = "the checkpoint"
 ) -> StarFlowModel:
     """A StarFlowModel that uses the tensors of `state` as its weights (no copy: built on the meta device, the
     tensors assigned). Apple's deprecated buffers are optional (older or stripped files may lack them)."""
     expected = expected_apple_shapes(config)
-    optional = [key for key in expected if _DROPPED.match(key) and key not in state]
-    for key in optional:
+    for key in [key for key in expected if _DROPPED.match(key) and key not in state]:
         expected.pop(key)
     check_state_dict(state, expected, source, f"the configuration {describe_config(config)}")
-    _check_values(state, source)
+    check_weight_values(state, source)
     model = meta_model(StarFlowModel, config)
     model.load_state_dict(apple_to_hf_state_dict(state), strict=True, assign=True)
     return model.eval()
-
-
-def _yaml_settings(config_yaml: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if config_yaml is None or isinstance(config_yaml, Mapping):
-        return None if config_yaml is None else dict(config_yaml)
-    return read_apple_yaml(config_yaml)
 
 
 def assumed_settings_note() -> str:
@@ -365,6 +460,25 @@ def assumed_settings_note() -> str:
     shown = ("noise_std", "soft_clip", "channel_size", "latent_norm_regularization", "head_dim", "img_size", "txt_size")
     values = ", ".join(f"{key} {RELEASED_YAML[key]}" for key in shown)
     return f"no --config given: assuming the released {RELEASED_YAML_NAME} values ({values})"
+
+
+def _settings(config_yaml: str | os.PathLike | Mapping[str, Any] | None, warn_assumed: bool) -> AppleSettings:
+    if config_yaml is None and warn_assumed:
+        from transformers.utils import logging
+
+        logging.get_logger(__name__).warning(assumed_settings_note())
+    return apple_settings(config_yaml)
+
+
+def _load(path: str | os.PathLike, settings: AppleSettings) -> StarFlowModel:
+    source = f"checkpoint {os.fspath(path)}"
+    state = load_apple_state_dict(path)
+    if not is_starflow_state_dict(state):
+        raise ValueError(
+            f"{source} is not an apple/ml-starflow checkpoint (no start tokens or final norms among its keys: an "
+            "ml-tarflow checkpoint converts with `tarflow-hf convert`, which recognises both)"
+        )
+    return model_from_apple_state_dict(state, config_from_settings(state, settings), source)
 
 
 def load_ml_starflow_checkpoint(
@@ -381,178 +495,117 @@ def load_ml_starflow_checkpoint(
     >>> model = load_ml_starflow_checkpoint("ckpts/starflow_3B_t2i_256x256.pth", "configs/starflow_3B_t2i_256x256.yaml")
     ```
     """
-    source = f"checkpoint {os.fspath(path)}"
-    settings = _yaml_settings(config_yaml)
-    if settings is None and warn_assumed:
-        from transformers.utils import logging
-
-        logging.get_logger(__name__).warning(assumed_settings_note())
-    state = load_apple_state_dict(path)
-    if not is_starflow_checkpoint_keys(list(state)):
-        raise ValueError(
-            f"{source} is not an apple/ml-starflow checkpoint (no start tokens or final norms among its keys: an "
-            "ml-tarflow checkpoint converts with `tarflow-hf convert`, which recognises both)"
-        )
-    yaml_source = "the released yaml" if settings is None else f"config {os.fspath(config_yaml)}"
-    config = starflow_config_from_apple(state, settings, yaml_source)
-    return model_from_apple_state_dict(state, config, source)
-
-
-# -------------------------------------------------------------------------------------------- model card
-def conversion_note(source: str) -> str:
-    """What a converted folder is: Apple's tensors, renamed, in another file format."""
-    return (
-        f"A format conversion of Apple's STARFlow checkpoint `{Path(source).name}` (\"STARFlow: Scaling Latent "
-        'Normalizing Flows for High-resolution Image Synthesis", Gu et al. 2025; code and weights: '
-        "[apple/ml-starflow](https://github.com/apple/ml-starflow)) for tarflow-hf. The tensors are Apple's, "
-        "unchanged; only their names and file format differ, and `tarflow-hf convert --reverse` writes the original "
-        "`.pth` back. All credit for the model goes to its authors at Apple."
-    )
-
-
-def model_card(config: StarFlowConfig, source: str, has_license_file: bool = False) -> str:
-    """README.md of a converted folder: what it is, where it comes from, and the weights' license (with a warning
-    when the folder does not carry the license's text)."""
-    return f"""---
-library_name: transformers
-license: other
-license_name: apple-amlr
-license_link: https://github.com/apple/ml-starflow/blob/main/LICENSE_MODEL
-tags:
-- starflow
-- normalizing-flow
-- text-to-image
----
-
-# STARFlow (converted)
-
-{conversion_note(source)}
-
-**License.** {APPLE_AMLR.card_text(has_license_file)} All credit for the model goes to its authors at Apple.
-
-Configuration: {describe_config(config)}; training noise std {config.noise_std}, soft clip {config.soft_clip}.
-
-```python
-from tarflow_hf.modeling_starflow import StarFlowModel
-
-model = StarFlowModel.from_pretrained("path/to/this/folder")
-```
-"""
+    return _load(path, _settings(config_yaml, warn_assumed))
 
 
 # ------------------------------------------------------------------------------------------ conversions
+def conversion_note(checkpoint: str | os.PathLike) -> str:
+    """What a converted folder is (its card's description): Apple's tensors, renamed, in another file format."""
+    return (
+        f"A format conversion of Apple's {STARFLOW.title} checkpoint `{Path(checkpoint).name}` (code and weights: "
+        f"[apple/ml-starflow]({APPLE_STARFLOW_REPOSITORY})) for tarflow-hf. The tensors are Apple's, unchanged; only "
+        "their names and file format differ, and `tarflow-hf convert --reverse` writes the original `.pth` back."
+    )
+
+
+def _write_model_folder(
+    model: StarFlowModel, folder: Path, checkpoint: Path, license_file: str | os.PathLike | None, shown_as: str
+) -> None:
+    """The converted model with its code and `auto_map` (so `AutoModel`, with `trust_remote_code` where tarflow-hf
+    is not installed, loads it), the license text when given, and the model card (`tarflow_hf.hub`'s, for a bare
+    model folder, naming the folder `shown_as`)."""
+    from .hub import model_folder_card
+
+    register_auto_classes()  # save_pretrained writes the code and `auto_map` of registered classes only
+    model.save_pretrained(folder)
+    if license_file is not None:
+        shutil.copyfile(license_file, folder / "LICENSE")
+    card = model_folder_card(model, repo_id=shown_as, description=conversion_note(checkpoint), folder=folder)
+    card.save(folder / "README.md")
+
+
+def _prepare(
+    checkpoint: Path,
+    output_dir: Path,
+    config_yaml: Any,
+    license_file: Any,
+    overwrite: bool,
+    warn_assumed: bool,
+    **local: Any,
+) -> tuple[AppleSettings, dict[str, Any]]:
+    """What every conversion checks before the (long) loading: the license file, the yaml, and that the destination
+    may be written without touching any input (the checkpoint, yaml, license file and `local` component folders),
+    which it returns with the settings."""
+    if license_file is not None:
+        check_input_file(license_file, "license file")
+    settings = _settings(config_yaml, warn_assumed)
+    config_file = None if isinstance(config_yaml, Mapping) else config_yaml
+    inputs = {"the checkpoint": checkpoint, "the config": config_file, "the license file": license_file, **local}
+    check_output_folder(output_dir, overwrite, inputs)
+    return settings, inputs
+
+
 def convert_ml_starflow_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    config_yaml: str | os.PathLike | None = None,
+    config_yaml: str | os.PathLike | Mapping[str, Any] | None = None,
     license_file: str | os.PathLike | None = None,
     overwrite: bool = False,
     warn_assumed: bool = True,
 ) -> StarFlowConfig:
-    """Convert an Apple `.pth` into a model folder (`config.json`, `model.safetensors`, a model card, and the
-    license text when `license_file` is given), written atomically. Returns the configuration."""
+    """Convert an Apple `.pth` into a model folder (`config.json`, `model.safetensors`, the model's code, a model
+    card, and the license text when `license_file` is given), written atomically. `overwrite` replaces an earlier
+    conversion's folder, never one holding the inputs or anything a conversion does not write. Returns the
+    configuration."""
+    from .hub import display_name
+
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    if license_file is not None and not Path(license_file).is_file():
-        raise FileNotFoundError(f"license file not found: {license_file}")
-    model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
-    with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_tarflow_folder) as tmp:
-        _write_model_folder(model, tmp, checkpoint, license_file)
+    settings, inputs = _prepare(checkpoint, output_dir, config_yaml, license_file, overwrite, warn_assumed)
+    model = _load(checkpoint, settings)
+    with atomic_folder(output_dir, overwrite=overwrite, may_replace=replaceable_output(inputs)) as tmp:
+        _write_model_folder(model, tmp, checkpoint, license_file, display_name(output_dir))
     return model.config
 
 
-def _write_model_folder(
-    model: StarFlowModel, folder: Path, checkpoint: Path, license_file: str | os.PathLike | None
-) -> None:
-    """The converted model with its code and `auto_map` (so `AutoModel`, with `trust_remote_code` where tarflow-hf
-    is not installed, loads it), its card, and the license text when given."""
-    register_auto_classes()  # save_pretrained writes the code and `auto_map` of registered classes only
-    model.save_pretrained(folder)
-    card = model_card(model.config, str(checkpoint), has_license_file=license_file is not None)
-    (folder / "README.md").write_text(card, encoding="utf-8")
-    if license_file is not None:
-        shutil.copyfile(license_file, folder / "LICENSE")
+def _component_name(given: str | None, settings: AppleSettings, key: str, released: str) -> tuple[str, str]:
+    """A pipeline component's name and where it comes from: the flag, else the yaml's `key` (Apple's code loads
+    what its yaml names), else Apple's released choice."""
+    if given:
+        return given, ""
+    if settings.source is not None and settings.get(key):
+        return str(settings.get(key)), f", named by {settings.source}'s {key!r}"
+    return released, ""
 
 
-def _model_directory(folder: Path) -> Path:
-    check_folder(folder, "a converted model folder")
-    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
-        folder = folder / "transformer"  # a pipeline folder, or a --transformer-only conversion
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not a model folder (config.json + model.safetensors)")
-    return folder
-
-
-def read_starflow_folder(folder: str | os.PathLike) -> tuple[StarFlowConfig, dict[str, torch.Tensor]]:
-    """The config and the exact stored tensors of a converted (or saved) StarFlow model folder."""
-    from safetensors.torch import load_file
-
-    model_dir = _model_directory(Path(folder))
-    config = read_model_config(model_dir, StarFlowConfig)
-    index = model_dir / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    )
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        if not (model_dir / file).is_file():
-            raise FileNotFoundError(f"no {file} in {model_dir}")
-        state.update(load_file(model_dir / file))
-    check_state_dict(state, expected_hf_shapes(config), f"the weights in {model_dir}", "its config.json")
-    return config, state
-
-
-def export_ml_starflow_checkpoint(
-    model_or_folder: StarFlowModel | str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False
-) -> Path:
-    """Write a StarFlowModel (or a converted folder) as an Apple `.pth`: Apple's keys and order, the weights as
-    they are, and the deprecated buffers restored, so that `load_state_dict` in Apple's code takes it as is."""
-    path = Path(path)
-    if path.is_dir():
-        raise FileExistsError(f"output {path} is a directory; give a .pth file path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output file {path} exists; pass --overwrite to replace it")
-    if isinstance(model_or_folder, StarFlowModel):
-        config, state = model_or_folder.config, {k: v.detach() for k, v in model_or_folder.state_dict().items()}
-    else:
-        config, state = read_starflow_folder(model_or_folder)
-    apple = hf_to_apple_state_dict(state, config)
-    with atomic_file(path) as tmp:
-        torch.save(apple, tmp)
-    return path
-
-
-# ------------------------------------------------------------------------------------------ pipelines
-def is_converted_folder(folder: Path) -> bool:
-    """What `--overwrite` may replace: a TarFlow/STARFlow pipeline or model folder, or a `--transformer-only`
-    output (a folder whose `transformer/` is a STARFlow or TarFlow model folder)."""
-    return is_tarflow_folder(folder) or is_tarflow_folder(folder / "transformer")
-
-
-def _load_component(kind: str, load: Any, name: str) -> Any:
+def _load_component(kind: str, load: Any, name: str, origin: str = "") -> Any:
     try:
         return load(name)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         flag = "--text-encoder" if kind != "VAE" else "--vae"
         raise ValueError(
-            f"could not load the {kind} {name!r} ({first_line}); give a local folder with {flag}, or convert the "
-            "transformer alone with --transformer-only"
+            f"could not load the {kind} {name!r}{origin} ({first_line}); give a local folder with {flag}, or convert "
+            "the transformer alone with --transformer-only"
         ) from None
 
 
-def load_pipeline_components(text_encoder: str | None = None, vae: str | None = None) -> dict[str, Any]:
+def load_pipeline_components(
+    text_encoder: str | None = None, vae: str | None = None, settings: AppleSettings | None = None
+) -> dict[str, Any]:
     """The components around a STARFlow transformer: T5's encoder (only the encoder's weights are loaded) and its
-    tokenizer from `text_encoder`, and a diffusers AutoencoderKL from `vae` (defaults: Apple's choices)."""
+    tokenizer from `text_encoder`, and a diffusers AutoencoderKL from `vae`; by default what the yaml `settings`
+    name (`text`, `vae`), else Apple's released choices."""
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
-    text_encoder = text_encoder or STARFLOW_TEXT_ENCODER
-    vae = vae or STARFLOW_VAE
+    settings = settings or AppleSettings.released()
+    text_encoder, text_origin = _component_name(text_encoder, settings, "text", STARFLOW_TEXT_ENCODER)
+    vae, vae_origin = _component_name(vae, settings, "vae", STARFLOW_VAE)
     return {
-        "text_encoder": _load_component("text encoder", T5EncoderModel.from_pretrained, text_encoder).eval(),
-        "tokenizer": _load_component("tokenizer", AutoTokenizer.from_pretrained, text_encoder),
-        "vae": _load_component("VAE", AutoencoderKL.from_pretrained, vae).eval(),
+        "text_encoder": _load_component("text encoder", T5EncoderModel.from_pretrained, text_encoder, text_origin),
+        "tokenizer": _load_component("tokenizer", AutoTokenizer.from_pretrained, text_encoder, text_origin),
+        "vae": _load_component("VAE", AutoencoderKL.from_pretrained, vae, vae_origin),
     }
 
 
@@ -560,7 +613,7 @@ def convert_ml_starflow_pipeline(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    config_yaml: str | os.PathLike | None = None,
+    config_yaml: str | os.PathLike | Mapping[str, Any] | None = None,
     license_file: str | os.PathLike | None = None,
     text_encoder: str | None = None,
     vae: str | None = None,
@@ -569,79 +622,69 @@ def convert_ml_starflow_pipeline(
     warn_assumed: bool = True,
 ) -> StarFlowConfig:
     """Convert an Apple `.pth` into a `StarFlowPipeline` folder (`StarFlowPipeline.from_pretrained(output_dir)`):
-    the converted transformer, T5's encoder and tokenizer from `text_encoder`, the VAE from `vae`, the model card
-    and (with `license_file`) the license as `LICENSE`. With `transformer_only`, `output_dir/transformer/` alone
-    (with its card and license). Written atomically; the components are loaded before anything is written."""
+    the converted transformer, T5's encoder and tokenizer from `text_encoder`, the VAE from `vae` (default: what
+    the yaml names, else Apple's released choices), the model card and (with `license_file`) the license as
+    `LICENSE`. With `transformer_only`, `output_dir/transformer/` alone (with its card and license). Written
+    atomically; the destination is checked and the components are loaded before anything is written."""
+    from .hub import display_name
+
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    if license_file is not None and not Path(license_file).is_file():
-        raise FileNotFoundError(f"license file not found: {license_file}")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"output {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()):  # refused before the (long) loading, not after
-        if not overwrite:
-            raise FileExistsError(
-                f"output directory {output_dir} exists and is not empty; pass --overwrite to replace it"
-            )
-        if not is_converted_folder(output_dir):
-            raise FileExistsError(
-                f"refusing to replace {output_dir}: it is not a TarFlow/STARFlow pipeline or model folder; remove it "
-                "yourself or choose another output directory"
-            )
-    model = load_ml_starflow_checkpoint(checkpoint, config_yaml, warn_assumed=warn_assumed)
-    check_finite(model.state_dict(), f"checkpoint {checkpoint}")
-    components = None if transformer_only else load_pipeline_components(text_encoder, vae)
-    with atomic_folder(output_dir, overwrite=overwrite, may_replace=is_converted_folder) as tmp:
+    local = {} if transformer_only else {"the text encoder": text_encoder, "the VAE": vae}
+    settings, inputs = _prepare(checkpoint, output_dir, config_yaml, license_file, overwrite, warn_assumed, **local)
+    model = _load(checkpoint, settings)
+    components = None if transformer_only else load_pipeline_components(text_encoder, vae, settings)
+    shown_as = display_name(output_dir)
+    with atomic_folder(output_dir, overwrite=overwrite, may_replace=replaceable_output(inputs)) as tmp:
         if components is None:
-            _write_model_folder(model, tmp / "transformer", checkpoint, license_file)
+            _write_model_folder(model, tmp / "transformer", checkpoint, license_file, f"{shown_as}/transformer")
         else:  # the pipeline's card (tarflow_hf.hub), told that this is a conversion, and checking for LICENSE
             from .pipeline_starflow import StarFlowPipeline
 
             if license_file is not None:
                 shutil.copyfile(license_file, tmp / "LICENSE")
-            pipeline = StarFlowPipeline(transformer=model, **components)
-            description = conversion_note(str(checkpoint))
-            pipeline.save_pretrained(tmp, model_card={"description": description, "repo_id": output_dir.name})
+            card = {"description": conversion_note(checkpoint), "repo_id": shown_as}
+            StarFlowPipeline(transformer=model, **components).save_pretrained(tmp, model_card=card)
     return model.config
 
 
-def is_starflow_source(path: str | os.PathLike) -> bool:
-    """True when `path` is an apple/ml-starflow `.pth` (by its keys, read memory-mapped) or a STARFlow model folder
-    (config.json, or transformer/config.json, with model_type "starflow"); False for anything else, unreadable
-    files included (the ml-tarflow converter then reports what is wrong)."""
-    path = Path(path)
-    if path.is_dir():
-        for config_file in (path / "config.json", path / "transformer" / "config.json"):
-            try:
-                if json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == StarFlowConfig.model_type:
-                    return True
-            except (OSError, ValueError, AttributeError):
-                continue
-        return False
-    try:
-        state = load_apple_state_dict(path)
-    except (OSError, ValueError):
-        return False
-    return is_starflow_checkpoint_keys(list(state))
+# ---------------------------------------------------------------------------------------------- reverse
+def read_starflow_folder(folder: str | os.PathLike) -> tuple[StarFlowConfig, dict[str, torch.Tensor]]:
+    """The config and the exact stored tensors of a converted (or saved) StarFlow pipeline or model folder."""
+    return read_converted_folder(folder, StarFlowConfig, expected_hf_shapes, STARFLOW.title)
 
 
-def is_starflow_checkpoint_keys(keys: Sequence[str]) -> bool:
-    """True for the keys of an apple/ml-starflow state dict (start tokens, RMSNorm, text projection), as opposed to
-    an ml-tarflow one: lets `tarflow-hf convert` dispatch on the checkpoint."""
-    return any(key.endswith(".sos_embed") or key.endswith(".final_norm.weight") for key in keys)
+def export_ml_starflow_checkpoint(
+    model_or_folder: StarFlowModel | str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write a StarFlowModel (or a converted folder) as an Apple `.pth`: Apple's keys and order, the weights as
+    they are, and the deprecated buffers restored, so that `load_state_dict` in Apple's code takes it as is.
+    `overwrite` replaces an earlier `.pth`, never another file nor a file of the folder."""
+    in_memory = isinstance(model_or_folder, StarFlowModel)
+    path = check_output_file(path, overwrite, None if in_memory else model_or_folder)
+    if in_memory:
+        config, state = model_or_folder.config, {k: v.detach() for k, v in model_or_folder.state_dict().items()}
+    else:
+        config, state = read_starflow_folder(model_or_folder)
+    return save_apple_state_dict(hf_to_apple_state_dict(state, config), path)
 
 
 __all__ = [
+    "AppleSettings",
+    "apple_settings",
     "apple_to_hf_state_dict",
+    "config_from_settings",
+    "conversion_note",
     "convert_ml_starflow_checkpoint",
     "convert_ml_starflow_pipeline",
     "deprecated_buffers",
+    "describe_config",
+    "expected_apple_shapes",
+    "expected_hf_shapes",
     "export_ml_starflow_checkpoint",
     "hf_to_apple_state_dict",
-    "is_converted_folder",
-    "is_starflow_checkpoint_keys",
-    "is_starflow_source",
     "load_ml_starflow_checkpoint",
     "load_pipeline_components",
     "read_apple_yaml",
+    "read_starflow_folder",
     "starflow_config_from_apple",
 ]

@@ -287,12 +287,19 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _flags(actions: list[argparse.Action]) -> tuple[tuple[str, str], ...]:
+    """(flag, argument name) of each option."""
+    return tuple((action.option_strings[0], action.dest) for action in actions)
+
+
 def convert(parser: argparse.ArgumentParser) -> None:
-    """`tarflow-hf convert`."""
+    """`tarflow-hf convert`. Each family's options are grouped, and the groups' flags go into the namespace
+    (`family_flags`: family name -> (flag, argument name)), so the command refuses the other family's by them."""
     parser.add_argument(
         "source",
         metavar="CHECKPOINT",
-        help="apple/ml-tarflow .pth state dict (with --reverse: a converted pipeline or model folder)",
+        help="apple/ml-tarflow or apple/ml-starflow .pth state dict (with --reverse: a converted pipeline or model "
+        "folder)",
     )
     parser.add_argument(
         "destination", metavar="OUTPUT", help="pipeline folder to create (with --reverse: the .pth file to write)"
@@ -301,55 +308,85 @@ def convert(parser: argparse.ArgumentParser) -> None:
         "--reverse", action="store_true", help="convert a pipeline or model folder back to an Apple .pth"
     )
     parser.add_argument(
-        "--noise-std",
-        type=non_negative_float,
-        default=None,
-        metavar="S",
-        help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
-        f"{APPLE_TARFLOW_FILE_NAME})",
-    )
-    parser.add_argument(
-        "--in-channels",
-        type=positive_int,
-        default=None,
-        metavar="C",
-        help=f"image channels: the patch dimension is channels x patch**2 (default {APPLE_TARFLOW_CHANNELS})",
-    )
-    parser.add_argument(
-        "--labels",
-        default=None,
-        metavar="|".join((*LABEL_CHOICES, "FILE.json")),
-        help="class names: a shipped table, none (generic names), or a JSON list / {'0': name} file "
-        "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    starflow = parser.add_argument_group("apple/ml-starflow checkpoints (recognised by their weights)")
-    starflow.add_argument(
-        "--config",
-        default=None,
-        metavar="FILE.yaml",
-        help="Apple's training config (default: the released configs/starflow_3B_t2i_256x256.yaml values)",
-    )
-    starflow.add_argument(
-        "--license-file",
-        default=None,
-        metavar="FILE",
-        help="copy this license text (Apple's LICENSE_MODEL) into the output as LICENSE",
-    )
-    starflow.add_argument(
-        "--transformer-only",
+        "--overwrite",
         action="store_true",
-        help="write the converted model alone (OUTPUT/transformer/), without text encoder, tokenizer and VAE",
+        help="replace an earlier conversion's output folder (refused when it holds anything a conversion does not "
+        "write, or the input) or .pth file",
     )
-    starflow.add_argument(
-        "--text-encoder",
-        default=None,
-        metavar="ID_OR_PATH",
-        help=f"T5 model whose encoder and tokenizer the pipeline uses (default: {STARFLOW_TEXT_ENCODER})",
-    )
-    starflow.add_argument(
-        "--vae", default=None, metavar="ID_OR_PATH", help=f"diffusers AutoencoderKL (default: {STARFLOW_VAE})"
-    )
+    tarflow = parser.add_argument_group("apple/ml-tarflow checkpoints")
+    tarflow_flags = [
+        tarflow.add_argument(
+            "--noise-std",
+            type=non_negative_float,
+            default=None,
+            metavar="S",
+            help="std of the Gaussian noise the model was trained with (default: from Apple's file name, "
+            f"{APPLE_TARFLOW_FILE_NAME})",
+        ),
+        tarflow.add_argument(
+            "--in-channels",
+            type=positive_int,
+            default=None,
+            metavar="C",
+            help=f"image channels: the patch dimension is channels x patch**2 (default {APPLE_TARFLOW_CHANNELS})",
+        ),
+        tarflow.add_argument(
+            "--labels",
+            default=None,
+            metavar="|".join((*LABEL_CHOICES, "FILE.json")),
+            help="class names: a shipped table, none (generic names), or a JSON list / {'0': name} file "
+            "(default: from the file name's dataset: afhq, imagenet; imagenet64 is unconditional)",
+        ),
+    ]
+    starflow = parser.add_argument_group("apple/ml-starflow checkpoints (recognised by their weights)")
+    starflow_flags = [
+        starflow.add_argument(
+            "--config",
+            default=None,
+            metavar="FILE.yaml",
+            help="Apple's training config (default: the released configs/starflow_3B_t2i_256x256.yaml values)",
+        ),
+        starflow.add_argument(
+            "--license-file",
+            default=None,
+            metavar="FILE",
+            help="copy this license text (Apple's LICENSE_MODEL) into the output as LICENSE",
+        ),
+        starflow.add_argument(
+            "--transformer-only",
+            action="store_true",
+            help="write the converted model alone (OUTPUT/transformer/), without text encoder, tokenizer and VAE",
+        ),
+        starflow.add_argument(
+            "--text-encoder",
+            default=None,
+            metavar="ID_OR_PATH",
+            help="T5 model whose encoder and tokenizer the pipeline uses (default: the one --config names, else "
+            f"{STARFLOW_TEXT_ENCODER})",
+        ),
+        starflow.add_argument(
+            "--vae",
+            default=None,
+            metavar="ID_OR_PATH",
+            help=f"diffusers AutoencoderKL (default: the one --config names, else {STARFLOW_VAE})",
+        ),
+    ]
+    parser.set_defaults(family_flags={"tarflow": _flags(tarflow_flags), "starflow": _flags(starflow_flags)})
+
+
+# The samplers and guidance rules, as `--sampler` and `--guidance-rule` take them (`tarflow_hf.samplers`,
+# `tarflow_hf.guidance`: written out here so that `--help` imports no torch).
+SAMPLER_HELP = (
+    "how each flow block is inverted, NAME[:key=value,...]: sequential (exact, the default), "
+    "jacobi[:tolerance=1e-4,window=N,max_iterations=N,sequential_blocks=0] (parallel; about 1e-2 in bf16), "
+    "newton[:tolerance=1e-4,sequential_blocks=0] (fewer passes, far more compute), "
+    "block_jacobi[:block_size=16,threshold=1e-3,max_iterations=32,sequential_blocks=0] (Apple's, approximate)"
+)
+GUIDANCE_RULE_HELP = (
+    "how guidance combines the branches, NAME[:key=value,...]: extrapolate (TarFlow's) or gaussian_product "
+    "(STARFlow's), with target=both|scale|shift, schedule=constant|linear (annealed), unconditional_temperature=T "
+    "(default: the model's own rule)"
+)
 
 
 def sample(parser: argparse.ArgumentParser) -> None:

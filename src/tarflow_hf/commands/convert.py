@@ -12,50 +12,51 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..registry import APPLE_AMLR, FAMILIES, STARFLOW, ModelFamily
 from . import CommandError
 
-# (flag, argument name) of the options that apply to one family's checkpoints only.
-TARFLOW_FLAGS = (("--noise-std", "noise_std"), ("--in-channels", "in_channels"), ("--labels", "labels"))
-STARFLOW_FLAGS = (
-    ("--config", "config"),
-    ("--license-file", "license_file"),
-    ("--transformer-only", "transformer_only"),
-    ("--text-encoder", "text_encoder"),
-    ("--vae", "vae"),
-)
+
+def _origin(family: ModelFamily) -> str:
+    """How the messages name a family's checkpoints: `TarFlow (apple/ml-tarflow)`."""
+    return f"{family.title} (apple/ml-{family.name})"
 
 
 def _given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list[str]:
     return [flag for flag, name in flags if getattr(args, name, None) not in (None, False)]
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import convert_starflow
-
-    starflow = convert_starflow.is_starflow_source(args.source)
-    own, other = (STARFLOW_FLAGS, TARFLOW_FLAGS) if starflow else (TARFLOW_FLAGS, STARFLOW_FLAGS)
-    misplaced = _given(args, other)
-    if misplaced:
-        kinds = ("TarFlow (apple/ml-tarflow)", "STARFlow (apple/ml-starflow)")
-        mine, theirs = kinds[::-1] if starflow else kinds
-        takes = ", ".join(flag for flag, _ in own)
-        raise CommandError(
-            f"{', '.join(misplaced)} apply to {theirs} checkpoints; {args.source} is a {mine} one (it takes {takes})"
-        )
+def _check_flags(args: argparse.Namespace, family: ModelFamily) -> None:
+    """Refuse the other family's options, and (with --reverse) the options that only matter when converting."""
+    own = args.family_flags[family.name]
+    for other, flags in args.family_flags.items():
+        misplaced = _given(args, flags) if other != family.name else []
+        if misplaced:
+            takes = ", ".join(flag for flag, _ in own)
+            raise CommandError(
+                f"{', '.join(misplaced)} apply to {_origin(FAMILIES[other])} checkpoints; {args.source} is a "
+                f"{_origin(family)} one (it takes {takes})"
+            )
     if args.reverse and _given(args, own):
         raise CommandError(
             f"--reverse takes no {', '.join(_given(args, own))}: they only matter when converting a .pth"
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..apple_checkpoints import source_family
+
+    family = source_family(args.source)  # an unreadable file is reported here, as what it is
+    _check_flags(args, family)
     if args.reverse:
-        return _reverse(args, starflow)
-    return _convert_starflow(args) if starflow else _convert_tarflow(args)
+        return _reverse(args, family)
+    return _convert_starflow(args) if family is STARFLOW else _convert_tarflow(args)
 
 
-def _reverse(args: argparse.Namespace, starflow: bool) -> int:
+def _reverse(args: argparse.Namespace, family: ModelFamily) -> int:
     from ..convert import export_ml_tarflow_checkpoint
     from ..convert_starflow import export_ml_starflow_checkpoint
 
-    export = export_ml_starflow_checkpoint if starflow else export_ml_tarflow_checkpoint
+    export = export_ml_starflow_checkpoint if family is STARFLOW else export_ml_tarflow_checkpoint
     print(f"wrote {export(args.source, args.destination, overwrite=args.overwrite)}")
     return 0
 
@@ -79,7 +80,6 @@ def _convert_tarflow(args: argparse.Namespace) -> int:
 
 def _convert_starflow(args: argparse.Namespace) -> int:
     from ..convert_starflow import assumed_settings_note, convert_ml_starflow_pipeline, describe_config
-    from ..registry import APPLE_AMLR
 
     if args.transformer_only and (args.text_encoder or args.vae):
         given = ", ".join(flag for flag, value in (("--text-encoder", args.text_encoder), ("--vae", args.vae)) if value)
