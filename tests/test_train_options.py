@@ -174,3 +174,26 @@ def test_training_functions_stay_small():
         text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_training_never_imports_the_command_line():
+    """The library raises; the command line (tarflow_hf.commands) turns errors into lines, and only it imports
+    the library, never the other way round."""
+    import ast
+
+    for source in sorted(TRAINING.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not (name.startswith("..commands") or name.startswith("tarflow_hf.commands")), (source, name)
+
+
+def test_the_training_defaults_import_no_torch():
+    code = "import sys, tarflow_hf.training.defaults, tarflow_hf.training.layout; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

@@ -33,6 +33,7 @@ learning rates and noise level the command line shows) is standard library only.
 | module | its one job |
 |---|---|
 | `defaults` | the defaults the command line shows and training applies (no torch) |
+| `layout` | the run folder's names (no torch) |
 | `state` | what a run holds (`Run`, `Progress`, `TrainResult`) and the family adapter's interface |
 | `setup` | arguments checked and resolved, accelerator, data loader, optimizer, schedule lengths |
 | `models` | the model to train: new from the flags, or `--init-from`'s checked against the data |

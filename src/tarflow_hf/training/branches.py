@@ -24,23 +24,27 @@ from typing import TYPE_CHECKING, Any
 
 from ..fileio import clean_stale_temporaries, write_text_atomic
 from ..registry import is_flow_folder
-from .checkpoints import CHECKPOINT_NAME, CHECKPOINTS, checkpoint_step, list_checkpoints
-from .metrics import METRICS_FILE, rewind_metrics
+from .checkpoints import checkpoint_step, list_checkpoints
+from .layout import (
+    CHECKPOINT_NAME,
+    CHECKPOINTS,
+    FINAL_GRID,
+    METRICS_FILE,
+    MODEL_DIR,
+    RECIPE_FILE,
+    SAMPLES_DIR,
+    STEP_GRID,
+    SUMMARY_FILE,
+)
+from .metrics import rewind_metrics
 
 if TYPE_CHECKING:
     from .state import Run
 
 SUPERSEDED = ".superseded"
-# The run's outputs under OUTPUT (see tarflow_hf.training.outputs).
-MODEL_DIR = "model"
-SAMPLES_DIR = "samples"
-FINAL_GRID = "final.png"
-SUMMARY_FILE = "train_summary.json"
-RECIPE_FILE = "recipe.json"
-STEP_GRID = re.compile(r"step_(\d+)\.png")
 # The names under OUTPUT and OUTPUT/samples that the run writes atomically: their temporaries are its own.
 RUN_FILES = re.compile("|".join(re.escape(name) for name in (MODEL_DIR, SUMMARY_FILE, RECIPE_FILE, METRICS_FILE)))
-GRID_FILES = re.compile(rf"{STEP_GRID.pattern}|{re.escape(FINAL_GRID)}")
+GRID_FILES = re.compile(rf"{STEP_GRID.pattern}|{re.escape(FINAL_GRID)}\.png")
 
 
 def aside_path(path: Path, tag: str) -> Path:
@@ -97,7 +101,7 @@ def branch_outputs(run: Run) -> list[Path]:
     output_dir, step = run.output_dir, run.progress.step
     found = []
     if step < run.total_steps or final_step(output_dir) != step:
-        finals = (output_dir / MODEL_DIR, output_dir / SAMPLES_DIR / FINAL_GRID, output_dir / SUMMARY_FILE)
+        finals = (output_dir / MODEL_DIR, output_dir / SAMPLES_DIR / f"{FINAL_GRID}.png", output_dir / SUMMARY_FILE)
         found += [path for path in finals if path.exists()]
     recipe = output_dir / RECIPE_FILE
     if recipe.exists() and recipe_differs(recipe, run.recipe):
@@ -125,17 +129,20 @@ def supersede_branch(run: Run) -> list[tuple[Path, Path]]:
 
 
 def start_branch(run: Run) -> None:
-    """Before the first step (main process): remove what killed writes of earlier runs left, refuse an OUTPUT/model
-    that is not ours, and move another branch's later outputs aside, saying where."""
+    """Before the first step: remove what killed writes of earlier runs left, refuse an OUTPUT/model that is not
+    ours, and move another branch's later outputs aside, saying where (the main process writes)."""
+    output_dir, step = run.output_dir, run.progress.step
     if run.is_main:
-        output_dir = run.output_dir
-        clean_stale_temporaries(output_dir, RUN_FILES)
+        clean_stale_temporaries(output_dir, RUN_FILES)  # first: it may put back a model/ that a killed swap moved
         clean_stale_temporaries(output_dir / SAMPLES_DIR, GRID_FILES)
         clean_stale_temporaries(output_dir / CHECKPOINTS, CHECKPOINT_NAME)
-        check_model_dir(output_dir)
+    run.accelerator.wait_for_everyone()
+    check_model_dir(output_dir)  # every process: none is left waiting for one that stopped
+    if run.is_main:
+        start = f"continuing from step {step}" if step else "starting afresh"
         for old, new in supersede_branch(run):
-            lines = " (its later lines)" if old.name == METRICS_FILE else ""
-            print(f"this run continues from step {run.progress.step}: kept {old}{lines} of another branch as {new}")
+            what = f"the later lines of {old}" if old.name == METRICS_FILE else str(old)
+            print(f"{start}: kept {what}, of another branch of this run, as {new}")
     run.accelerator.wait_for_everyone()
 
 

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ import torch
 
 from ..fileio import atomic_folder, clean_stale_temporaries, discard
 from .ema import EMA, full_tensor, shard_like
+from .layout import CHECKPOINT_NAME, CHECKPOINTS, checkpoint_name
 from .state import NonFiniteLossError, Progress
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"  # the folder under OUTPUT
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 PROGRESS_FILE = "progress.json"  # what makes a folder a checkpoint
 
 
@@ -78,7 +76,7 @@ def save_checkpoint(
     from accelerate.utils import broadcast_object_list
     from safetensors.torch import save_file
 
-    final = output_dir / CHECKPOINTS / f"checkpoint-{progress.step}"
+    final = output_dir / CHECKPOINTS / checkpoint_name(progress.step)
     main = accelerator.is_main_process
     if main:
         clean_stale_temporaries(final.parent, CHECKPOINT_NAME)
@@ -173,8 +171,6 @@ def diverged_advice(run: Run) -> str:
 
 
 __all__ = [
-    "CHECKPOINTS",
-    "CHECKPOINT_NAME",
     "checkpoint_now",
     "checkpoint_step",
     "diverged_advice",

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoints import checkpoint_now, diverged_advice
 from .ema import ema_model
+from .layout import step_grid_name
 from .metrics import add_to_window, log_metrics
 from .outputs import write_sample_grid
 from .recipe import cosine_lr, update_prior_variance
@@ -78,7 +79,7 @@ def after_optimizer_step(run: Run) -> None:
     if args.checkpoint_every and progress.step % args.checkpoint_every == 0:
         checkpoint_now(run)
     if args.sample_every and progress.step % args.sample_every == 0:
-        write_sample_grid(run, ema_model(run.raw_model, run.ema), f"step_{progress.step:07d}")
+        write_sample_grid(run, ema_model(run.raw_model, run.ema), step_grid_name(progress.step))
 
 
 def run_epochs(run: Run) -> None:

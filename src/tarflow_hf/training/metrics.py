@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..fileio import write_text_atomic
+from .layout import METRICS_FILE
 from .state import MetricWindow
 
 if TYPE_CHECKING:
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 
     from .state import Run
 
-METRICS_FILE = "metrics.jsonl"
 # The package each accelerate tracker needs (pip name).
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 
@@ -112,4 +112,4 @@ def log_images(run: Run, grid: Image) -> None:
             tracker.log_images({"samples": [grid]}, step=run.progress.step)
 
 
-__all__ = ["METRICS_FILE", "add_to_window", "log_images", "log_metrics", "resolve_trackers", "rewind_metrics"]
+__all__ = ["add_to_window", "log_images", "log_metrics", "resolve_trackers", "rewind_metrics"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import dataset_summary
 from ..fileio import atomic_file, atomic_folder, write_json_atomic
 from ..registry import HUB_REPO_ID, is_flow_folder
-from .branches import FINAL_GRID, MODEL_DIR, RECIPE_FILE, SAMPLES_DIR, SUMMARY_FILE
+from .layout import FINAL_GRID, MODEL_DIR, RECIPE_FILE, SAMPLES_DIR, SUMMARY_FILE
 from .metrics import log_images
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def save_final_outputs(run: Run, model: FlowModel, summary: dict[str, Any]) -> P
     save_pipeline_folder(pipe, final_dir, run.args, run.recipe, summary, run.command, run.base_license)
     write_json_atomic(run.output_dir / SUMMARY_FILE, summary)
     print(f"saved pipeline folder {final_dir} ({summary['train_wall_time_s'] / 60:.1f} min)")
-    write_sample_grid(run, model, Path(FINAL_GRID).stem)
+    write_sample_grid(run, model, FINAL_GRID)
     return final_dir
 
 

@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .branches import MODEL_DIR, start_branch
+from .branches import start_branch
 from .checkpoints import checkpoint_now, last_checkpoint_note, resume_training
 from .ema import ema_model
 from .families import family_for
+from .layout import MODEL_DIR
 from .loop import run_epochs
 from .metrics import resolve_trackers
 from .outputs import build_recipe, check_hub_target, push_to_hub, save_final_outputs, start_outputs
