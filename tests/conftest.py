@@ -169,6 +169,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGUMENTS` (a script and its arguments, or `-m MODULE ...`) with 2 CPU processes."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *arguments,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+
+
 def train_in_two_processes(tmp_path: Path, arguments: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
     """`train(arguments)` under `accelerate launch` with 2 CPU processes: (the finished launch, the folder where
     each rank writes `rank{N}.txt`, the hash of its model and EMA weights)."""
@@ -176,15 +187,7 @@ def train_in_two_processes(tmp_path: Path, arguments: list[str]) -> tuple[subpro
     worker.write_text(TWO_PROCESS_WORKER)
     out = tmp_path / "ranks"
     out.mkdir()
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(worker), str(out), *arguments,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    return done, out
+    return launch_two_processes([str(worker), str(out), *arguments]), out
 
 
 # ----------------------------------------------------------------------------------------- killed writers

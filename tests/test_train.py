@@ -11,9 +11,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    launch_two_processes,
+    reset_accelerate,
+    train_as_the_command_line,
+    train_in_two_processes,
+    write_idx_split,
+)
 from conftest import mnist_train_args as base_args
 from conftest import parse_train_args as parse
-from conftest import reset_accelerate, train_as_the_command_line, train_in_two_processes, write_idx_split
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -340,6 +346,18 @@ def test_two_process_training_keeps_ranks_in_sync(idx_dir, tmp_path):
     weights = load_file(str(tmp_path / "run" / "model" / "transformer" / "model.safetensors"))
     assert weights["blocks.0.proj_out.weight"].abs().sum() > 0
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["step"] == 4
+
+
+def test_accelerate_launch_runs_the_train_command_on_two_processes(idx_dir, tmp_path):
+    """The documented way: `accelerate launch -m tarflow_hf train ...` (the command line, as a module)."""
+    out = tmp_path / "run"
+    arguments = base_args(idx_dir, out, "--max-steps", "2", "--batch-size", "8")
+    done = launch_two_processes(["-m", "tarflow_hf", "train", *arguments])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout + done.stderr
+    card = ModelCard.load(out / "model" / "README.md")
+    assert "tarflow-hf train --dataset mnist" in card.text and "--max-steps 2" in card.text
+    assert json.loads((out / "train_summary.json").read_text())["step"] == 2
 
 
 def test_bf16_mixed_precision_trains(idx_dir, tmp_path):
