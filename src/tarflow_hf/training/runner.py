@@ -68,8 +68,14 @@ def train(args: argparse.Namespace, command: str | None = None) -> TrainResult:
         check_hub_target(resolved.push_to_hub)
     trackers = resolve_trackers(args.report_to)
     accelerator = start_accelerator(resolved, trackers)
-    output_dir = Path(args.output_dir)
-    run = Run(resolved, command, accelerator, output_dir, trackers, family)
+    run = Run(
+        args=resolved,
+        command=command,
+        accelerator=accelerator,
+        output_dir=Path(args.output_dir),
+        trackers=trackers,
+        family=family,
+    )
     init_model(run)
     prepare_training(run)
     resume_training(run)
