@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from tarflow_hf.convert import config_from_apple_arguments, inverse_options_from_apple, load_ml_tarflow_checkpoint
+from tarflow_hf.convert import config_from_apple_arguments, load_ml_tarflow_checkpoint
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
+from tarflow_hf.guidance import tarflow_guidance_from_apple
+from tarflow_hf.samplers import BlockJacobiSampler
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
@@ -40,18 +42,14 @@ def tarflow_case(name: str) -> dict[str, float]:
             largest(hidden, expected[f"block_output_{i}"]) for i, hidden in enumerate(out.hidden_states)
         ),
     }
-    for sampler in ("sequential", "jacobi", "newton"):
+    for sampler in ("sequential", "jacobi:tolerance=1e-7", "newton:tolerance=1e-7"):
         worst = 0.0
         for i, kwargs in enumerate(meta["sample_kwargs"]):
             images = model.inverse(
-                expected["noise"],
-                expected.get("y_sample"),
-                sampler=sampler,
-                **inverse_options_from_apple(kwargs),
-                jacobi_tolerance=1e-7,
+                expected["noise"], expected.get("y_sample"), sampler=sampler, **tarflow_guidance_from_apple(kwargs)
             )
             worst = max(worst, largest(images, expected[f"sample_{i}"]))
-        errors[f"samples ({sampler})"] = worst
+        errors[f"samples ({sampler.split(':')[0]})"] = worst
     denoised = model.denoise(expected["sample_0"], expected.get("y_sample"), noise_std=meta["denoise"]["noise_std"])
     errors["denoised"] = largest(denoised, expected["denoised_0"])
     return errors
@@ -81,11 +79,8 @@ def starflow_case(name: str) -> dict[str, float]:
         negative = sample["y"].split(", ")[1].rstrip("], 0)") if guided else None
         options = dict(guidance_scale=1.0 + kwargs["guidance"], attention_temperature=kwargs.get("attn_temp", 1.0))
         if kwargs["jacobi"]:
-            options.update(
-                sampler="block_jacobi",
-                jacobi_block_size=kwargs["jacobi_block_size"],
-                jacobi_threshold=kwargs["jacobi_th"],
-                jacobi_max_iterations=kwargs["jacobi_max_iter"],
+            options["sampler"] = BlockJacobiSampler(
+                kwargs["jacobi_block_size"], kwargs["jacobi_th"], kwargs["jacobi_max_iter"]
             )
         latents = model.inverse(
             expected["noise"], expected["y_cond"], expected[negative] if guided else None, **options

@@ -46,6 +46,8 @@ import torch
 from conftest import load_reference
 from ml_tarflow_reference import FIXTURES, AppleTarFlow
 
+from tarflow_hf.guidance import tarflow_guidance_from_apple
+
 CASES = ("tiny_cond", "tiny_uncond")
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits
 
@@ -56,12 +58,7 @@ def autocast_bf16():
 
 def our_options(kwargs: dict) -> dict:
     """Apple's `Model.reverse` keyword arguments in tarflow-hf's names (Apple's guidance g is w = 1 + g)."""
-    return {
-        "guidance_scale": 1.0 + kwargs.get("guidance", 0.0),
-        "attention_temperature": kwargs.get("attn_temp", 1.0),
-        "guidance_schedule": "linear" if kwargs.get("annealed_guidance") else "constant",
-        "guidance_target": {"ab": "both", "a": "scale", "b": "shift"}[kwargs.get("guide_what", "ab")],
-    }
+    return tarflow_guidance_from_apple(kwargs)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -398,7 +398,6 @@ def test_classifier_with_other_classes_is_refused(model_and_data, tmp_path, caps
 
 def test_output_onto_a_folder_is_refused_before_computing(model_and_data, tmp_path, capsys, monkeypatch):
     from tarflow_hf import evaluate as evaluate_module
-    from tarflow_hf.commands import evaluate as evaluate_command
 
     model, idx = model_and_data
     (tmp_path / "folder").mkdir()

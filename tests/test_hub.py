@@ -60,6 +60,7 @@ def files_under(folder) -> list[str]:
 def saved_files(pipe) -> list[str]:
     """What a saved pipeline folder holds (and what push_to_hub uploads): weights, configs, card and code."""
     data = ["README.md", "model_index.json", "transformer/config.json", "transformer/model.safetensors"]
+    data.append("sampler/sampler_config.json")
     return sorted([*data, *hub.code_files(pipe)])
 
 
@@ -77,7 +78,11 @@ def test_code_files_are_the_package_modules_and_their_relative_imports(pipe):
     for relative, source in files.items():
         assert source == package / Path(relative).name
     # diffusers copies only a local folder's direct relative imports: each entry module imports its closure directly.
-    for entry, folder in (("pipeline_tarflow.py", ""), ("modeling_tarflow.py", "transformer/")):
+    for entry, folder in (
+        ("pipeline_tarflow.py", ""),
+        ("modeling_tarflow.py", "transformer/"),
+        ("samplers.py", "sampler/"),
+    ):
         closure = {Path(name).stem for name in files if name.startswith(folder) and "/" not in name[len(folder) :]}
         assert closure - {Path(entry).stem} <= relative_imports(package / entry), entry
 
@@ -92,14 +97,18 @@ def star_pipe():
 def test_starflow_code_files_and_closure(star_pipe):
     """Only this package's classes get code: the pipeline's module (with the shared modules it imports) and the
     transformer's; T5, the tokenizer and the VAE are standard components."""
-    assert set(hub.components(star_pipe)) == {"transformer"}
+    assert set(hub.components(star_pipe)) == {"transformer", "sampler"}
     files = hub.code_files(star_pipe)
     assert {"pipeline_starflow.py", "pipeline_utils.py", "images.py"} <= set(files)
     assert {"transformer/modeling_starflow.py", "transformer/configuration_starflow.py"} <= set(files)
     assert not [name for name in files if name.startswith(("text_encoder/", "tokenizer/", "vae/"))]
     assert "hub.py" not in files
     package = Path(inspect.getsourcefile(TarFlowPipeline)).parent
-    for entry, folder in (("pipeline_starflow.py", ""), ("modeling_starflow.py", "transformer/")):
+    for entry, folder in (
+        ("pipeline_starflow.py", ""),
+        ("modeling_starflow.py", "transformer/"),
+        ("samplers.py", "sampler/"),
+    ):
         closure = {Path(name).stem for name in files if name.startswith(folder) and "/" not in name[len(folder) :]}
         assert closure - {Path(entry).stem} <= relative_imports(package / entry), entry
 
@@ -201,13 +210,11 @@ def test_saving_again_keeps_custom_readme_and_other_files(tmp_path, model):
     pipe.save_pretrained(folder, model_card={"license": "apache-2.0"})
     assert ModelCard.load(folder / "README.md").data.license == "apache-2.0"
     root_code = [name for name in hub.code_files(pipe) if "/" not in name]
-    expected = ["README.md", "model_index.json", "notes.txt", "transformer", *root_code]
+    expected = ["README.md", "model_index.json", "notes.txt", "transformer", "sampler", *root_code]
     assert sorted(path.name for path in folder.iterdir()) == sorted(expected)
-    with pytest.raises(ValueError, match=r"safe_serialization=False is not supported"):
-        pipe.save_pretrained(tmp_path / "unsafe", safe_serialization=False)
     with pytest.raises(ValueError, match=r"unexpected arguments to save_pretrained: \['shard_size'\]"):
         pipe.save_pretrained(tmp_path / "typo", shard_size="1GB")
-    assert not (tmp_path / "unsafe").exists() and not (tmp_path / "typo").exists()
+    assert not (tmp_path / "typo").exists()
 
 
 def test_saved_folder_has_ordinary_permissions(pipe, tmp_path):

@@ -12,7 +12,7 @@ from conftest import random_model
 from transformers import AutoConfig, AutoModel
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
-from tarflow_hf.convert import inverse_options_from_apple
+from tarflow_hf.guidance import tarflow_guidance_from_apple
 
 TOLERANCE = 1e-5
 
@@ -31,17 +31,12 @@ def test_forward_matches_reference(reference):
         torch.testing.assert_close(hidden, expected[f"block_output_{i}"], atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "newton"])
+@pytest.mark.parametrize("sampler", ["sequential", "jacobi:tolerance=1e-7", "newton:tolerance=1e-7"])
 def test_inverse_matches_reference_samples(reference, sampler):
     meta, model, expected = reference
     for i, kwargs in enumerate(meta["sample_kwargs"]):
         images = model.inverse(
-            expected["noise"],
-            expected.get("y_sample"),
-            sampler=sampler,
-            jacobi_tolerance=1e-7,
-            jacobi_sequential_blocks=0,
-            **inverse_options_from_apple(kwargs),
+            expected["noise"], expected.get("y_sample"), sampler=sampler, **tarflow_guidance_from_apple(kwargs)
         )
         torch.testing.assert_close(images, expected[f"sample_{i}"], atol=TOLERANCE, rtol=0, msg=f"sample_{i}")
 
@@ -101,18 +96,21 @@ def test_guidance_options():
     noise = torch.randn(2, 16, 4)
     labels = torch.tensor([0, 2])
     plain = model.inverse(noise, labels)
-    torch.testing.assert_close(model.inverse(noise, labels, guidance_scale=1.0, attention_temperature=0.5), plain)
+    uncond_temperature = "extrapolate:unconditional_temperature=0.5"
+    torch.testing.assert_close(model.inverse(noise, labels, 1.0, uncond_temperature), plain)  # no uncond branch
     results = {
-        target: model.inverse(noise, labels, guidance_scale=3.0, guidance_target=target)
+        target: model.inverse(noise, labels, guidance_scale=3.0, guidance_rule=f"extrapolate:target={target}")
         for target in ("both", "scale", "shift")
     }
     for target, images in results.items():
         assert not torch.allclose(images, plain, atol=1e-4), target
     assert not torch.allclose(results["scale"], results["shift"], atol=1e-4)
-    linear = model.inverse(noise, labels, guidance_scale=3.0, guidance_schedule="linear")
+    linear = model.inverse(noise, labels, guidance_scale=3.0, guidance_rule="extrapolate:schedule=linear")
     assert not torch.allclose(linear, results["both"], atol=1e-4)
-    tempered = model.inverse(noise, labels, guidance_scale=3.0, attention_temperature=0.5)
+    tempered = model.inverse(noise, labels, 3.0, uncond_temperature)
     assert not torch.allclose(tempered, results["both"], atol=1e-4)
+    cooled = model.inverse(noise, labels, guidance_scale=1.0, attention_temperature=0.5)  # every branch
+    assert not torch.allclose(cooled, plain, atol=1e-4)
     # Guidance runs both branches as one batch; each image must still be independent of the others.
     torch.testing.assert_close(model.inverse(noise[:1], labels[:1], guidance_scale=3.0), results["both"][:1])
 
@@ -123,6 +121,29 @@ def test_callback_sees_every_block():
     final = model.inverse(torch.randn(1, 16, 4), [1], callback=lambda step, images: seen.append((step, images)))
     assert [step for step, _ in seen] == [0, 1, 2]
     torch.testing.assert_close(seen[-1][1], final)
+
+
+def test_images_a_callback_returns_replace_the_current_ones():
+    """The flow continues from what the callback returns: replacing the images after block 0 with the images of
+    another sample's block 0 gives that sample's result."""
+    model = random_model(num_blocks=3)
+    first, second = torch.randn(1, 16, 4), torch.randn(1, 16, 4)
+    after_first_block = {}
+    model.inverse(second, [1], callback=lambda step, images: after_first_block.setdefault(step, images))
+    swapped = model.inverse(first, [1], callback=lambda step, images: after_first_block[0] if step == 0 else None)
+    torch.testing.assert_close(swapped, model.inverse(second, [1]))
+
+
+def test_a_callable_guidance_scale_is_asked_before_each_block():
+    model = random_model(num_blocks=3)
+    noise, asked = torch.randn(2, 16, 4), []
+
+    def scale(step: int) -> float:
+        asked.append(step)
+        return 3.0
+
+    torch.testing.assert_close(model.inverse(noise, [0, 1], guidance_scale=scale), model.inverse(noise, [0, 1], 3.0))
+    assert asked == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -152,20 +173,18 @@ def test_labels_on_unconditional_model_are_refused():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"guidance_target": "ab"}, "guidance_target must be one of ('both', 'scale', 'shift'), got 'ab'"),
-        ({"guidance_schedule": "cosine"}, "guidance_schedule must be one of ('constant', 'linear'), got 'cosine'"),
-        ({"attention_temperature": 0.0}, "attention_temperature must be > 0, got 0.0"),
+        ({"guidance_rule": "extrapolate:target=ab"}, "target must be one of ('both', 'scale', 'shift'), got 'ab'"),
+        ({"guidance_rule": "extrapolate:schedule=cosine"}, "schedule must be one of ('constant', 'linear')"),
+        ({"attention_temperature": 0.0}, "attention_temperature must be a finite number > 0, got 0.0"),
+        ({"attention_temperature": "1"}, "attention_temperature must be a finite number > 0, got '1'"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
         (
             {"sampler": "euler"},
             "sampler must be one of ('sequential', 'jacobi', 'newton', 'block_jacobi'), got 'euler'",
         ),
-        ({"jacobi_tolerance": 0}, "jacobi_tolerance must be a number > 0, got 0"),
-        ({"jacobi_block_size": 2.5}, "jacobi_block_size must be an integer >= 1, got 2.5"),
-        ({"jacobi_sequential_blocks": 1.5}, "jacobi_sequential_blocks must be an integer >= 0, got 1.5"),
-        ({"jacobi_max_iterations": 0}, "jacobi_max_iterations must be an integer >= 1, got 0"),
-        ({"jacobi_window": 0}, "jacobi_window must be an integer >= 1 (or None for all patches), got 0"),
-        ({"jacobi_sequential_blocks": -1}, "jacobi_sequential_blocks must be an integer >= 0, got -1"),
+        ({"sampler": "jacobi:tolerance=0"}, "tolerance must be a finite number > 0, got 0"),
+        ({"sampler": "block_jacobi:block_size=2.5"}, "block_size must be an integer >= 1, got 2.5"),
+        ({"sampler": "jacobi:sequential_blocks=-1"}, "sequential_blocks must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_sampling_options(kwargs, message):

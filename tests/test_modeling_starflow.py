@@ -16,12 +16,14 @@ from transformers import AutoConfig, AutoModel, T5EncoderModel
 
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
+from tarflow_hf.guidance import Guidance
 from tarflow_hf.modeling_starflow import (
     StarFlowBlockCache,
     StarFlowCondition,
     StarFlowModel,
     encode_prompt_embeddings,
 )
+from tarflow_hf.samplers import BlockJacobiSampler, JacobiSampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
 CASES = ("sf_t2i", "sf_variant")
@@ -59,11 +61,8 @@ def sample_inputs(spec: dict, expected: dict[str, torch.Tensor]) -> dict:
         "attention_temperature": kwargs.get("attn_temp", 1.0),
     }
     if kwargs.get("jacobi"):
-        options.update(
-            sampler="block_jacobi",
-            jacobi_block_size=kwargs["jacobi_block_size"],
-            jacobi_threshold=kwargs["jacobi_th"],
-            jacobi_max_iterations=kwargs["jacobi_max_iter"],
+        options["sampler"] = BlockJacobiSampler(
+            kwargs["jacobi_block_size"], kwargs["jacobi_th"], kwargs["jacobi_max_iter"]
         )
     return options
 
@@ -214,15 +213,14 @@ def test_inverse_inverts_forward(overrides, shape):
     x = torch.randn(3, 2, *shape)
     text = torch.randn(3, 3, 8) if model.config.has_text else None
     z = model(x, text).latents
-    for sampler in ("sequential", "jacobi", "newton"):
-        options = {"jacobi_tolerance": 1e-7} if sampler != "sequential" else {}
-        back = model.inverse(z, text, sampler=sampler, **options)
+    for sampler in ("sequential", "jacobi:tolerance=1e-7", "newton:tolerance=1e-7"):
+        back = model.inverse(z, text, sampler=sampler)
         torch.testing.assert_close(back, x, atol=1e-4, rtol=0, msg=f"sampler={sampler}")
 
 
 def test_sequential_blocks_keep_the_deep_block_exact():
-    """`jacobi_sequential_blocks=1`: the deep block (first in sampling order) decodes token by token, the shallow
-    blocks iterate; the result matches the exact sample, and with every block forced it is the exact sample."""
+    """`JacobiSampler(sequential_blocks=1)`: the deep block (first in sampling order) decodes token by token, the
+    shallow blocks iterate; the result matches the exact sample, and with every block forced it is the exact one."""
     model = random_model(small_config(layers_per_block=[1, 1, 2], patch_size=1))
     torch.manual_seed(4)
     z = torch.randn(2, 2, 4, 4)
@@ -230,13 +228,13 @@ def test_sequential_blocks_keep_the_deep_block_exact():
     guided = dict(negative_encoder_hidden_states=negative, guidance_scale=3.0)
     exact = model.inverse(z, text, **guided)
     hybrid, stats = model.inverse(
-        z, text, **guided, sampler="jacobi", jacobi_tolerance=1e-6, jacobi_sequential_blocks=1, return_stats=True
+        z, text, **guided, sampler=JacobiSampler(1e-6, sequential_blocks=1), return_stats=True
     )
     assert stats.sequential_steps[0] == model.config.num_patches and stats.iterations[0] == 0
     assert all(passes > 0 for passes in stats.iterations[1:]), stats.iterations
     assert all(sequential == 0 for sequential in stats.sequential_steps[1:]), stats.sequential_steps
     torch.testing.assert_close(hybrid, exact, atol=1e-4, rtol=0)
-    forced = model.inverse(z, text, **guided, sampler="jacobi", jacobi_tolerance=1.0, jacobi_sequential_blocks=3)
+    forced = model.inverse(z, text, **guided, sampler=JacobiSampler(1.0, sequential_blocks=3))
     torch.testing.assert_close(forced, exact, atol=1e-6, rtol=0)
 
 
@@ -251,7 +249,8 @@ def test_repeated_text_rows_run_the_prefix_once():
     negatives = negative.expand(3, -1, -1)
     deep = model.blocks[-1]
     rows = torch.cat([text, negatives])  # [conditional; unconditional], as guidance runs them
-    condition = StarFlowCondition(rows, model._rope_table(4, 4, 3, torch.float32), 16, attention_temperature=0.7)
+    rope = model._rope_table(4, 4, 3, torch.float32)
+    condition = StarFlowCondition(rows, rope, 16, Guidance(3.0), temperatures=(0.7, 0.7))
     prefix_rows = []
     hook = deep.proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
     with torch.no_grad():
@@ -260,7 +259,7 @@ def test_repeated_text_rows_run_the_prefix_once():
     assert prefix_rows == [3], prefix_rows  # prompt a, prompt b, the negative: not 6 rows
     every_row = StarFlowBlockCache(len(deep.layers), 3)
     with torch.no_grad():
-        deep.transformer(deep.proj_txt(rows), condition.rope, 0, every_row, 0.7)
+        deep.transformer(deep.proj_txt(rows), condition.rope, 0, every_row, (0.7, 0.7))
     for layer, expected in zip(cache.layers, every_row.layers, strict=True):
         torch.testing.assert_close(layer.keys[:, :, :3], expected.keys, atol=1e-6, rtol=0)
         torch.testing.assert_close(layer.values[:, :, :3], expected.values, atol=1e-6, rtol=0)
@@ -355,15 +354,38 @@ def test_attention_temperature_divides_every_attention_logit():
     text, negative = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     guided = dict(negative_encoder_hidden_states=negative, guidance_scale=3.0)
     samples = {}
-    for sampler in ("sequential", "block_jacobi", "jacobi", "newton"):
-        options = {"jacobi_tolerance": 1e-7} if sampler in ("jacobi", "newton") else {}
-        warm = model.inverse(z, text, **guided, sampler=sampler, attention_temperature=temperature, **options)
-        cold = cooled.inverse(z, text, **guided, sampler=sampler, **options)
+    for name in ("sequential", "block_jacobi", "jacobi", "newton"):
+        sampler = f"{name}:tolerance=1e-7" if name in ("jacobi", "newton") else name
+        warm = model.inverse(z, text, **guided, sampler=sampler, attention_temperature=temperature)
+        cold = cooled.inverse(z, text, **guided, sampler=sampler)
         torch.testing.assert_close(warm, cold, atol=1e-5, rtol=0, msg=f"sampler={sampler}")
-        samples[sampler] = warm
+        samples[name] = warm
     assert (samples["sequential"] - model.inverse(z, text, **guided)).abs().max() > 1e-2  # the temperature matters
-    for sampler in ("jacobi", "newton"):
-        torch.testing.assert_close(samples[sampler], samples["sequential"], atol=1e-4, rtol=0, msg=sampler)
+    for name in ("jacobi", "newton"):
+        torch.testing.assert_close(samples[name], samples["sequential"], atol=1e-4, rtol=0, msg=name)
+
+
+def test_the_rules_unconditional_temperature_cools_the_negative_branch_only():
+    """`unconditional_temperature` T divides the unconditional branch's logits: the same as guiding against a
+    negative branch run by the model with its queries divided by T, which is what running the two branches with
+    two copies of the model computes. Checked through the prefix cache's rows, branch by branch."""
+    model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    deep = model.blocks[-1]
+    text, negative = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    rope = model._rope_table(4, 4, 3, torch.float32)
+    rows = torch.cat([text, negative])
+    condition = StarFlowCondition(rows, rope, 16, Guidance(3.0), temperatures=(1.0, 0.5))
+    with torch.no_grad():
+        cache = deep.new_cache(condition, 2, 16)
+        for part, temperature in ((slice(0, 2), 1.0), (slice(2, 4), 0.5)):
+            alone = StarFlowBlockCache(len(deep.layers), 3)
+            deep.transformer(deep.proj_txt(rows[part]), rope, 0, alone, (temperature,))
+            for layer, expected in zip(cache.layers, alone.layers, strict=True):
+                torch.testing.assert_close(layer.keys[part, :, :3], expected.keys, atol=1e-6, rtol=0)
+    z = torch.randn(2, 2, 4, 4)
+    plain = model.inverse(z, text, negative, guidance_scale=3.0)
+    cooled = model.inverse(z, text, negative, 3.0, "gaussian_product:unconditional_temperature=0.5")
+    assert (plain - cooled).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -382,16 +404,16 @@ def test_bad_inputs_are_refused_with_a_message():
         (lambda: model.inverse(x, text, torch.randn(2, 3, 8), guidance_scale=0.5), "guidance_scale"),
         (lambda: model.inverse(x, text, sampler="euler"), "sampler"),
         (lambda: model.inverse(x, text, attention_temperature=0.0), "attention_temperature"),
-        (lambda: model.inverse(x, text, attention_temperature="1"), "attention_temperature must be a number > 0"),
+        (
+            lambda: model.inverse(x, text, attention_temperature="1"),
+            "attention_temperature must be a finite number > 0",
+        ),
         (lambda: model.inverse(x, text, torch.randn(2, 3, 8), 2.0, guidance_rule="mean"), "guidance_rule must be"),
-        (lambda: model.inverse(x, text, jacobi_block_size=2.5), "jacobi_block_size must be an integer >= 1"),
+        (lambda: model.inverse(x, text, sampler="block_jacobi:block_size=2.5"), "block_size must be an integer >= 1"),
         (lambda: model(torch.randn(0, 2, 4, 4), text[:0]), "empty batch"),
         (lambda: model.inverse(torch.randn(0, 2, 4, 4), text[:0]), "empty batch"),
         (lambda: model.denoise(x, text, noise_std="0.3"), "noise_std must be a finite number"),
-        (
-            lambda: model.inverse(x, text, jacobi_sequential_blocks=-1),
-            "jacobi_sequential_blocks must be an integer >= 0",
-        ),
+        (lambda: model.inverse(x, text, sampler="jacobi:sequential_blocks=-1"), "sequential_blocks must be an integer"),
         (lambda: model.denoise(x, text, noise_std=-1.0), "noise_std"),
     ]
     for call, message in cases:

@@ -4,7 +4,9 @@ tools, loading (with and without tarflow_hf importable). Saving, cards and uploa
 from __future__ import annotations
 
 import io
+import json
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from conftest import (
     tiny_config,
 )
 
-from tarflow_hf import TarFlowModel
-from tarflow_hf.convert import inverse_options_from_apple
+from tarflow_hf import JacobiSampler, NewtonSampler, SequentialSampler, TarFlowModel
+from tarflow_hf.guidance import GuidanceRule, tarflow_guidance_from_apple
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
 
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
@@ -77,7 +79,7 @@ def test_samples_match_apple_reference(name):
             class_labels=labels,
             latents=expected["noise"],
             denoise=False,
-            **inverse_options_from_apple(apple),
+            **tarflow_guidance_from_apple(apple),
             output_type="pt",
         ).images
         torch.testing.assert_close(images, to_unit(expected[f"sample_{index}"]), atol=1e-5, rtol=0)
@@ -88,9 +90,8 @@ def test_samples_match_apple_reference(name):
     images = pipe(
         class_labels=labels,
         latents=expected["noise"],
-        denoise=True,
-        **inverse_options_from_apple(first),
-        noise_std=denoise["noise_std"],
+        denoise=(denoise["noise_std"] / model.config.noise_std) ** 2,  # the step's strength at the model's sigma
+        **tarflow_guidance_from_apple(first),
         output_type="pt",
     ).images
     torch.testing.assert_close(images, to_unit(expected["denoised_0"]), atol=1e-5, rtol=0)
@@ -223,24 +224,27 @@ def test_bad_latents_and_generators(pipe):
 # ------------------------------------------------------------------------------------------ guidance, sampler
 def test_guidance_arguments_reach_the_model(pipe, model, noise):
     labels = [0, 1, 2, 1]
+    rule = GuidanceRule(target="shift", schedule="linear", unconditional_temperature=0.8)
     guided = pipe(
         class_labels=labels,
         latents=noise,
         guidance_scale=2.5,
-        guidance_target="shift",
-        guidance_schedule="linear",
+        guidance_rule=rule,
         attention_temperature=0.7,
         denoise=False,
         output_type="pt",
     ).images
-    direct = model.inverse(noise, torch.tensor(labels), 2.5, "shift", "linear", 0.7)
+    direct = model.inverse(noise, torch.tensor(labels), 2.5, rule, 0.7)
     torch.testing.assert_close(guided, to_unit(direct), rtol=0, atol=0)
     plain = pipe(class_labels=labels, latents=noise, guidance_scale=1.0, denoise=False, output_type="pt").images
     assert not torch.allclose(guided, plain)
-    with pytest.raises(ValueError, match=r"guidance_target must be one of \('both', 'scale', 'shift'\), got 'size'"):
-        pipe(class_labels=labels, latents=noise, guidance_target="size")
-    with pytest.raises(ValueError, match=r"guidance_schedule must be one of"):
-        pipe(class_labels=labels, latents=noise, guidance_schedule="cosine")
+    with pytest.raises(ValueError, match=r"target must be one of \('both', 'scale', 'shift'\), got 'size'"):
+        pipe(class_labels=labels, latents=noise, guidance_rule="extrapolate:target=size")
+    with pytest.raises(ValueError, match=r"schedule must be one of"):
+        pipe(class_labels=labels, latents=noise, guidance_rule="extrapolate:schedule=cosine")
+    for bad in (0.0, -1.0, math.inf, "3"):
+        with pytest.raises(ValueError, match=r"guidance_scale must be a (finite )?number > 0"):
+            pipe(class_labels=labels, latents=noise, guidance_scale=bad)
     product = pipe(
         class_labels=labels,
         latents=noise,
@@ -269,7 +273,7 @@ def test_default_guidance_scale_comes_from_the_config(noise):
 
 
 def test_jacobi_sampler_and_stats(pipe, noise, model):
-    exact = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", return_stats=True)
+    exact = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt")
     assert exact.stats.sequential_steps == [model.config.num_patches - 1] * model.config.num_blocks
     assert exact.stats.iterations == [0] * model.config.num_blocks
     jacobi = pipe(
@@ -277,24 +281,49 @@ def test_jacobi_sampler_and_stats(pipe, noise, model):
         latents=noise,
         denoise=False,
         output_type="pt",
-        sampler="jacobi",
-        jacobi_tolerance=1e-7,
-        jacobi_sequential_blocks=1,
-        return_stats=True,
+        sampler=JacobiSampler(tolerance=1e-7, sequential_blocks=1),
     )
     torch.testing.assert_close(jacobi.images, exact.images, atol=1e-5, rtol=0)
     assert jacobi.stats.sequential_blocks[0] and jacobi.stats.iterations[0] == 0
     assert len(jacobi.stats.iterations) == model.config.num_blocks
     steps = model.config.num_patches - 1
     one_patch = pipe(
-        class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", sampler="jacobi", jacobi_window=1,
-        return_stats=True,
-    )  # fmt: skip
+        class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", sampler="jacobi:window=1"
+    )
     assert one_patch.stats.iterations == one_patch.stats.rows_computed == [steps] * model.config.num_blocks
     torch.testing.assert_close(one_patch.images, exact.images, atol=1e-6, rtol=0)
-    assert pipe(class_labels=[0], denoise=False).stats is None  # only when asked for
     with pytest.raises(ValueError, match=r"sampler must be one of"):
         pipe(sampler="euler")
+
+
+def test_the_sampler_component_is_used_kept_and_overridden_per_call(model, noise, tmp_path):
+    pipe = make_pipe(model)
+    assert pipe.sampler == SequentialSampler() and pipe.config.sampler[1] == "SequentialSampler"
+    pipe.sampler = JacobiSampler(tolerance=1e-7, window=1)  # diffusers' way of swapping a scheduler
+    assert pipe.config.sampler[1] == "JacobiSampler"
+    used = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt")
+    assert used.stats.iterations == [model.config.num_patches - 1] * model.config.num_blocks  # window 1: Jacobi
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["sampler"] == ["samplers", "JacobiSampler"]
+    config = json.loads((tmp_path / "saved" / "sampler" / "sampler_config.json").read_text())
+    assert (config["tolerance"], config["window"]) == (1e-7, 1)
+    loaded = TarFlowPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.sampler == JacobiSampler(tolerance=1e-7, window=1)
+    once = loaded(class_labels=[0], latents=noise[:1], denoise=False, sampler=SequentialSampler())
+    assert once.stats.iterations == [0] * model.config.num_blocks and loaded.sampler == pipe.sampler
+    pipe.sampler = NewtonSampler.from_config(pipe.sampler.config)
+    assert pipe.sampler == NewtonSampler(tolerance=1e-7)
+
+
+def test_a_folder_saved_before_samplers_were_components_loads_with_the_sequential_sampler(model, tmp_path):
+    make_pipe(model).save_pretrained(tmp_path / "old")
+    index_file = tmp_path / "old" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    del index["sampler"]
+    index_file.write_text(json.dumps(index))
+    shutil.rmtree(tmp_path / "old" / "sampler")
+    assert TarFlowPipeline.from_pretrained(tmp_path / "old").sampler == SequentialSampler()
 
 
 # --------------------------------------------------------------------------------------------------- denoising
@@ -304,22 +333,32 @@ def test_denoising_step(pipe, model, noise):
     default = pipe(class_labels=labels, latents=noise, output_type="pt").images
     expected = model.denoise(raw, labels, noise_std=model.config.noise_std)
     torch.testing.assert_close(default, to_unit(expected), rtol=0, atol=1e-6)
-    stronger = pipe(class_labels=labels, latents=noise, noise_std=0.3, output_type="pt").images
-    torch.testing.assert_close(stronger, to_unit(model.denoise(raw, labels, noise_std=0.3)), rtol=0, atol=1e-6)
+    stronger = pipe(class_labels=labels, latents=noise, denoise=2.5, output_type="pt").images
+    torch.testing.assert_close(stronger, to_unit(model.denoise(raw, labels, strength=2.5)), rtol=0, atol=1e-6)
     assert not torch.allclose(stronger, default)
-    zero = pipe(class_labels=labels, latents=noise, denoise_strength=0.0, output_type="pt").images
-    torch.testing.assert_close(zero, to_unit(raw), rtol=0, atol=0)
-    one_by_one = pipe(class_labels=labels, latents=noise, denoise_batch_size=1, output_type="pt").images
-    torch.testing.assert_close(one_by_one, default, rtol=0, atol=1e-6)
+    for none in (False, 0.0):
+        torch.testing.assert_close(pipe(class_labels=labels, latents=noise, denoise=none, output_type="pt").images,
+                                   to_unit(raw), rtol=0, atol=0)  # fmt: skip
+    one_by_one = torch.cat([model.denoise(raw[i : i + 1], labels[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(one_by_one, expected, rtol=0, atol=1e-6)
+
+
+def test_the_denoising_step_runs_under_inference_mode(pipe, model, noise):
+    """A caller's `torch.inference_mode()` (common around sampling) must not break the score step's gradient."""
+    labels = [0, 1, 2, 1]
+    expected = pipe(class_labels=labels, latents=noise, output_type="pt").images
+    with torch.inference_mode():
+        images = pipe(class_labels=labels, latents=noise, output_type="pt").images
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"noise_std": -0.1}, r"noise_std must be a finite number >= 0, got -0.1"),
-        ({"noise_std": math.nan}, r"noise_std must be a finite number >= 0"),
-        ({"denoise_strength": math.inf}, r"denoise_strength must be a finite number"),
-        ({"denoise_batch_size": 0}, r"denoise_batch_size must be an integer >= 1, got 0"),
+        ({"denoise": "no"}, r"denoise must be True, False or a finite strength \(a number\), got 'no'"),
+        ({"denoise": math.nan}, r"denoise must be True, False or a finite strength"),
+        ({"denoise": math.inf}, r"denoise must be True, False or a finite strength"),
+        ({"denoise": None}, r"denoise must be True, False or a finite strength \(a number\), got None"),
     ],
 )
 def test_bad_denoise_arguments_fail_before_sampling(pipe, kwargs, message):
@@ -342,9 +381,12 @@ def test_output_types(pipe, noise):
     np.testing.assert_array_equal(np.stack([np.asarray(image) for image in pil]), (np_images[..., 0] * 255).round())
     rgb = make_pipe(random_model(seed=4, num_channels=3, num_classes=0))(num_images_per_label=2).images
     assert [image.mode for image in rgb] == ["RGB", "RGB"]
-    with pytest.raises(ValueError, match=r"output_type must be one of .* got 'latent' \(TarFlow samples in pixel"):
-        pipe(**kwargs, output_type="latent")
-    with pytest.raises(ValueError, match=r"output_type must be one of \('pil', 'np', 'pt'\), got 'jpeg'"):
+    # TarFlow samples in pixel space: its "latent" output is the model's own, before clipping to [0, 1].
+    raw = pipe(**kwargs, output_type="latent").images
+    torch.testing.assert_close(raw, pipe.transformer.denoise(pipe.transformer.inverse(noise, kwargs["class_labels"]),
+                                                            kwargs["class_labels"]), rtol=0, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close((raw / 2 + 0.5).clamp(0, 1), pt, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"output_type must be one of \('latent', 'pil', 'np', 'pt'\), got 'jpeg'"):
         pipe(**kwargs, output_type="jpeg")
 
 
@@ -352,11 +394,8 @@ def test_return_dict_false(pipe, noise):
     output = pipe(class_labels=[0] * 4, latents=noise, output_type="pt", return_dict=False)
     assert isinstance(output, tuple) and len(output) == 1
     torch.testing.assert_close(output[0], pipe(class_labels=[0] * 4, latents=noise, output_type="pt").images)
-    images, trajectory, stats = pipe(
-        class_labels=[0], return_dict=False, return_trajectory=True, return_stats=True, output_type="pt"
-    )
-    assert images.shape == (1, 1, 8, 8) and len(trajectory) == 2 and len(stats.iterations) == 2
-    assert isinstance(pipe(class_labels=[0]), TarFlowPipelineOutput)
+    output = pipe(class_labels=[0], output_type="pt")
+    assert isinstance(output, TarFlowPipelineOutput) and len(output.stats.iterations) == 2
 
 
 # ------------------------------------------------------------------------------ progress, callbacks, trajectory
@@ -377,33 +416,70 @@ def test_progress_bar_counts_blocks_and_denoising(model):
     assert stream.getvalue() == ""
 
 
-def test_callback_and_trajectory(pipe, noise):
+def test_callback_sees_each_blocks_images(pipe, noise):
     seen = []
 
     def callback(pipeline, step, block_index, callback_kwargs):
         assert pipeline is pipe
-        seen.append((step, block_index, callback_kwargs["images"].clone()))
+        assert pipeline.num_timesteps == 2 and pipeline.guidance_scale == 3.0 and pipeline.do_classifier_free_guidance
+        seen.append((step, block_index, callback_kwargs["latents"].clone()))
         return callback_kwargs
 
     output = pipe(
-        class_labels=[0, 1, 2, 0],
-        latents=noise,
-        denoise=False,
-        output_type="pt",
+        class_labels=[0, 1, 2, 0], latents=noise, guidance_scale=3.0, denoise=False, output_type="pt",
         callback_on_step_end=callback,
-        return_trajectory=True,
-    )
+    )  # fmt: skip
     assert [(step, block) for step, block, _ in seen] == [(0, 1), (1, 0)]
-    assert len(output.trajectory) == 2
-    for (_, _, images), frame in zip(seen, output.trajectory, strict=True):
-        assert images.shape == (4, 1, 8, 8)
-        torch.testing.assert_close(frame, to_unit(images), rtol=0, atol=0)
-    torch.testing.assert_close(output.trajectory[-1], output.images, rtol=0, atol=0)
-    assert not torch.allclose(output.trajectory[0], output.trajectory[1])
-    pil_trajectory = pipe(class_labels=[0], return_trajectory=True).trajectory
-    assert len(pil_trajectory) == 2 and isinstance(pil_trajectory[0][0], PIL.Image.Image)
-    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs has \['latents'\]; allowed are"):
-        pipe(class_labels=[0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    assert all(images.shape == (4, 1, 8, 8) for _, _, images in seen)
+    torch.testing.assert_close(to_unit(seen[-1][2]), output.images, rtol=0, atol=0)
+    assert not torch.allclose(seen[0][2], seen[1][2])
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs has \['images'\]; allowed are"):
+        pipe(class_labels=[0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["images"])
+
+
+def test_latents_a_callback_returns_replace_the_current_ones(pipe, noise):
+    """diffusers' convention: the pipeline continues from the tensors the callback returns."""
+    after_first = {}
+
+    def record(pipeline, step, block_index, callback_kwargs):
+        after_first.setdefault(step, callback_kwargs["latents"])
+        return callback_kwargs
+
+    pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt", callback_on_step_end=record)
+
+    def swap(pipeline, step, block_index, callback_kwargs):
+        return {"latents": after_first[0]} if step == 0 else callback_kwargs
+
+    other_noise = torch.randn_like(noise)
+    swapped = pipe(class_labels=[0, 1, 2, 0], latents=other_noise, denoise=False, output_type="pt",
+                   callback_on_step_end=swap).images  # fmt: skip
+    expected = pipe(class_labels=[0, 1, 2, 0], latents=noise, denoise=False, output_type="pt").images
+    torch.testing.assert_close(swapped, expected, rtol=0, atol=0)
+
+
+def test_diffusers_guidance_cutoff_callback_stops_guiding_the_blocks_left():
+    """diffusers' `SDCFGCutoffCallback` sets `pipe._guidance_scale = 0.0` at its step; the blocks still to run are
+    then sampled without guidance, as one would with guidance_scale=1 from that block on."""
+    from diffusers.callbacks import PipelineCallback
+
+    class CutOff(PipelineCallback):  # SDCFGCutoffCallback's rule without its prompt_embeds (TarFlow has none)
+        tensor_inputs = ["latents"]  # noqa: RUF012
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == self.config.cutoff_step_index:
+                pipeline._guidance_scale = 0.0
+            return callback_kwargs
+
+    model = random_model(num_blocks=3)
+    pipe = make_pipe(model)
+    noise = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+    cut = pipe(class_labels=[0, 1], latents=noise, guidance_scale=3.0, denoise=False, output_type="latent",
+               callback_on_step_end=CutOff(cutoff_step_ratio=None, cutoff_step_index=0)).images  # fmt: skip
+    scales = iter([3.0, 1.0, 1.0])
+    expected = model.inverse(noise, [0, 1], guidance_scale=lambda step: next(scales))
+    torch.testing.assert_close(cut, expected, rtol=0, atol=0)
+    full = pipe(class_labels=[0, 1], latents=noise, guidance_scale=3.0, denoise=False, output_type="latent").images
+    assert (full - cut).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------------------------------ dtypes and devices
@@ -638,7 +714,7 @@ def test_from_pretrained_round_trip(saved, pipe, noise):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is TarFlowPipeline and type(loaded.transformer) is TarFlowModel
     assert loaded.id2label == NAMES
-    assert loaded.components.keys() == {"transformer"}
+    assert loaded.components.keys() == {"transformer", "sampler"}
     kwargs = {"class_labels": [0, 1, 2, "tabby"], "latents": noise, "output_type": "pt"}
     torch.testing.assert_close(loaded(**kwargs).images, pipe(**kwargs).images, rtol=0, atol=0)
     half = TarFlowPipeline.from_pretrained(saved, dtype=torch.bfloat16)

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from tarflow_hf.convert_starflow import load_ml_starflow_checkpoint
 from tarflow_hf.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
+from tarflow_hf.samplers import BlockJacobiSampler, JacobiSampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "starflow"
 TOLERANCE = 1e-4
@@ -102,11 +103,8 @@ def apple_arguments(spec: dict, expected: dict[str, torch.Tensor]) -> dict:
     if guidance > 0:
         arguments["negative_prompt_embeds"] = expected["y_empty" if "y_empty" in spec["y"] else "y_neg"]
     if kwargs.get("jacobi"):
-        arguments.update(
-            sampler="block_jacobi",
-            jacobi_block_size=kwargs["jacobi_block_size"],
-            jacobi_threshold=kwargs["jacobi_th"],
-            jacobi_max_iterations=kwargs["jacobi_max_iter"],
+        arguments["sampler"] = BlockJacobiSampler(
+            kwargs["jacobi_block_size"], kwargs["jacobi_th"], kwargs["jacobi_max_iter"]
         )
     return arguments
 
@@ -130,7 +128,7 @@ def test_sequential_samples_match_apple(key):
 def test_block_jacobi_samples_match_apple(key):
     meta, _, expected = reference()
     spec = next(spec for spec in meta["samples"] if spec["key"] == key)
-    out = make_pipe()(**apple_arguments(spec, expected), denoise=False, output_type="latent", return_stats=True)
+    out = make_pipe()(**apple_arguments(spec, expected), denoise=False, output_type="latent")
     assert_close(out.images, expected[key], f"pipeline {key} (block Jacobi)")
     assert out.stats.chunk_iterations == spec["jacobi_iters"]
 
@@ -383,20 +381,33 @@ def test_callback_after_each_block():
     torch.testing.assert_close(calls[-1][2], out.images, rtol=0, atol=0)
 
 
-def test_sampler_options_reach_the_model():
-    """`jacobi_sequential_blocks=1` through the pipeline: the deep block decodes exactly, the shallow ones iterate."""
+def test_the_sampler_component_reaches_the_model_and_is_saved(tmp_path):
+    """`JacobiSampler(sequential_blocks=1)` as the pipeline's sampler: the deep block decodes exactly, the shallow
+    ones iterate; it is saved with the pipeline, and a sampler given to one call wins for that call."""
     _, model, expected = reference()
-    out = make_pipe()(
-        prompt_embeds=expected["y_cond"],
-        latents=expected["noise"],
-        guidance_scale=1.0,
-        denoise=False,
-        output_type="latent",
-        sampler="jacobi",
-        jacobi_sequential_blocks=1,
-        return_stats=True,
-    )
+    pipe = make_pipe()
+    pipe.sampler = JacobiSampler(tolerance=1e-6, sequential_blocks=1)
+    arguments = dict(prompt_embeds=expected["y_cond"], latents=expected["noise"], guidance_scale=1.0, denoise=False,
+                     output_type="latent")  # fmt: skip
+    out = pipe(**arguments)
     assert out.stats.sequential_blocks == [True] + [False] * (model.config.num_blocks - 1)
+    assert pipe(**arguments, sampler="sequential").stats.sequential_blocks == [True] * model.config.num_blocks
+    pipe.save_pretrained(tmp_path / "saved")
+    assert StarFlowPipeline.from_pretrained(tmp_path / "saved").sampler == pipe.sampler
+
+
+def test_diffusers_guidance_cutoff_callback_runs():
+    """diffusers' own `SDCFGCutoffCallback` (which reads `num_timesteps`, drops the negative half of
+    `prompt_embeds` and sets `_guidance_scale = 0`) runs on STARFlow; guidance lives in the deep block, the first
+    step, so a cut-off after it leaves the sample as it was."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    _, _, expected = reference()
+    arguments = dict(prompt_embeds=expected["y_cond"], negative_prompt_embeds=expected["y_neg"],
+                     latents=expected["noise"], guidance_scale=2.5, denoise=False, output_type="latent")  # fmt: skip
+    pipe = make_pipe()
+    cut = pipe(**arguments, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4)).images
+    torch.testing.assert_close(cut, pipe(**arguments).images, rtol=0, atol=0)
 
 
 def test_guidance_rule_reaches_the_model():
@@ -437,7 +448,9 @@ BAD_INPUTS = [
     (dict(prompt="w10", output_type="bogus"), "output_type"),
     (dict(prompt="w10", guidance_scale=0.5), "guidance_scale"),
     (dict(prompt="w10", sampler="bogus"), "sampler"),
-    (dict(prompt="w10", sampler="jacobi", jacobi_sequential_blocks=-1), "jacobi_sequential_blocks"),
+    (dict(prompt="w10", sampler="jacobi:sequential_blocks=-1"), "sequential_blocks"),
+    (dict(prompt="w10", denoise="no"), "denoise"),
+    (dict(prompt="w\ud800x"), "prompt 0 holds .* at position 1, which is not a Unicode character"),
     (dict(prompt="w10", num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prompt="w10", callback_on_step_end_tensor_inputs=["images"]), "callback_on_step_end_tensor_inputs"),
     (dict(prompt=["w10", "w11"], negative_prompt=["w5", "w6", "w7"]), "negative_prompt"),
@@ -559,3 +572,27 @@ def test_uint8_arrays_are_read_as_8_bit_images():
     assert_close(
         pipe.encode_images(levels.permute(0, 2, 3, 1).numpy()), pipe.encode_images(as_unit), "uint8", tolerance=1e-6
     )
+
+
+def test_sampling_under_inference_mode_denoises_as_without_it():
+    """A caller's `torch.inference_mode()` must not break the score step's gradient."""
+    _, _, expected = reference()
+    arguments = dict(
+        prompt_embeds=expected["y_cond"], latents=expected["noise"], guidance_scale=1.0, output_type="latent"
+    )
+    pipe = make_pipe()
+    outside = pipe(**arguments).images
+    with torch.inference_mode():
+        inside = pipe(**arguments).images
+    torch.testing.assert_close(inside, outside, rtol=0, atol=1e-6)
+    assert (outside - pipe(**arguments, denoise=False).images).abs().max() > 1e-4  # the step did something
+
+
+def test_prompts_encode_without_a_transformer():
+    """`encode_prompt` with only the text encoder and tokenizer loaded (diffusers' way of precomputing embeddings)."""
+    pipe = StarFlowPipeline(transformer=None, text_encoder=text_encoder(), tokenizer=tokenizer(), vae=vae())
+    embeds, negative = pipe.encode_prompt("w5 w7", num_images_per_prompt=2)
+    full, full_negative = make_pipe().encode_prompt("w5 w7", num_images_per_prompt=2, max_sequence_length=128)
+    assert embeds.shape[:2] == (2, 128) and negative.shape == embeds.shape
+    torch.testing.assert_close(embeds, full, rtol=0, atol=0)
+    torch.testing.assert_close(negative, full_negative, rtol=0, atol=0)

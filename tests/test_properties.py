@@ -59,7 +59,7 @@ def test_inverse_undoes_forward_and_back(overrides, seed, guidance_scale):
     if guidance_scale != 1.0 and cfg.num_classes:
         # Guided sampling is the exact inverse of no flow in particular, but the parallel samplers must agree with it.
         sequential = model.inverse(noise, labels, guidance_scale=guidance_scale)
-        jacobi = model.inverse(noise, labels, guidance_scale=guidance_scale, sampler="jacobi", jacobi_tolerance=1e-7)
+        jacobi = model.inverse(noise, labels, guidance_scale=guidance_scale, sampler="jacobi:tolerance=1e-7")
         torch.testing.assert_close(jacobi, sequential, atol=1e-4, rtol=0)
 
 
@@ -133,8 +133,8 @@ def test_starflow_inverse_undoes_forward_and_back(overrides, seed, grid):
         # Guided sampling inverts no flow in particular, but every sampler must reach the sequential result.
         negative = torch.zeros_like(text)
         sequential = model.inverse(noise, text, negative, guidance_scale=2.5)
-        for sampler in ("jacobi", "newton"):
-            parallel = model.inverse(noise, text, negative, guidance_scale=2.5, sampler=sampler, jacobi_tolerance=1e-7)
+        for sampler in ("jacobi:tolerance=1e-7", "newton:tolerance=1e-7"):
+            parallel = model.inverse(noise, text, negative, guidance_scale=2.5, sampler=sampler)
             torch.testing.assert_close(parallel, sequential, atol=1e-4, rtol=0, msg=sampler)
 
 

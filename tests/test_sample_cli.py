@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,9 +16,11 @@ import torch
 from conftest import random_model
 
 from tarflow_hf.commands import main
-from tarflow_hf.grids import make_grid
+from tarflow_hf.grids import CAPTION_WIDTH, MAX_GRID_PIXELS, PADDING, make_grid
+from tarflow_hf.guidance import GuidanceRule
 from tarflow_hf.modeling_tarflow import TarFlowModel
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
+from tarflow_hf.samplers import JacobiSampler, get_sampler
 
 NAMES = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "tabby, tabby cat"}
 
@@ -65,11 +68,8 @@ def test_sample_writes_the_captioned_grid(folders, tmp_path, capsys):
 def test_sample_options_reach_the_pipeline(folders, tmp_path):
     out = tmp_path / "plain.png"
     assert sample(folders["uncond"], "--num-images", "3", "--no-denoise", "--seed", "0", "--columns", "3",
-                  "--sampler", "jacobi", "--jacobi-tolerance", "1e-3", "--jacobi-window", "5",
-                  "--output", out) == 0  # fmt: skip
-    images = expected_images(
-        folders["uncond"], None, 3, 0, denoise=False, sampler="jacobi", jacobi_tolerance=1e-3, jacobi_window=5
-    )
+                  "--sampler", "jacobi:tolerance=1e-3,window=5", "--output", out) == 0  # fmt: skip
+    images = expected_images(folders["uncond"], None, 3, 0, denoise=False, sampler=JacobiSampler(1e-3, window=5))
     expected = make_grid(images, columns=3)  # unconditional: no captions
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
     # Without --no-denoise the images differ; --no-captions on a conditional model gives a caption-free grid.
@@ -89,9 +89,10 @@ def test_jacobi_options_reach_the_sampler(folders, tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TarFlowModel, "inverse", spy)
-    assert sample(folders["uncond"], "--num-images", "1", "--sampler", "jacobi", "--jacobi-tolerance", "0.02",
-                  "--jacobi-window", "3", "--output", tmp_path / "grid.png") == 0  # fmt: skip
-    assert (seen["sampler"], seen["jacobi_tolerance"], seen["jacobi_window"]) == ("jacobi", 0.02, 3)
+    assert sample(folders["uncond"], "--num-images", "1", "--sampler", "jacobi:tolerance=0.02,window=3",
+                  "--guidance-rule", "extrapolate:schedule=linear", "--output", tmp_path / "grid.png") == 0  # fmt: skip
+    assert get_sampler(seen["sampler"]) == JacobiSampler(0.02, window=3)
+    assert GuidanceRule.parse(seen["guidance_rule"]) == GuidanceRule(schedule="linear")
 
 
 def test_unseeded_run_prints_its_seed(folders, tmp_path, capsys):
@@ -134,18 +135,20 @@ def test_grid_write_failing_midway_keeps_the_previous_grid(folders, tmp_path, mo
         (["{cond}", "--columns", "0"], r"--columns must be >= 1, got 0"),
         (["{cond}", "--seed", "-3"], r"--seed must be between 0 and 2\*\*62, got -3"),
         (["{cond}", "--guidance-scale", "nan"], r"--guidance-scale must be a finite number, got nan"),
-        (["{cond}", "--noise-std", "-1"], r"noise_std must be a finite number >= 0, got -1.0"),
-        (["{cond}", "--attention-temperature", "0"], r"attention_temperature must be > 0, got 0.0"),
-        (["{cond}", "--sampler", "jacobi", "--jacobi-window", "0"], r"jacobi_window must be an integer >= 1 \(or None"),
+        (["{cond}", "--denoise-strength", "nan"], r"--denoise-strength must be a finite number, got nan"),
+        (["{cond}", "--attention-temperature", "0"], r"attention_temperature must be a finite number > 0, got 0.0"),
+        (["{cond}", "--sampler", "jacobi:window=0"], r"window must be an integer >= 1 or None, got 0"),
+        (["{cond}", "--sampler", "jacobi:tolerance=-1"], r"tolerance must be a finite number > 0, got -1"),
         (
-            ["{cond}", "--sampler", "jacobi", "--jacobi-tolerance", "-1"],
-            r"jacobi_tolerance must be a number > 0, got -1.0",
+            ["{cond}", "--sampler", "euler"],
+            r"sampler must be one of \('sequential', 'jacobi', 'newton', 'block_jacobi'\)",
         ),
+        (["{cond}", "--guidance-rule", "extrapolate:target=ab"], r"target must be one of \('both', 'scale', 'shift'\)"),
+        (["{cond}", "--device", "meta"], r"--device 'meta' cannot hold images to sample; use cpu, cuda"),
         (
             ["{cond}", "--output", "{tmp}/grid.txt"],
             r"--output '.*grid.txt': PIL cannot write images with extension '.txt'",
         ),
-        (["{cond}", "--output", "{tmp}"], r"--output '.*' is a folder; give an image file name"),
         (["{tmp}/missing"], r"'.*missing' is neither an existing folder nor a Hub repo id"),
         (["{tmp}"], r".* is not a TarFlow or STARFlow folder \(no model_index.json"),
         (["{cond}", "--device", "gpu:zero"], r"--device 'gpu:zero' is not a torch device"),
@@ -280,3 +283,54 @@ def test_wrong_conditioning_for_the_model_is_one_line(folders, starflow_folder, 
     assert "--prompt" in sample_error(capsys, folders["cond"], "--prompt", "a cat", "--output", out)
     assert "--height" in sample_error(capsys, folders["cond"], "--height", "16", "--output", out)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------ issue 21: bounded work, any input
+def test_a_folder_output_takes_one_file_per_image_with_their_captions(folders, tmp_path, capsys):
+    out = tmp_path / "images"
+    assert sample(folders["cond"], "--class-label", "1", "--class-label", "tabby", "--num-images", "2", "--seed", "4",
+                  "--batch-size", "3", "--output", f"{out}/") == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == f"wrote 4 images to {out} (seed 4)"
+    expected = expected_images(folders["cond"], [1, 2], 2, 4)
+    names = ["000000.png", "000001.png", "000002.png", "000003.png"]
+    assert sorted(path.name for path in out.iterdir()) == sorted([*names, "metadata.jsonl"])
+    for name, image in zip(names, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(PIL.Image.open(out / name)), np.asarray(image))
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    captions = ["golden retriever"] * 2 + ["tabby"] * 2
+    assert rows == [{"file_name": name, "text": text} for name, text in zip(names, captions, strict=True)]
+    # What is already there is never overwritten: a second run into the same folder is refused before sampling.
+    assert sample(folders["cond"], "--class-label", "1", "--output", f"{out}/") == 2
+    assert "already holds metadata.jsonl, 000000.png" in capsys.readouterr().err
+
+
+def test_a_grid_too_large_to_open_is_refused_before_sampling(folders, tmp_path, capsys, monkeypatch):
+    """Two million 8x8 images make a 11320x11320 grid, more than PIL opens: refused at once, pointing to a folder."""
+    monkeypatch.setattr(TarFlowPipeline, "__call__", lambda *a, **k: pytest.fail("sampled before refusing"))
+    message = sample_error(capsys, folders["uncond"], "--num-images", "2000000", "--output", tmp_path / "g.png")
+    assert f"over the {MAX_GRID_PIXELS:,}" in message and "--output FOLDER/" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_prompts_are_cut_to_the_cells_width(starflow_folder, tmp_path):
+    out = tmp_path / "long.png"
+    prompt = "w5 " * 5000
+    assert sample(starflow_folder, "--prompt", prompt, "--num-images", "2", "--seed", "0", "--output", out) == 0
+    width, _ = PIL.Image.open(out).size
+    assert width <= 2 * (max(32, CAPTION_WIDTH) + PADDING) + PADDING  # two cells, as with any caption
+
+
+def test_prompt_bytes_that_are_not_utf8_are_one_line(starflow_folder, tmp_path):
+    """Python decodes undecodable command-line bytes to lone surrogates; they are refused by name, not passed on."""
+    command = Path(sys.executable).with_name("tarflow-hf")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LC_ALL": "C.UTF-8"}
+    result = subprocess.run(
+        [command, "sample", str(starflow_folder), "--prompt", b"caf\xe9 w5", "--output", str(tmp_path / "g.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "tarflow-hf sample: error: --prompt 1 is not UTF-8 text (byte 0xe9 at character 3); pass the prompt in UTF-8 "
+        "(check the terminal's or the file's encoding)"
+    )
+    assert not (tmp_path / "g.png").exists()

@@ -13,12 +13,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .configuration_starflow import StarFlowConfig
     from .configuration_tarflow import TarFlowConfig
+    from .guidance import GuidanceRule
     from .modeling_starflow import StarFlowModel, StarFlowOutput, StarFlowPreTrainedModel
-    from .modeling_tarflow import JacobiStats, TarFlowModel, TarFlowOutput, TarFlowPreTrainedModel
+    from .modeling_tarflow import TarFlowModel, TarFlowOutput, TarFlowPreTrainedModel
     from .pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
     from .pipeline_tarflow import TarFlowPipeline, TarFlowPipelineOutput
     from .registry import AutoFlowPipeline
-    from .sampling import Guidance, SamplingStats
+    from .samplers import (
+        BlockJacobiSampler,
+        FlowSampler,
+        JacobiSampler,
+        NewtonSampler,
+        SamplingStats,
+        SequentialSampler,
+    )
 
 __version__ = "0.1.0"
 
@@ -32,7 +40,6 @@ BUNDLED_CLASSIFIER = str(Path(__file__).parent / "bundled" / "mnist-classifier")
 # Public name -> the module defining it, imported on first access.
 _LAZY = {
     "TarFlowConfig": "configuration_tarflow",
-    "JacobiStats": "modeling_tarflow",
     "TarFlowModel": "modeling_tarflow",
     "TarFlowOutput": "modeling_tarflow",
     "TarFlowPreTrainedModel": "modeling_tarflow",
@@ -44,9 +51,14 @@ _LAZY = {
     "StarFlowPreTrainedModel": "modeling_starflow",
     "StarFlowPipeline": "pipeline_starflow",
     "StarFlowPipelineOutput": "pipeline_starflow",
-    "Guidance": "sampling",
     "AutoFlowPipeline": "registry",
-    "SamplingStats": "sampling",
+    "GuidanceRule": "guidance",
+    "FlowSampler": "samplers",
+    "SequentialSampler": "samplers",
+    "JacobiSampler": "samplers",
+    "NewtonSampler": "samplers",
+    "BlockJacobiSampler": "samplers",
+    "SamplingStats": "samplers",
 }
 _registered = False
 
@@ -93,9 +105,13 @@ __all__ = [
     "BUNDLED_CLASSIFIER",
     "BUNDLED_MODEL",
     "AutoFlowPipeline",
-    "Guidance",
-    "JacobiStats",
+    "BlockJacobiSampler",
+    "FlowSampler",
+    "GuidanceRule",
+    "JacobiSampler",
+    "NewtonSampler",
     "SamplingStats",
+    "SequentialSampler",
     "StarFlowConfig",
     "StarFlowModel",
     "StarFlowOutput",

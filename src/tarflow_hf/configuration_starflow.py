@@ -5,6 +5,8 @@ import math
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .guidance import GuidanceRule
+
 # RoPE channel pairs Apple reserves for the text axis when the model reads text (`misc/pe.py`: dim_split [d - 8, 8]).
 ROPE_TEXT_FREQUENCIES = 8
 
@@ -42,6 +44,8 @@ class StarFlowConfig(PreTrainedConfig):
         default_guidance_scale (`float`, defaults to 4.6): guidance scale a pipeline uses when none is given
             (diffusers convention, 1.0 is no guidance; Apple's `--cfg 3.6` of its README and scripts).
         rope_theta (`float`, defaults to 10000.0): base of the rotary frequencies.
+        default_guidance_rule (`str`, defaults to `"gaussian_product"`): guidance rule used when none is given,
+            STARFlow's Gaussian product; a rule name or `NAME:key=value,...` (see `tarflow_hf.guidance`).
 
     Example:
 
@@ -70,6 +74,7 @@ class StarFlowConfig(PreTrainedConfig):
     latent_norm_regularization: float = 1e-4
     default_guidance_scale: float = 4.6
     rope_theta: float = 10000.0
+    default_guidance_rule: str = "gaussian_product"
 
     def __post_init__(self, **kwargs):
         for name in ("soft_clip", "noise_std", "latent_norm_regularization", "default_guidance_scale", "rope_theta"):
@@ -79,6 +84,7 @@ class StarFlowConfig(PreTrainedConfig):
         if self.deep_hidden_size is None:
             self.deep_hidden_size = self.hidden_size
         self._check_sizes()
+        GuidanceRule.parse(self.default_guidance_rule)  # a bad one names itself
         super().__post_init__(**kwargs)
 
     def _check_numbers(self) -> None:

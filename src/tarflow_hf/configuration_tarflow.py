@@ -3,6 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .guidance import GuidanceRule
+
 
 @strict(accept_kwargs=True)
 class TarFlowConfig(PreTrainedConfig):
@@ -25,6 +27,8 @@ class TarFlowConfig(PreTrainedConfig):
             denoising step uses it.
         default_guidance_scale (`float`, defaults to 1.0): guidance scale a pipeline uses when none is given
             (diffusers convention, 1.0 is no guidance).
+        default_guidance_rule (`str`, defaults to `"extrapolate"`): guidance rule used when none is given,
+            TarFlow's extrapolation; a rule name or `NAME:key=value,...` (see `tarflow_hf.guidance`).
 
     Example:
 
@@ -48,6 +52,7 @@ class TarFlowConfig(PreTrainedConfig):
     num_classes: int = 0
     noise_std: float = 0.05
     default_guidance_scale: float = 1.0
+    default_guidance_rule: str = "extrapolate"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.noise_std, int):
@@ -55,6 +60,7 @@ class TarFlowConfig(PreTrainedConfig):
         if isinstance(self.default_guidance_scale, int):
             self.default_guidance_scale = float(self.default_guidance_scale)
         self._check_sizes()
+        GuidanceRule.parse(self.default_guidance_rule)  # a bad one names itself
         has_labels = self.id2label is not None
         super().__post_init__(**kwargs)
         if self.num_classes > 0 and (not has_labels or len(self.id2label) != self.num_classes):

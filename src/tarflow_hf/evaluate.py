@@ -155,8 +155,7 @@ def generate(
     count: int,
     seed: int = 0,
     guidance_scale: float | None = None,
-    guidance_target: str = "both",
-    guidance_schedule: str = "constant",
+    guidance_rule: str | None = None,
     denoise: bool = True,
     batch_size: int = 250,
     accelerator=None,
@@ -181,10 +180,8 @@ def generate(
             class_labels=chunk_labels,
             latents=latents[start:stop],
             guidance_scale=scale if chunk_labels is not None else 1.0,
-            guidance_target=guidance_target,
-            guidance_schedule=guidance_schedule,
+            guidance_rule=guidance_rule,
             denoise=denoise and config.noise_std > 0,
-            denoise_batch_size=stop - start,
             output_type="pt",
         ).images
         chunks.append((images * 255).round().to(torch.uint8).cpu())
@@ -346,7 +343,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.torch_threads)
     set_progress(not getattr(args, "quiet", False))
     from .registry import AutoFlowPipeline, loading_progress_bars
-    from .train import use_cpu
+    from .training.setup import use_cpu
 
     accelerator = Accelerator(cpu=use_cpu(False))
     with loading_progress_bars(enabled=not getattr(args, "quiet", False)):
@@ -366,8 +363,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "model": str(args.model),
         "num_processes": accelerator.num_processes,
         "guidance_scale": guidance,
-        "guidance_target": args.guidance_target,
-        "guidance_schedule": args.guidance_schedule,
+        "guidance_rule": args.guidance_rule or config.default_guidance_rule,
         "denoise": not args.no_denoise and config.noise_std > 0,
         "trained_noise_std": config.noise_std,
     }
@@ -384,8 +380,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             count,
             seed,
             guidance_scale=guidance,
-            guidance_target=args.guidance_target,
-            guidance_schedule=args.guidance_schedule,
+            guidance_rule=args.guidance_rule,
             denoise=not args.no_denoise,
             batch_size=args.batch_size,
             accelerator=accelerator,

@@ -108,8 +108,8 @@ def module_files(cls: type) -> list[Path]:
 
 
 def components(pipeline: Any) -> dict[str, Any]:
-    """The pipeline's model components defined in this package (the transformer), by name: the ones whose code a
-    folder carries and whose config gets an `auto_map`. Others (T5, a tokenizer, a VAE) are standard components."""
+    """The pipeline's components defined in this package (the transformer, the sampler), by name: the ones whose
+    code a folder carries. Others (T5, a tokenizer, a VAE) are standard components."""
     return {name: module for name, module in pipeline.components.items() if _defined_here(type(module))}
 
 
@@ -124,16 +124,24 @@ def _defined_here(cls: type) -> bool:
 def code_files(pipeline: Any) -> dict[str, Path]:
     """Where each code file goes in a remote-code folder (relative path -> source file)."""
     files = {path.name: path for path in module_files(type(pipeline))}
-    for name, model in components(pipeline).items():
-        for cls in (type(model), type(model.config)):
-            for path in module_files(cls):
+    for name, component in components(pipeline).items():
+        for cls in (type(component), type(getattr(component, "config", None))):
+            for path in module_files(cls) if _defined_here(cls) else []:
                 files.setdefault(f"{name}/{path.name}", path)
     return files
 
 
+def _is_transformers_model(component: Any) -> bool:
+    """A transformers model (a `config.json` with an `auto_map`), as opposed to a sampler (its own config file)."""
+    return hasattr(component, "config_class")
+
+
 def _entry(cls: type, with_code: bool) -> list[str]:
-    """How model_index.json names a class: by module file (remote code) or by the installed package."""
-    return [Path(inspect.getsourcefile(cls)).stem if with_code else PACKAGE, cls.__name__]
+    """How model_index.json names a class: by module file (remote code), or by the installed package (a model, which
+    the pipelines load themselves) or its module (another component, which diffusers loads)."""
+    if with_code:
+        return [Path(inspect.getsourcefile(cls)).stem, cls.__name__]
+    return [PACKAGE if _is_transformers_model(cls) else cls.__module__, cls.__name__]
 
 
 def write_layout(pipeline: Any, folder: Path, with_code: bool = True) -> None:
@@ -141,9 +149,10 @@ def write_layout(pipeline: Any, folder: Path, with_code: bool = True) -> None:
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["_class_name"] = _entry(type(pipeline), True) if with_code else type(pipeline).__name__
-    for name, model in components(pipeline).items():
-        index[name] = _entry(type(model), with_code)
-        _write_auto_map(folder / name / "config.json", model, with_code)
+    for name, component in components(pipeline).items():
+        index[name] = _entry(type(component), with_code)
+        if _is_transformers_model(component):
+            _write_auto_map(folder / name / "config.json", component, with_code)
     index.pop("_name_or_path", None)  # a local path means nothing elsewhere
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for relative, source in code_files(pipeline).items():
@@ -190,7 +199,7 @@ def save_pipeline(
 
     carried_license = _license_to_carry(pipeline, save_directory)
     with atomic_folder(save_directory, merge=True) as staging:
-        DiffusionPipeline.save_pretrained(pipeline, staging, safe_serialization=True, **save_kwargs)
+        DiffusionPipeline.save_pretrained(pipeline, staging, **{"safe_serialization": True, **save_kwargs})
         write_layout(pipeline, staging, with_code)
         if write_card:
             card.save(staging / "README.md")

@@ -11,6 +11,7 @@ function covers the forward pass, a decoding step and a window after the cache.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,22 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 PACKING_BUDGET_BYTES = 1 << 30
 
 
+# The packing serving this thread's (this context's) sampling call: calls running at once in other threads use their
+# own, so that concurrent calls compute exactly what they compute one after another.
+_ACTIVE_PACKING: ContextVar[WeightPacking | None] = ContextVar("tarflow_hf_weight_packing", default=None)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or float64 left alone (for exact checks): Apple computes LayerNorm, exp and the
+    log-determinant in float32 whatever the autocast dtype."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def active_packing() -> WeightPacking | None:
+    """The weight packing serving this thread's sampling call, if one is open."""
+    return _ACTIVE_PACKING.get()
+
+
 # --------------------------------------------------------------------------------------------- linear layers
 def weight_packing_available() -> bool:
     """MKL's packed matrix product is in torch builds with MKL (x86 Linux and Windows wheels), not on Apple
@@ -34,13 +51,11 @@ def weight_packing_available() -> bool:
 class FlowLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoints) that a `WeightPacking` context can run on packed weights."""
 
-    packing: WeightPacking | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packing = self.packing
+        packing = _ACTIVE_PACKING.get()
         # Autocast rounds F.linear's operands; the packed product would not.
-        plain = packing is None or x.dtype is not torch.float32 or not x.is_cpu or torch.is_grad_enabled()
-        if plain or torch.is_autocast_enabled("cpu"):
+        plain = packing is None or self not in packing.layers or x.dtype is not torch.float32 or not x.is_cpu
+        if plain or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return F.linear(x, self.weight, self.bias)
         return packing.linear(self, x)
 
@@ -55,36 +70,35 @@ class WeightPacking:
     made the second time a layer sees that count (one-off shapes such as a prompt prefix are not worth it), within
     `budget_bytes` for all layers together (default: `PACKING_BUDGET_BYTES`, 1 GiB), and dropped on exit.
     Everything else (gradients, autocast, other dtypes or devices, torch without MKL, layers under accelerate's
-    offload hooks) runs as `nn.Linear` does. Results differ from `addmm`'s by float32 rounding (relative 1e-6)."""
+    offload hooks) runs as `nn.Linear` does. Results differ from `addmm`'s by float32 rounding (relative 1e-6).
+
+    A packing belongs to the thread (the context) that entered it: calls sampling the same model at once each pack
+    for themselves, so a call's products do not depend on what runs beside it."""
 
     def __init__(self, module: nn.Module, budget_bytes: int | None = None):
-        self.layers = [
+        self.layers = {
             layer
             for layer in module.modules()
             if isinstance(layer, FlowLinear)
             and layer.weight.dtype == torch.float32
             and layer.weight.is_cpu
             and not hasattr(layer, "_hf_hook")
-        ]
+        }
         self.budget_bytes = PACKING_BUDGET_BYTES if budget_bytes is None else budget_bytes
         self.packed_bytes = 0
         self.packed: dict[tuple[FlowLinear, int], torch.Tensor] = {}
         self.seen: set[tuple[FlowLinear, int]] = set()
-        self.claimed: list[FlowLinear] = []
+        self._token = None
 
     def __enter__(self) -> WeightPacking:
-        # Layers another packing already serves (an outer context, another thread) stay with it.
         if weight_packing_available():
-            self.claimed = [layer for layer in self.layers if layer.packing is None]
-            for layer in self.claimed:
-                layer.packing = self
+            self._token = _ACTIVE_PACKING.set(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for layer in self.claimed:
-            if layer.packing is self:
-                layer.packing = None
-        self.claimed = []
+        if self._token is not None:
+            _ACTIVE_PACKING.reset(self._token)
+            self._token = None
         self.packed.clear()
         self.seen.clear()
         self.packed_bytes = 0
@@ -143,6 +157,29 @@ def check_attention_implementation(name: str | None) -> str:
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
     return name
+
+
+def grouped_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    temperatures: tuple[float, ...] = (1.0,),
+    implementation: str = "sdpa",
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`causal_attention` over rows that come in equal groups (the guidance branches), group i with its attention
+    logits divided by `temperatures[i]`: one call when all are equal, else one per group (the temperature goes
+    into the kernel's scale, as in Apple's separate passes)."""
+    head_scale = query.shape[-1] ** -0.5
+    if len(set(temperatures)) == 1:
+        return causal_attention(query, key, value, implementation, output_attentions, head_scale / temperatures[0])
+    groups = zip(*(part.chunk(len(temperatures)) for part in (query, key, value)), strict=True)
+    parts = [
+        causal_attention(q, k, v, implementation, output_attentions, head_scale / temperature)
+        for (q, k, v), temperature in zip(groups, temperatures, strict=True)
+    ]
+    weights = torch.cat([part[1] for part in parts]) if output_attentions else None
+    return torch.cat([part[0] for part in parts]), weights
 
 
 def causal_attention(
@@ -220,8 +257,11 @@ __all__ = [
     "FlowMLP",
     "KVCache",
     "WeightPacking",
+    "active_packing",
+    "at_least_fp32",
     "causal_attention",
     "check_attention_implementation",
+    "grouped_causal_attention",
     "init_torch_defaults",
     "layer_norm_fp32",
     "weight_packing_available",

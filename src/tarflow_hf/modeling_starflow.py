@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,17 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_starflow import StarFlowConfig
+from .guidance import Guidance, GuidanceRule, check_positive_number, guide
 from .layers import (
     FlowLinear,
     FlowMLP,
     KVCache,
-    causal_attention,
     check_attention_implementation,
+    grouped_causal_attention,
     init_torch_defaults,
     layer_norm_fp32,
 )
-from .sampling import Guidance, GuidanceRuleName, SamplerOptions, SamplingStats, guide, invert_block
+from .samplers import FlowSampler, SamplingStats, get_sampler
 
 logger = logging.get_logger(__name__)
 
@@ -195,11 +196,12 @@ class StarFlowAttention(nn.Module):
         rotation: torch.Tensor,
         cache: KVCache | None = None,
         position: int = 0,
-        temperature: float = 1.0,
+        temperatures: tuple[float, ...] = (1.0,),
     ) -> torch.Tensor:
         """`hidden` (B, n, W) holds sequence positions `position .. position + n - 1` with rotary `rotation`
-        (n, head_dim / 2; `apply_rope`); with `cache` they also attend to every cached position before them.
-        `temperature` divides the attention logits (Apple's `attn_temp`)."""
+        (n, head_dim / 2; `apply_rope`); with `cache` they also attend to every cached position before them. The
+        rows come in equal groups (the guidance branches), group i with its attention logits divided by
+        `temperatures[i]` (Apple's `attn_temp`)."""
         batch, length, width = hidden.shape
         qkv = self.qkv(layer_norm_fp32(self.norm, hidden))
         heads = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2)
@@ -209,7 +211,7 @@ class StarFlowAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, position)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, _ = causal_attention(query, key, value, implementation, scale=self.head_dim**-0.5 / temperature)
+        out, _ = grouped_causal_attention(query, key, value, temperatures, implementation)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -223,7 +225,7 @@ class StarFlowLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Attention then MLP, each added to its input; the other arguments are [`StarFlowAttention.forward`]'s
-        (the rotary `rotation`, then `cache`, `position`, `temperature`)."""
+        (the rotary `rotation`, then `cache`, `position`, `temperatures`)."""
         hidden = hidden + self.attention(hidden, *args, **kwargs)
         return hidden + self.mlp(hidden)
 
@@ -232,18 +234,18 @@ class StarFlowLayer(GradientCheckpointingLayer):
 @dataclass
 class StarFlowCondition:
     """Everything a block needs besides its tokens: the text rows the transformer reads (B rows, or
-    [conditional; unconditional] 2B rows when guided), the guidance (None: unguided), the attention temperature,
-    and the rotary table of the latent's grid."""
+    [conditional; unconditional] 2B rows when guided), the guidance (None: unguided), the attention temperature of
+    each branch's rows, and the rotary table of the latent's grid."""
 
     text: torch.Tensor | None
     rope: RotaryTable
     num_tokens: int
     guidance: Guidance | None = None
-    attention_temperature: float = 1.0
+    temperatures: tuple[float, ...] = (1.0,)
 
     @property
     def branches(self) -> int:
-        return 2 if self.guidance is not None and self.guidance.active else 1
+        return len(self.temperatures)
 
     @property
     def text_length(self) -> int:
@@ -255,7 +257,7 @@ class StarFlowCondition:
         if text is not None:
             grouped = text.view(self.branches, text.shape[0] // self.branches, *text.shape[1:])
             text = grouped.repeat_interleave(copies, dim=1).flatten(0, 1)
-        return StarFlowCondition(text, self.rope, self.num_tokens, self.guidance, self.attention_temperature)
+        return StarFlowCondition(text, self.rope, self.num_tokens, self.guidance, self.temperatures)
 
 
 def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,16 +308,17 @@ class StarFlowBlock(nn.Module):
         rope: RotaryTable,
         start: int,
         cache: StarFlowBlockCache | None = None,
-        temperature: float = 1.0,
+        temperatures: tuple[float, ...] = (1.0,),
     ) -> torch.Tensor:
-        """All layers on rows at sequence positions `start ..` (text prefix included), then the final norm."""
+        """All layers on rows at sequence positions `start ..` (text prefix included), then the final norm; the
+        rows' branch groups have the attention `temperatures`."""
         rotation = rope.rows(start, hidden.shape[1])
         for i, layer in enumerate(self.layers):
-            if cache is None and temperature == 1.0:
+            if cache is None and temperatures == (1.0,):
                 hidden = layer(hidden, rotation)  # the training path: checkpointed when enabled
             else:
                 layer_cache = None if cache is None else cache.layers[i]
-                hidden = layer(hidden, rotation, cache=layer_cache, position=start, temperature=temperature)
+                hidden = layer(hidden, rotation, cache=layer_cache, position=start, temperatures=temperatures)
         return self.final_norm(hidden)
 
     def affine(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,19 +359,31 @@ class StarFlowBlock(nn.Module):
         text prefix is run into it first (with the attention temperature, as Apple's sequential decoder does), so
         sequence position t sits at L + t.
 
-        The prefix runs once per distinct text row: one prompt for several images repeats its rows, and so does
-        the negative prompt, and the prefix pass is compute-bound (every text token of every row through the deep
-        block), so a batch of N images of one prompt computes 2 rows instead of 2N."""
+        The prefix runs once per distinct text row (of a branch, when the branches' temperatures differ): one prompt
+        for several images repeats its rows, and so does the negative prompt, and the prefix pass is compute-bound
+        (every text token of every row through the deep block), so a batch of N images of one prompt computes 2 rows
+        instead of 2N."""
         text_length = condition.text_length if self.reads_text else 0
         cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, offset=text_length)
         if text_length:
-            distinct, row_of = distinct_rows(condition.text)
-            prefix = StarFlowBlockCache(len(self.layers), text_length)
-            hidden = self.proj_txt(distinct.to(self.proj_txt.weight.dtype))
-            self.transformer(hidden, self._rope(condition), 0, prefix, condition.attention_temperature)
-            for layer, computed in zip(cache.layers, prefix.layers, strict=True):
-                layer.update(computed.keys[row_of], computed.values[row_of], 0)
+            temperatures = condition.temperatures
+            groups = [(condition.text, temperatures[0])]
+            if len(set(temperatures)) > 1:
+                groups = list(zip(condition.text.chunk(len(temperatures)), temperatures, strict=True))
+            parts = [self._prefix_states(rows, self._rope(condition), temperature) for rows, temperature in groups]
+            for i, layer in enumerate(cache.layers):
+                keys, values = (torch.cat([part[i][j] for part in parts]) for j in (0, 1))
+                layer.update(keys, values, 0)
         return cache
+
+    def _prefix_states(
+        self, text: torch.Tensor, rope: RotaryTable, temperature: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (keys, values) of the text prefix for every row of `text`, computed once per distinct row."""
+        distinct, row_of = distinct_rows(text)
+        prefix = StarFlowBlockCache(len(self.layers), text.shape[1])
+        self.transformer(self.proj_txt(distinct.to(self.proj_txt.weight.dtype)), rope, 0, prefix, (temperature,))
+        return [(layer.keys[row_of], layer.values[row_of]) for layer in prefix.layers]
 
     def _rope(self, condition: StarFlowCondition) -> RotaryTable:
         """The rotary table over this block's sequence: shallow blocks see image positions only."""
@@ -400,7 +415,7 @@ class StarFlowBlock(nn.Module):
             # with the tokens would repeat it for every row (a Newton pass has 2 * token_dim + 1 copies of each).
             cache = self.new_cache(condition, len(tokens) // branches, tokens.shape[1])
         start = 0 if cache is None else cache.offset + position
-        hidden = self.transformer(hidden, rope, start, cache, condition.attention_temperature)
+        hidden = self.transformer(hidden, rope, start, cache, condition.temperatures)
         scale, shift = self.affine(hidden)
         return guide(condition.guidance, torch.log(scale), shift, weight)
 
@@ -614,18 +629,12 @@ class StarFlowModel(StarFlowPreTrainedModel):
         latents: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        sampler: Literal["sequential", "block_jacobi", "jacobi", "newton"] = "sequential",
+        guidance_scale: float | Callable[[int], float] = 1.0,
+        guidance_rule: GuidanceRule | str | None = None,
         attention_temperature: float = 1.0,
-        guidance_rule: GuidanceRuleName = "gaussian_product",
-        jacobi_block_size: int = 16,
-        jacobi_threshold: float = 1e-3,
-        jacobi_max_iterations: int | None = None,
-        jacobi_tolerance: float = 1e-4,
-        jacobi_window: int | None = None,
-        jacobi_sequential_blocks: int = 0,
+        sampler: FlowSampler | str | None = None,
+        callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
         return_stats: bool = False,
-        callback: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         r"""
         Map prior samples back to latents: the flow run backwards, deep block first, token by token.
@@ -639,27 +648,21 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 needed when guiding; Apple uses the empty prompt's encoding.
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention (1.0 is
                 none; Apple's `--cfg g` is `1 + g`), applied in the deep block only, as Apple does; the shallow
-                blocks never see text. At least 1 with the Gaussian-product rule.
-            sampler (`str`): `"sequential"` (exact, Apple's default), `"block_jacobi"` (Apple's `--jacobi 1`:
-                chunks of `jacobi_block_size` tokens iterated to the relative change `jacobi_threshold`, at most
-                `jacobi_max_iterations` (default 32) passes each), `"jacobi"` or `"newton"` (this package's parallel
-                samplers, to `jacobi_tolerance`; see `tarflow_hf.sampling`).
-            attention_temperature (`float`): divides the attention logits of every layer of every block, both
-                guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi decoder, which
-                ignores it, every sampler here applies it.
-            guidance_rule (`str`, defaults to `"gaussian_product"`): how the two branches' predictions combine:
-                STARFlow's `"gaussian_product"` (the Gaussian p_c^(1+w) / p_u^w) or TarFlow's `"extrapolate"`
-                (cond + w * (cond - uncond) on log-scale and shift), where w = guidance_scale - 1.
-            jacobi_window (`int`, *optional*): `"jacobi"` only: tokens iterated together after the settled prefix.
-            jacobi_sequential_blocks (`int`): run this many of the first blocks in sampling order with the exact
-                sampler whatever `sampler` says. `1` keeps the deep block exact and iterates only the shallow ones,
-                the fastest parallel setting on a CPU: there the deep block's passes are bound by compute, and
-                recomputing its tokens pass after pass costs more than decoding them once, while a shallow block's
-                passes are cheap and its tokens settle in a few of them (`benchmarks/sampling.py --family starflow`).
-            return_stats (`bool`): also return the [`~sampling.SamplingStats`] (`chunk_iterations` holds the
+                blocks never see text. At least 1 with the Gaussian-product rule. A callable is asked for the scale
+                (of step 0, the deep block).
+            guidance_rule (`GuidanceRule` or `str`, *optional*): how the branches combine (`tarflow_hf.guidance`);
+                the config's `default_guidance_rule` (STARFlow's `"gaussian_product"`) when None.
+            attention_temperature (`float`, defaults to 1.0): divides the attention logits of every layer of every
+                block, both guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi
+                decoder, which ignores it, every sampler here applies it.
+            sampler (`FlowSampler` or `str`, *optional*): how each block is inverted (`tarflow_hf.samplers`); the
+                exact `SequentialSampler` when None. `JacobiSampler(sequential_blocks=1)` keeps the deep block exact
+                and iterates the shallow ones: the fastest parallel setting on a CPU.
+            callback (`Callable[[int, torch.Tensor], torch.Tensor | None]`, *optional*): called after each block (in
+                sampling order: step 0 is the deep block) with its step index and the current latents (B, C, H, W);
+                latents it returns replace them.
+            return_stats (`bool`): also return the [`~samplers.SamplingStats`] (`chunk_iterations` holds the
                 block-Jacobi iterations of every chunk, deep block first, as Apple's `jacobi_iters`).
-            callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
-                order: step 0 is the deep block) with its step index and the current latents (B, C, H, W).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, in_channels, height, width)`: latents x (raw: neither clipped nor
@@ -667,59 +670,37 @@ class StarFlowModel(StarFlowPreTrainedModel):
         """
         self._check_latents(latents, "latents")
         batch, _, height, width = latents.shape
-        guidance = Guidance(scale=guidance_scale, rule=guidance_rule)
-        if not isinstance(attention_temperature, int | float) or not attention_temperature > 0:
-            raise ValueError(f"attention_temperature must be a number > 0, got {attention_temperature!r}")
-        options = SamplerOptions(
-            sampler=sampler,
-            jacobi_tolerance=jacobi_tolerance,
-            jacobi_window=jacobi_window,
-            jacobi_max_iterations=jacobi_max_iterations,
-            jacobi_block_size=jacobi_block_size,
-            jacobi_threshold=jacobi_threshold,
-            jacobi_sequential_blocks=jacobi_sequential_blocks,
-        )
-        text = self._check_text(encoder_hidden_states, batch, "encoder_hidden_states")
-        if guidance.active and not self.config.has_text:
-            raise ValueError("guidance_scale != 1 needs a text model: this one is unconditional (text_hidden_size=0)")
-        if guidance.active:
-            if negative_encoder_hidden_states is None:
-                raise ValueError(
-                    "guidance_scale != 1 needs negative_encoder_hidden_states (Apple's: the text encoder's embedding "
-                    "of the empty prompt)"
-                )
-            negative = self._check_text(negative_encoder_hidden_states, batch, "negative_encoder_hidden_states")
-            if negative.shape[1] != text.shape[1]:
-                raise ValueError(
-                    f"negative_encoder_hidden_states has {negative.shape[1]} text tokens but encoder_hidden_states "
-                    f"{text.shape[1]}; both branches run as one batch, so pad them to the same length"
-                )
-            text = torch.cat([text, negative.to(text.dtype)])
-        elif negative_encoder_hidden_states is not None:
-            raise ValueError("negative_encoder_hidden_states is only used with guidance_scale != 1")
-
+        scale = guidance_scale(0) if callable(guidance_scale) else guidance_scale  # the deep block is step 0
+        guidance = Guidance(scale, GuidanceRule.parse(guidance_rule, self.config.default_guidance_rule))
+        temperature = check_positive_number("attention_temperature", attention_temperature)
+        sampler = get_sampler(sampler)
+        text = self._guided_text(encoder_hidden_states, negative_encoder_hidden_states, guidance, batch)
         dtype = self.blocks[0].proj_in.weight.dtype
         grid = self.patchify(latents.to(device=self.device, dtype=torch.float32))
         grid_h, grid_w = grid.shape[1:3]
-        num_tokens = grid_h * grid_w
         rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)
         stats = SamplingStats()
         tokens = grid.flatten(1, 2)
         for step, block in enumerate(reversed(self.blocks)):
             # Guidance in the deep block only (Apple's cond_top_only): the shallow blocks never read text.
+            guided = block.reads_text and guidance.active
             condition = StarFlowCondition(
                 text=text.to(dtype) if block.reads_text else None,
                 rope=rope,
-                num_tokens=num_tokens,
-                guidance=guidance if block.reads_text and guidance.active else None,
-                attention_temperature=attention_temperature,
+                num_tokens=grid_h * grid_w,
+                guidance=guidance if guided else None,
+                temperatures=guidance.branch_temperatures(temperature) if guided else (temperature,),
             )
             sequence = torch.cat([block.sos_embed.float().expand(batch, -1, -1), block.permute(tokens)], dim=1)
-            inverted, record = invert_block(block, sequence, condition, options, step)
+            inverted, record = sampler.invert_block(block, sequence, condition, step)
             stats.add_block(record)
             tokens = block.permute(inverted[:, 1:])
-            if callback is not None:
-                callback(step, self.unpatchify(tokens.unflatten(1, (grid_h, grid_w))))
+            replaced = (
+                None if callback is None else callback(step, self.unpatchify(tokens.unflatten(1, (grid_h, grid_w))))
+            )
+            if replaced is not None:
+                self._check_latents(replaced, "latents returned by the callback")
+                tokens = self.patchify(replaced.to(tokens)).flatten(1, 2)
         if not torch.isfinite(tokens).all():
             raise FloatingPointError(
                 "sampling produced non-finite values; with float16 or bfloat16 weights try float32, or a lower "
@@ -728,31 +709,59 @@ class StarFlowModel(StarFlowPreTrainedModel):
         result = self.unpatchify(tokens.unflatten(1, (grid_h, grid_w)))
         return (result, stats) if return_stats else result
 
+    def _guided_text(
+        self, text: torch.Tensor | None, negative: torch.Tensor | None, guidance: Guidance, batch: int
+    ) -> torch.Tensor | None:
+        """The deep block's text rows: the prompts' (B rows), or with guidance [prompts; negative prompts] (2B)."""
+        text = self._check_text(text, batch, "encoder_hidden_states")
+        if not guidance.active:
+            if negative is not None:
+                raise ValueError("negative_encoder_hidden_states is only used with guidance_scale != 1")
+            return text
+        if not self.config.has_text:
+            raise ValueError("guidance_scale != 1 needs a text model: this one is unconditional (text_hidden_size=0)")
+        if negative is None:
+            raise ValueError(
+                "guidance_scale != 1 needs negative_encoder_hidden_states (Apple's: the text encoder's embedding of "
+                "the empty prompt)"
+            )
+        negative = self._check_text(negative, batch, "negative_encoder_hidden_states")
+        if negative.shape[1] != text.shape[1]:
+            raise ValueError(
+                f"negative_encoder_hidden_states has {negative.shape[1]} text tokens but encoder_hidden_states "
+                f"{text.shape[1]}; both branches run as one batch, so pad them to the same length"
+            )
+        return torch.cat([text, negative.to(text.dtype)])
+
     # ------------------------------------------------------------------------------------------- denoising
     def denoise(
         self,
         latents: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         noise_std: float | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         r"""
-        One Tweedie score step `x + sigma**2 * grad_x log p(x)` with the model's own likelihood and sigma =
-        `config.noise_std` (Apple's `self_denoise`, step size 1): samples of a model trained on noisy latents carry
+        One Tweedie score step `x + strength * sigma**2 * grad_x log p(x)` with the model's own likelihood and sigma
+        = `config.noise_std` (Apple's `self_denoise`, step size 1): samples of a model trained on noisy latents carry
         that noise, and this removes it. Computed one latent at a time, as Apple does, with the conditional text
         embeddings only.
         """
         sigma = self.config.noise_std if noise_std is None else noise_std
         if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"noise_std must be a finite number >= 0, got {sigma!r}")
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, got {strength!r}")
         self._check_latents(latents, "latents")
         text = self._check_text(encoder_hidden_states, latents.shape[0], "encoder_hidden_states")
         outputs = []
         for i in range(latents.shape[0]):
-            x = latents[i : i + 1].detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                log_likelihood = self(x, None if text is None else text[i : i + 1]).log_likelihood
+            # Inference mode (a caller's `torch.inference_mode()`) would make the step's gradient impossible.
+            with torch.inference_mode(False), torch.enable_grad():
+                x = latents[i : i + 1].clone().detach().requires_grad_(True)
+                log_likelihood = self(x, None if text is None else text[i : i + 1].clone()).log_likelihood
                 (score,) = torch.autograd.grad(log_likelihood.sum(), x)
-            outputs.append((x + sigma**2 * score).detach())
+            outputs.append((x + strength * sigma**2 * score).detach())
         return torch.cat(outputs)
 
 

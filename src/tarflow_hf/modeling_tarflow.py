@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,30 +24,22 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_tarflow import TarFlowConfig
+from .guidance import Guidance, GuidanceRule, check_positive_number, guide
 from .layers import (
     FlowLinear,
     FlowMLP,
     KVCache,
-    causal_attention,
+    at_least_fp32,
     check_attention_implementation,
+    grouped_causal_attention,
     init_torch_defaults,
     layer_norm_fp32,
 )
-from .sampling import (
-    Guidance,
-    GuidanceSchedule,
-    GuidanceTarget,
-    SamplerOptions,
-    SamplingStats,
-    at_least_fp32,
-    guide,
-    invert_block,
-)
+from .samplers import FlowSampler, SamplingStats, get_sampler
 
 # Apple's evaluate_bpd.py: pixels in [-1, 1] are 256 levels of width 2/256, so p(level) = p(x) / 128 per dim.
 LOG_PIXEL_SCALE = math.log(128.0)
 LOG_TWO_PI = math.log(2 * math.pi)
-JacobiStats = SamplingStats  # the name before the samplers were shared
 
 
 @dataclass
@@ -120,17 +112,7 @@ class TarFlowAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, position)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        if len(set(temperatures)) == 1:
-            scale = self.head_dim**-0.5 / temperatures[0]
-            out, weights = causal_attention(query, key, value, implementation, output_attentions, scale)
-        else:  # one call per group: the temperature goes into the kernel's scale, as in Apple's separate passes
-            groups = zip(*(part.chunk(len(temperatures)) for part in (query, key, value)), strict=True)
-            parts = [
-                causal_attention(q, k, v, implementation, output_attentions, self.head_dim**-0.5 / temperature)
-                for (q, k, v), temperature in zip(groups, temperatures, strict=True)
-            ]
-            out = torch.cat([part[0] for part in parts])
-            weights = torch.cat([part[1] for part in parts]) if output_attentions else None
+        out, weights = grouped_causal_attention(query, key, value, temperatures, implementation, output_attentions)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
@@ -153,23 +135,20 @@ class TarFlowLayer(GradientCheckpointingLayer):
 @dataclass
 class TarFlowCondition:
     """A block's condition while sampling: class embeddings of the rows the transformer sees (the batch, or with
-    guidance the batch followed by its unconditional twin, run as one batch) and the guidance, whose attention
-    temperature applies to the unconditional rows only."""
+    guidance the batch followed by its unconditional twin, run as one batch), the guidance (None: unguided) and
+    the attention temperature of each branch's rows."""
 
     class_rows: torch.Tensor | None
     guidance: Guidance | None
+    temperatures: tuple[float, ...] = (1.0,)
 
     @property
     def branches(self) -> int:
-        return 2 if self.guidance is not None and self.guidance.active else 1
-
-    @property
-    def temperatures(self) -> tuple[float, ...]:
-        """Attention temperature of each branch's rows."""
-        return (1.0,) if self.branches == 1 else (1.0, self.guidance.attention_temperature)
+        return len(self.temperatures)
 
     def repeat_interleave(self, copies: int) -> TarFlowCondition:
-        return TarFlowCondition(_repeat_rows(self.class_rows, copies, self.branches), self.guidance)
+        rows = _repeat_rows(self.class_rows, copies, self.branches)
+        return TarFlowCondition(rows, self.guidance, self.temperatures)
 
 
 class TarFlowBlock(nn.Module):
@@ -254,18 +233,20 @@ class TarFlowBlock(nn.Module):
 
     # The inverse, as the samplers drive it (patches in this block's order, patch 0 given).
     def sampling_condition(
-        self, labels: torch.Tensor | None, batch: int, guidance: Guidance | None
+        self, labels: torch.Tensor | None, batch: int, guidance: Guidance, attention_temperature: float = 1.0
     ) -> TarFlowCondition:
         """Class rows for the transformer: the batch, or with guidance the batch and its unconditional twin; an
-        unconditional model's branches differ only by the attention temperature."""
+        unconditional model's branches differ only by the attention temperature (the rule's
+        `unconditional_temperature`)."""
         conditional = self.class_condition(labels, batch)
-        if guidance is None or not guidance.active:
-            return TarFlowCondition(conditional, None)
+        temperatures = guidance.branch_temperatures(attention_temperature)
+        if not guidance.active:
+            return TarFlowCondition(conditional, None, temperatures)
         if conditional is None:
             rows = self.position_embedding.new_zeros(2 * batch, 1, 1)
         else:
             rows = torch.cat([conditional, self.class_condition(None, batch)])
-        return TarFlowCondition(rows, guidance)
+        return TarFlowCondition(rows, guidance, temperatures)
 
     def new_cache(self, condition: TarFlowCondition, batch_size: int, num_tokens: int) -> list[KVCache]:
         return [KVCache(num_tokens) for _ in self.layers]
@@ -457,20 +438,12 @@ class TarFlowModel(TarFlowPreTrainedModel):
         self,
         latents: torch.Tensor,
         class_labels: torch.Tensor | Sequence[int] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_target: GuidanceTarget = "both",
-        guidance_schedule: GuidanceSchedule = "constant",
+        guidance_scale: float | Callable[[int], float] = 1.0,
+        guidance_rule: GuidanceRule | str | None = None,
         attention_temperature: float = 1.0,
-        sampler: Literal["sequential", "jacobi", "newton", "block_jacobi"] = "sequential",
-        jacobi_tolerance: float = 1e-4,
-        jacobi_window: int | None = None,
-        jacobi_max_iterations: int | None = None,
-        jacobi_sequential_blocks: int = 0,
-        callback: Callable[[int, torch.Tensor], None] | None = None,
+        sampler: FlowSampler | str | None = None,
+        callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
         return_stats: bool = False,
-        guidance_rule: Literal["extrapolate", "gaussian_product"] = "extrapolate",
-        jacobi_block_size: int = 16,
-        jacobi_threshold: float = 0.001,
     ) -> torch.Tensor | tuple[torch.Tensor, SamplingStats]:
         r"""
         Map prior samples back to images: the flow run backwards, block by block, patch by patch.
@@ -478,60 +451,43 @@ class TarFlowModel(TarFlowPreTrainedModel):
         Args:
             latents (`torch.Tensor` of shape `(batch_size, num_patches, patch_dim)`): standard normal samples.
             class_labels: labels (B,) or one label for all; `None`/-1 is the unconditional branch.
-            guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention,
-                `uncond + w * (cond - uncond)`; 1.0 is no guidance. Apple's `guidance=g` is `w = 1 + g`.
-            guidance_target (`str`): guide the log-scale (`"scale"`), the shift (`"shift"`) or `"both"`.
-            guidance_schedule (`str`): `"constant"`, or `"linear"`: Apple's annealed guidance, whose strength
-                grows with the patch index, `w_t = 1 + (w - 1) * (t + 1) / (T - 1)`.
-            attention_temperature (`float`): divides the attention logits of the unconditional branch.
-            sampler (`str`): `"sequential"` (exact, one patch at a time with a key/value cache) or `"jacobi"`
-                (parallel fixed-point iteration over many patches at once, to `jacobi_tolerance`; it never takes
-                more sequential transformer passes than `"sequential"`) or `"newton"` (quasi-Newton steps on the
-                same fixed point: fewer passes than Jacobi where patches depend strongly on the previous one, for
-                about 2 * patch_dim + 1 times Jacobi's compute and memory per pass, e.g. 385x for AFHQ-256's
-                8x8x3 patches; float32) or `"block_jacobi"` (STARFlow's chunked Jacobi with `jacobi_block_size`
-                and `jacobi_threshold`; approximate).
-            jacobi_tolerance (`float`): a patch counts as settled once the patches before it moved by at most
-                this in a pass (model space, [-1, 1]). The sequence amplifies what is left, so the images' error is
-                a few times this (bundled model: 1e-4 gives about 3e-4 in model space; `benchmarks/sampling.py`).
-            jacobi_window (`int`, *optional*): patches iterated together after the settled prefix; default all of
-                them (fewest passes). A smaller window (Gauss-Seidel-Jacobi segments) computes less per pass.
-            jacobi_max_iterations (`int`, *optional*): passes per block after which the rest of the block goes one
-                patch at a time (exact); for `"block_jacobi"`, passes per chunk (default 32). Default: no limit.
-            jacobi_sequential_blocks (`int`): force this many of the first blocks in sampling order to run
-                sequentially.
-            callback (`Callable[[int, torch.Tensor], None]`, *optional*): called after each block (in sampling
-                order) with its index and the current images.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the diffusers convention; 1.0 is
+                no guidance. Apple's `guidance=g` is `1 + g`. A callable is asked for each block's scale (by its
+                step in sampling order), so that a callback can change the guidance of the blocks still to run.
+            guidance_rule (`GuidanceRule` or `str`, *optional*): how the branches combine (`tarflow_hf.guidance`):
+                the config's `default_guidance_rule` (TarFlow's `"extrapolate"`) when None. Apple's `guide_what`
+                is the rule's `target`, `annealed_guidance` its `schedule="linear"`, `attn_temp` its
+                `unconditional_temperature`.
+            attention_temperature (`float`, defaults to 1.0): divides the attention logits of every layer, in every
+                branch.
+            sampler (`FlowSampler` or `str`, *optional*): how each block is inverted (`tarflow_hf.samplers`); the
+                exact `SequentialSampler` when None.
+            callback (`Callable[[int, torch.Tensor], torch.Tensor | None]`, *optional*): called after each block
+                (in sampling order) with its index and the current images; images it returns replace them.
             return_stats (`bool`): also return a [`SamplingStats`].
-            guidance_rule (`str`): how the branches combine, `"extrapolate"` (TarFlow's) or `"gaussian_product"`
-                (STARFlow's).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, num_channels, image_size, image_size)`: images in model space,
             nominally [-1, 1], not clipped.
         """
         self._check_latents(latents)
-        guidance = Guidance(guidance_scale, guidance_rule, guidance_target, guidance_schedule, attention_temperature)
-        options = SamplerOptions(
-            sampler,
-            jacobi_tolerance,
-            jacobi_window,
-            jacobi_max_iterations,
-            jacobi_sequential_blocks,
-            jacobi_block_size,
-            jacobi_threshold,
-        )
+        rule = GuidanceRule.parse(guidance_rule, self.config.default_guidance_rule)
+        scale_at = guidance_scale if callable(guidance_scale) else lambda step: guidance_scale
+        temperature = check_positive_number("attention_temperature", attention_temperature)
+        sampler = get_sampler(sampler)
         batch = latents.shape[0]
         labels = self.prepare_class_labels(class_labels, batch)
         stats = SamplingStats()
         x = latents.to(self.prior_variance) * self.prior_variance.sqrt()  # the model's device and dtype
         for step, block in enumerate(reversed(self.blocks)):
-            condition = block.sampling_condition(labels, batch, guidance)
-            inverted, record = invert_block(block, block.permute(x), condition, options, step)
+            condition = block.sampling_condition(labels, batch, Guidance(scale_at(step), rule), temperature)
+            inverted, record = sampler.invert_block(block, block.permute(x), condition, step)
             stats.add_block(record)
             x = block.permute(inverted)
-            if callback is not None:
-                callback(step, self.unpatchify(x))
+            replaced = None if callback is None else callback(step, self.unpatchify(x))
+            if replaced is not None:
+                self._check_images(replaced)
+                x = self.patchify(replaced.to(x))
         if not torch.isfinite(x).all():
             raise FloatingPointError(
                 "sampling produced non-finite values (NaN or inf): NaN latents or weights give NaN samples; "
@@ -558,21 +514,25 @@ class TarFlowModel(TarFlowPreTrainedModel):
         result does not depend on how images are batched.
         """
         sigma = self.config.noise_std if noise_std is None else noise_std
-        if sigma < 0 or not math.isfinite(sigma):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {sigma!r}")
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise ValueError(f"strength must be a finite number, got {strength!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self._check_images(images)
         labels = self.prepare_class_labels(class_labels, images.shape[0])
         outputs = []
         for start in range(0, images.shape[0], batch_size):
-            chunk = images[start : start + batch_size].detach().clone().requires_grad_(True)
-            chunk_labels = None if labels is None else labels[start : start + batch_size]
-            with torch.enable_grad():
+            # Inference mode (a caller's `torch.inference_mode()`) would make the step's gradient impossible, and
+            # tensors made in it cannot enter autograd: clones made outside it can.
+            with torch.inference_mode(False), torch.enable_grad():
+                chunk = images[start : start + batch_size].clone().detach().requires_grad_(True)
+                chunk_labels = None if labels is None else labels[start : start + batch_size].clone()
                 log_likelihood = self(chunk, chunk_labels).log_likelihood
                 (score,) = torch.autograd.grad(log_likelihood.sum(), chunk)
             outputs.append((chunk + strength * sigma**2 * score).detach())
         return torch.cat(outputs)
 
 
-__all__ = ["JacobiStats", "TarFlowConfig", "TarFlowModel", "TarFlowOutput", "TarFlowPreTrainedModel"]
+__all__ = ["TarFlowConfig", "TarFlowModel", "TarFlowOutput", "TarFlowPreTrainedModel"]

@@ -19,7 +19,6 @@ methods (`forward`, `inverse`, `denoise`).
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,40 +29,38 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5EncoderModel
 
+from .guidance import GuidanceRule
 from .images import ImageInput, to_tensor
+from .layers import WeightPacking  # noqa: F401 (the samplers' import: diffusers copies direct imports only)
 from .pipeline_utils import (
     PACKAGED,
     FlowPipelineMixin,
     Generator,
     callback_inputs,
     check_count,
+    check_denoise,
+    check_guidance_scale,
     check_latents,
     check_output_type,
     normal_noise,
     run_in_chunks,
 )
+from .samplers import FlowSampler, SamplingStats, SequentialSampler
 
 OUTPUT_TYPES = ("latent", "pil", "np", "pt")
-SAMPLERS = ("sequential", "block_jacobi", "jacobi", "newton")
-# Keyword arguments `__call__` passes on to `StarFlowModel.inverse` as they are.
-SAMPLER_OPTIONS = (
-    "jacobi_block_size",
-    "jacobi_threshold",
-    "jacobi_max_iterations",
-    "jacobi_tolerance",
-    "jacobi_window",
-    "jacobi_sequential_blocks",
-)
+# The text length of prompts encoded without a transformer to ask (Apple's `txt_size` of the released model).
+DEFAULT_TEXT_LENGTH = 128
 PromptInput = str | Sequence[str] | None
 
 EXAMPLE_DOC_STRING = """
     Examples:
         ```python
         >>> import torch
-        >>> from tarflow_hf import StarFlowPipeline
+        >>> from tarflow_hf import JacobiSampler, StarFlowPipeline
 
         >>> pipe = StarFlowPipeline.from_pretrained("path/or/repo-id").to("cuda")
         >>> prompt = "a watercolor painting of a fox in the snow"
@@ -71,7 +68,8 @@ EXAMPLE_DOC_STRING = """
         >>> image.save("fox.png")
 
         >>> # On a CPU the fastest parallel setting: the deep block exact, the shallow blocks iterated together.
-        >>> image = pipe(prompt, sampler="jacobi", jacobi_sequential_blocks=1, jacobi_tolerance=1e-2).images[0]
+        >>> pipe.sampler = JacobiSampler(tolerance=1e-2, sequential_blocks=1)
+        >>> image = pipe(prompt).images[0]
 
         >>> # Exact likelihood of the image's VAE latent under a caption, and zero-shot captioning by Bayes' rule.
         >>> pipe.bits_per_dim([image], prompt)
@@ -91,12 +89,12 @@ class StarFlowPipelineOutput(BaseOutput):
             height, width) in [0, 1], or with `output_type="latent"` the flow's latents (batch, channels,
             height / 8, width / 8), scaled by the VAE's scaling factor as the flow sees them.
         stats (`SamplingStats`, *optional*):
-            With `return_stats=True`: what the sampler did per block (for `"block_jacobi"`, the iterations of every
-            chunk, deep block first, as Apple's `jacobi_iters`).
+            What the sampler did per block (for block Jacobi, the iterations of every chunk, deep block first, as
+            Apple's `jacobi_iters`).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    stats: Any | None = None
+    stats: SamplingStats | None = None
 
 
 class PromptMixin:
@@ -106,6 +104,14 @@ class PromptMixin:
     def _encode(self, prompt: list[str], device: torch.device, max_length: int) -> torch.Tensor:
         """Apple's `encode_text`: T5 tokens padded to `max_length` (truncated, `</s>` kept), the encoder's last
         hidden state times the attention mask (padding rows zeroed; the flow itself never sees a mask)."""
+        for index, text in enumerate(prompt):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: no tokenizer can read it
+                raise ValueError(
+                    f"prompt {index} holds {text[error.start]!r} at position {error.start}, which is not a Unicode "
+                    "character (a lone surrogate, left by broken decoding); remove it"
+                ) from None
         tokens = self.tokenizer(
             prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
@@ -139,20 +145,22 @@ class PromptMixin:
             prompt_embeds, negative_prompt_embeds (`torch.Tensor` of shape `(batch, text_length, hidden)`,
                 *optional*): precomputed embeddings (padding rows zeroed), used instead of encoding.
             max_sequence_length (`int`, *optional*): the text length; the transformer's `max_text_length` by
-                default (the negative prompt is padded to the length of `prompt_embeds` when those are given).
+                default (128 without a transformer; the negative prompt is padded to the length of `prompt_embeds`
+                when those are given).
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`, each `(batch * num_images_per_prompt, text_length, hidden)` in
             the transformer's dtype; `negative_prompt_embeds` is `None` without guidance.
         """
         device = device or self._execution_device
-        dtype = self.transformer.dtype
+        transformer = getattr(self, "transformer", None)  # prompts encode without it (text encoder and tokenizer)
+        dtype = (transformer or self.text_encoder).dtype
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("pass prompt (a string or a list of strings) or prompt_embeds")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            length = max_sequence_length or self.transformer.config.max_text_length
-            prompt_embeds = self._encode(prompts, device, length)
+            default_length = DEFAULT_TEXT_LENGTH if transformer is None else transformer.config.max_text_length
+            prompt_embeds = self._encode(prompts, device, max_sequence_length or default_length)
         batch_size, length = prompt_embeds.shape[:2]
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
@@ -238,12 +246,15 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             Its tokenizer (T5's: appends `</s>`, pads with `<pad>`).
         vae ([`AutoencoderKL`]):
             The latent autoencoder (Apple: `stabilityai/sd-vae-ft-ema`, scaling factor 0.18215, downsampling 8).
+        sampler ([`~samplers.FlowSampler`], *optional*):
+            How each flow block is inverted (`tarflow_hf.samplers`); the exact `SequentialSampler` by default. Swap it
+            as a diffusers scheduler: `pipe.sampler = JacobiSampler(sequential_blocks=1)`; saved with the pipeline.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _transformer_module, _transformer_class = "modeling_starflow", "StarFlowModel"
-    _optional_components = []  # noqa: RUF012 (diffusers reads these class attributes as lists)
-    _callback_tensor_inputs = ["latents"]  # noqa: RUF012
+    _optional_components = ["sampler"]  # noqa: RUF012 (diffusers reads these class attributes as lists)
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]  # noqa: RUF012
 
     def __init__(
         self,
@@ -251,9 +262,16 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         text_encoder: T5EncoderModel,
         tokenizer: PreTrainedTokenizerBase,
         vae: AutoencoderKL,
+        sampler: SchedulerMixin | None = None,  # a FlowSampler; typed by its diffusers base, which remote code shares
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        self.register_modules(
+            transformer=transformer,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+            sampler=sampler or SequentialSampler(),
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
@@ -266,7 +284,7 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         width: int,
         num_images_per_prompt: int,
         guidance_scale: float,
-        sampler: str,
+        denoise: bool | float,
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
@@ -280,13 +298,8 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                     f"{name} must be a positive multiple of {grid} pixels (vae_scale_factor {self.vae_scale_factor} "
                     f"x patch_size {self.transformer.config.patch_size}), got {size!r}"
                 )
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
-            raise ValueError(
-                f"guidance_scale must be a finite number >= 1 (1 is no guidance; Apple's --cfg g is 1 + g), got "
-                f"{guidance_scale!r}"
-            )
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_guidance_scale(guidance_scale)
+        check_denoise(denoise)
         check_output_type(output_type, OUTPUT_TYPES)
         callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
@@ -335,18 +348,16 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         width: int | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
+        guidance_rule: GuidanceRule | str | None = None,
+        attention_temperature: float = 1.0,
+        sampler: FlowSampler | str | None = None,
+        denoise: bool | float = True,
         generator: Generator = None,
         latents: torch.Tensor | None = None,
-        denoise: bool = True,
-        sampler: str = "sequential",
-        attention_temperature: float = 1.0,
-        guidance_rule: str = "gaussian_product",
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        return_stats: bool = False,
-        **sampler_options: Any,
     ) -> StarFlowPipelineOutput | tuple:
         r"""
         Generate images from text: encode the prompts, draw prior noise, run the flow backwards block by block
@@ -368,68 +379,52 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1):
                 Images per prompt (consecutive in the output).
             guidance_scale (`float`, *optional*):
-                Classifier-free guidance in the diffusers convention, >= 1 (1 is none): the deep block's Gaussians
-                become `p_cond^w / p_uncond^(w - 1)` (STARFlow's rule). Apple's `--cfg g` is `1 + g`; defaults to
-                `transformer.config.default_guidance_scale`.
+                Classifier-free guidance in the diffusers convention, > 0 (1 is none): with STARFlow's rule the deep
+                block's Gaussians become `p_cond^w / p_uncond^(w - 1)` (w >= 1). Apple's `--cfg g` is `1 + g`;
+                defaults to `transformer.config.default_guidance_scale`.
+            guidance_rule (`GuidanceRule` or `str`, *optional*):
+                How the branches combine (`tarflow_hf.guidance`): a rule or its name, `"gaussian_product"`
+                (STARFlow's, the default) or `"extrapolate"` (TarFlow's); the rule also holds the `schedule`
+                (`"linear"`: weight growing with the token index) and the unconditional branch's attention
+                temperature.
+            attention_temperature (`float`, defaults to 1.0):
+                Divides the attention logits of every layer, in every branch (Apple's `attn_temp`).
+            sampler (`FlowSampler` or `str`, *optional*):
+                How each block is inverted for this call (`tarflow_hf.samplers`: a sampler, or a name such as
+                `"jacobi"`); the pipeline's `sampler` component (exact, sequential by default) when None.
+            denoise (`bool` or `float`, defaults to `True`):
+                Apple's score denoising step `x + strength * noise_std**2 * grad_x log p(x | prompt)` (the model was
+                trained on latents with noise of std `transformer.config.noise_std`), one sample at a time,
+                conditional embeddings only. `True` is strength 1, `False` none, a number the strength.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Makes sampling deterministic; with one generator per image, a seed gives the same image in any batch.
+                Makes sampling deterministic; with one generator per image, a seed gives the same image in any batch
+                (and whatever runs at the same time).
             latents (`torch.Tensor` of shape `(batch * num_images_per_prompt, channels, height / 8, width / 8)`,
                 *optional*): prior noise (standard normal) to use instead of drawing it.
-            denoise (`bool`, defaults to `True`):
-                Take Apple's score denoising step `x + noise_std**2 * grad_x log p(x | prompt)` (the model was trained
-                on latents with noise of std `transformer.config.noise_std`), one sample at a time, conditional
-                embeddings only.
-            sampler (`str`, defaults to `"sequential"`):
-                `"sequential"` (exact, Apple's default), `"block_jacobi"` (Apple's `--jacobi 1`: chunks of
-                `jacobi_block_size` tokens iterated to the relative change `jacobi_threshold`, at most
-                `jacobi_max_iterations` passes each), or this package's parallel `"jacobi"`/`"newton"` samplers (to
-                `jacobi_tolerance`, `jacobi_window` tokens at a time); see [`StarFlowModel.inverse`].
-            attention_temperature (`float`, defaults to 1.0):
-                Divides the attention logits of every layer (Apple's `attn_temp`).
-            guidance_rule (`str`, defaults to `"gaussian_product"`):
-                How the branches combine: STARFlow's `"gaussian_product"` (above) or TarFlow's `"extrapolate"`
-                (`cond + (w - 1) * (cond - uncond)` on the log-scale and the shift).
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"` (float32 (batch, height, width, 3) in [0, 1]), `"pt"` (float32 (batch, 3, height,
                 width) in [0, 1]) or `"latent"` (the flow's latents, denoised when `denoise`, not decoded).
             return_dict (`bool`, defaults to `True`):
-                Return a [`StarFlowPipelineOutput`] rather than a tuple.
+                Return a [`StarFlowPipelineOutput`] (with the sampler's statistics) rather than a tuple `(images,)`.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each flow block as `callback_on_step_end(pipe, step, block_index, callback_kwargs)`:
                 `step` counts from 0 in sampling order, `block_index` is the block just inverted (it counts down from
                 the deep block, as diffusion timesteps do), `callback_kwargs["latents"]` holds the current latents
-                (batch, channels, height / 8, width / 8). Its return value is not used: an inverse pass cannot be
-                edited half way.
+                (batch, channels, height / 8, width / 8). Latents it returns replace them.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
-                Tensors passed in `callback_kwargs`.
-            return_stats (`bool`, defaults to `False`):
-                Also return the sampler's statistics (`output.stats`).
-            sampler_options (keyword arguments `jacobi_block_size`, `jacobi_threshold`, `jacobi_max_iterations`,
-                `jacobi_tolerance`, `jacobi_window`, `jacobi_sequential_blocks`): options of the parallel samplers,
-                passed to [`StarFlowModel.inverse`] (see it for their defaults and meaning).
+                Tensors passed in `callback_kwargs`: `"latents"`, `"prompt_embeds"`, `"negative_prompt_embeds"`.
 
         Examples:
 
         Returns:
-            [`StarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the stats when
-            asked for.
+            [`StarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`.
         """
-        unknown = [name for name in sampler_options if name not in SAMPLER_OPTIONS]
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {unknown[0]!r}")
         callback_on_step_end_tensor_inputs = callback_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
         config = self.transformer.config
-        if guidance_scale is None:
-            guidance_scale = config.default_guidance_scale
-        default_size = config.sample_size * self.vae_scale_factor
-        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
-            default_height, default_width = (side * self.vae_scale_factor for side in latents.shape[-2:])
-        else:
-            default_height = default_width = default_size
-        height = default_height if height is None else height
-        width = default_width if width is None else width
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        height, width = self._image_size(height, width, latents)
 
         # 1. Check the inputs.
         self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -438,19 +433,19 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             width,
             num_images_per_prompt,
             guidance_scale,
-            sampler,
+            denoise,
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        self._guidance_scale = guidance_scale
         device = self._execution_device
-        do_classifier_free_guidance = guidance_scale > 1.0
 
         # 2. Encode the prompts (and the negative prompts when guiding).
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_classifier_free_guidance,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
             negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
@@ -461,33 +456,43 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         latents = self.prepare_latents(batch_size, height, width, generator, latents, device)
 
         # 4. Invert the flow, one progress step per block (and one for denoising).
-        progress = self._block_progress(denoise, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        strength = float(denoise)
+        tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        progress = self._block_progress(
+            strength != 0, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors
+        )
         with progress as (on_block, denoised):
             latents, stats = self.transformer.inverse(
                 latents,
                 encoder_hidden_states=prompt_embeds,
-                negative_encoder_hidden_states=negative_prompt_embeds,
-                guidance_scale=guidance_scale,
-                sampler=sampler,
-                attention_temperature=attention_temperature,
+                negative_encoder_hidden_states=negative_prompt_embeds if self.do_classifier_free_guidance else None,
+                guidance_scale=self._scale_for_block,
                 guidance_rule=guidance_rule,
-                return_stats=True,
+                attention_temperature=attention_temperature,
+                sampler=self.sampler if sampler is None else sampler,
                 callback=on_block,
-                **sampler_options,
+                return_stats=True,
             )
 
             # 5. Score denoising with the conditional likelihood (no guidance), one sample at a time.
-            if denoise:
-                latents = self.transformer.denoise(latents, encoder_hidden_states=prompt_embeds)
+            if strength != 0:
+                latents = self.transformer.denoise(latents, tensors["prompt_embeds"], strength=strength)
                 denoised()
 
         # 6. Decode.
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
-        stats = stats if return_stats else None
         if not return_dict:
-            return (images,) if stats is None else (images, stats)
+            return (images,)
         return StarFlowPipelineOutput(images=images, stats=stats)
+
+    def _image_size(self, height: int | None, width: int | None, latents: Any) -> tuple[Any, Any]:
+        """Height and width as given, else the given latents' size, else the training size."""
+        if isinstance(latents, torch.Tensor) and latents.dim() == 4:
+            default_height, default_width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        else:
+            default_height = default_width = self.transformer.config.sample_size * self.vae_scale_factor
+        return default_height if height is None else height, default_width if width is None else width
 
     # --------------------------------------------------------------------------------------------- likelihood
     def preprocess(self, images: ImageInput) -> torch.Tensor:

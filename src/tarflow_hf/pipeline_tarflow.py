@@ -17,7 +17,6 @@ installed model class are looked up relative to this module's package when there
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
@@ -28,26 +27,31 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel
 
+from .guidance import GuidanceRule
 from .images import ImageInput, to_tensor
 from .labels import aliases, ids_for_names, label2id, resolve_class_ids
+from .layers import WeightPacking  # noqa: F401 (the samplers' import: diffusers copies direct imports only)
 from .pipeline_utils import (
     PACKAGED,
     FlowPipelineMixin,
     Generator,
     callback_inputs,
-    check_batch_size,
     check_count,
+    check_denoise,
+    check_guidance_scale,
     check_latents,
     check_output_type,
     normal_noise,
     run_in_chunks,
     uniform_noise,
 )
+from .samplers import FlowSampler, SamplingStats, SequentialSampler
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("latent", "pil", "np", "pt")
 LabelInput = int | str | Sequence[int | str] | torch.Tensor | np.ndarray | None
 
 
@@ -58,18 +62,14 @@ class TarFlowPipelineOutput(BaseOutput):
 
     Args:
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
-            The samples: PIL images, a float32 array (batch, height, width, channels) in [0, 1], or a float32
-            tensor (batch, channels, height, width) in [0, 1], as `output_type` asks.
-        trajectory (`list`, *optional*):
-            With `return_trajectory=True`: the images after each flow block in sampling order (before denoising),
-            each in the format of `images`.
-        stats (`JacobiStats`, *optional*):
-            With `return_stats=True`: what the sampler did per block (passes, rows computed, residuals).
+            The samples: PIL images, a float32 array (batch, height, width, channels) in [0, 1], a float32 tensor
+            (batch, channels, height, width) in [0, 1], or the model's raw output (`output_type="latent"`).
+        stats (`SamplingStats`, *optional*):
+            What the sampler did per block (passes, rows computed, residuals).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    trajectory: list[Any] | None = None
-    stats: Any | None = None
+    stats: SamplingStats | None = None
 
 
 class ClassLabelsMixin:
@@ -157,6 +157,9 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
             Class names, one per class id; defaults to the transformer config's `id2label`. A name may hold several
             comma-separated aliases (ImageNet style, `"tench, Tinca tinca"`); each alias selects the class. Saved to
             `model_index.json`.
+        sampler ([`~samplers.FlowSampler`], *optional*):
+            How each flow block is inverted (`tarflow_hf.samplers`); the exact `SequentialSampler` by default. Swap it
+            as a diffusers scheduler: `pipe.sampler = JacobiSampler(tolerance=1e-3)`; saved with the pipeline.
 
     Examples:
 
@@ -183,11 +186,17 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer"
     _transformer_module, _transformer_class = "modeling_tarflow", "TarFlowModel"
-    _callback_tensor_inputs = ["images"]  # noqa: RUF012 (diffusers reads this class attribute as a list)
+    _optional_components = ["sampler"]  # noqa: RUF012 (diffusers reads these class attributes as lists)
+    _callback_tensor_inputs = ["latents"]  # noqa: RUF012
 
-    def __init__(self, transformer: PreTrainedModel, id2label: dict[int, str] | dict[str, str] | None = None):
+    def __init__(
+        self,
+        transformer: PreTrainedModel,
+        id2label: dict[int, str] | dict[str, str] | None = None,
+        sampler: SchedulerMixin | None = None,  # a FlowSampler; typed by its diffusers base, which remote code shares
+    ):
         super().__init__()
-        self.register_modules(transformer=transformer)
+        self.register_modules(transformer=transformer, sampler=sampler or SequentialSampler())
         num_classes = transformer.config.num_classes
         if id2label is None:
             id2label = dict(transformer.config.id2label or {}) if num_classes else {}
@@ -204,20 +213,16 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
     def check_inputs(
         self,
         num_images_per_label: int,
-        noise_std: float | None,
-        denoise_strength: float,
-        denoise_batch_size: int,
+        guidance_scale: float,
+        denoise: bool | float,
         output_type: str,
         callback_on_step_end_tensor_inputs: Sequence[str],
     ) -> None:
         """Validate what the transformer does not check before the (long) sampling loop starts."""
         check_count("num_images_per_label", num_images_per_label)
-        if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
-        if not math.isfinite(denoise_strength):
-            raise ValueError(f"denoise_strength must be a finite number, got {denoise_strength}")
-        check_batch_size(denoise_batch_size, "denoise_batch_size")
-        check_output_type(output_type, OUTPUT_TYPES, LATENT_HINT if output_type == "latent" else "")
+        check_guidance_scale(guidance_scale)
+        check_denoise(denoise)
+        check_output_type(output_type, OUTPUT_TYPES)
         callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def prepare_latents(
@@ -233,7 +238,10 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
         return normal_noise((batch_size, config.num_patches, config.patch_dim), generator, device)
 
     def _postprocess(self, images: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
-        """Model space [-1, 1] -> [0, 1] (x / 2 + 0.5, clipped) in float32, as a tensor, array or PIL images."""
+        """Model space [-1, 1] -> [0, 1] (x / 2 + 0.5, clipped) in float32, as a tensor, array or PIL images; the
+        model's raw output for `"latent"` (TarFlow samples in pixel space)."""
+        if output_type == "latent":
+            return images.detach()
         return self.image_processor.postprocess(images.detach().float(), output_type=output_type)
 
     @torch.no_grad()
@@ -242,27 +250,16 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
         class_labels: LabelInput = None,
         num_images_per_label: int = 1,
         guidance_scale: float | None = None,
-        guidance_target: str = "both",
-        guidance_schedule: str = "constant",
-        guidance_rule: str = "extrapolate",
+        guidance_rule: GuidanceRule | str | None = None,
         attention_temperature: float = 1.0,
-        sampler: str = "sequential",
-        jacobi_tolerance: float = 1e-4,
-        jacobi_window: int | None = None,
-        jacobi_max_iterations: int | None = None,
-        jacobi_sequential_blocks: int = 0,
-        denoise: bool = True,
-        noise_std: float | None = None,
-        denoise_strength: float = 1.0,
-        denoise_batch_size: int = 16,
+        sampler: FlowSampler | str | None = None,
+        denoise: bool | float = True,
         generator: Generator = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        return_trajectory: bool = False,
-        return_stats: bool = False,
         callback_on_step_end: Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("images",),
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> TarFlowPipelineOutput | tuple:
         r"""
         Generate images: draw prior noise, run the flow backwards block by block (with classifier-free guidance),
@@ -277,91 +274,72 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
             num_images_per_label (`int`, defaults to 1):
                 Images per label (consecutive in the output); with `class_labels=None`, the number of images.
             guidance_scale (`float`, *optional*):
-                Classifier-free guidance weight `w` in the diffusers convention: the flow's log-scale and/or shift
-                become `uncond + w * (cond - uncond)`; 1.0 disables guidance. Apple's `--cfg g` is `w = 1 + g`.
-                Defaults to the transformer config's `default_guidance_scale`.
-            guidance_target (`str`, defaults to `"both"`):
-                Guide the log-scale (`"scale"`), the shift (`"shift"`) or `"both"`.
-            guidance_schedule (`str`, defaults to `"constant"`):
-                `"linear"` is Apple's annealed guidance: `w` ramps from 1 up to its value over the patch sequence.
-            guidance_rule (`str`, defaults to `"extrapolate"`):
-                How the branches combine: TarFlow's `"extrapolate"` (above) or STARFlow's `"gaussian_product"` (the
-                Gaussian `p_cond^w / p_uncond^(w - 1)` of the two branches' predictions; `guidance_target="both"`).
+                Classifier-free guidance in the diffusers convention, > 0 (1.0 is none; below 1 pushes away from the
+                class): with TarFlow's rule the flow's log-scale and shift become `uncond + w * (cond - uncond)`.
+                Apple's `--cfg g` is `1 + g`. Defaults to the transformer config's `default_guidance_scale`.
+            guidance_rule (`GuidanceRule` or `str`, *optional*):
+                How the branches combine (`tarflow_hf.guidance`): a rule or its name, `"extrapolate"` (TarFlow's,
+                the default) or `"gaussian_product"` (STARFlow's); the rule also holds what is guided (`target`),
+                the `schedule` (`"linear"`: Apple's annealed guidance) and the unconditional branch's attention
+                temperature (Apple's `attn_temp`), e.g. `"extrapolate:schedule=linear,unconditional_temperature=0.6"`.
             attention_temperature (`float`, defaults to 1.0):
-                Divides the attention logits of the unconditional branch only (Apple's `attn_temp`).
-            sampler (`str`, defaults to `"sequential"`):
-                `"sequential"` inverts each block patch by patch (exact); `"jacobi"` iterates many patches in parallel
-                to a fixed point (fewer sequential transformer passes, never more; equal up to `jacobi_tolerance`);
-                `"newton"` takes quasi-Newton steps to the same fixed point (fewer passes still where patches depend
-                strongly on the previous one, for 2 * patch_dim + 1 times the compute per pass; float32).
-            jacobi_tolerance, jacobi_window, jacobi_max_iterations, jacobi_sequential_blocks:
-                Jacobi options, see [`TarFlowModel.inverse`].
-            denoise (`bool`, defaults to `True`):
+                Divides the attention logits of every layer, in every branch.
+            sampler (`FlowSampler` or `str`, *optional*):
+                How each block is inverted for this call (`tarflow_hf.samplers`: a sampler, or a name such as
+                `"jacobi"`); the pipeline's `sampler` component (exact, sequential by default) when None.
+            denoise (`bool` or `float`, defaults to `True`):
                 Models trained on noisy images sample noisy images; one Tweedie step
-                `x + strength * sigma**2 * grad log p(x | y)` removes the noise (per image, so the result does not
-                depend on the batch).
-            noise_std (`float`, *optional*):
-                The `sigma` of the denoising step; defaults to the transformer config's `noise_std`.
-            denoise_strength (`float`, defaults to 1.0):
-                Multiplies the denoising step.
-            denoise_batch_size (`int`, defaults to 16):
-                Images per gradient computation in the denoising step (memory only, results are identical).
+                `x + strength * noise_std**2 * grad log p(x | y)` removes the noise (per image, so the result does not
+                depend on the batch). `True` is strength 1 with the config's `noise_std`, `False` none, a number the
+                strength.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Makes sampling deterministic. With one generator per image, each image's noise comes from its own
-                generator, so a seed gives the same image whatever the batch it is drawn in. Noise is drawn in
-                float32 on the generator's device (CPU generators give the same noise on every device).
+                generator, so a seed gives the same image whatever the batch it is drawn in (and whatever runs at
+                the same time). Noise is drawn in float32 on the generator's device.
             latents (`torch.Tensor` of shape `(batch, num_patches, patch_dim)`, *optional*):
                 Prior noise to use instead of drawing it (then `generator` is not used).
             output_type (`str`, defaults to `"pil"`):
-                `"pil"`, `"np"` (float32 (batch, height, width, channels)) or `"pt"` (float32 (batch, channels, height,
-                width)); arrays and tensors hold values in [0, 1], `x / 2 + 0.5` of the model's output, clipped.
+                `"pil"`, `"np"` (float32 (batch, height, width, channels)), `"pt"` (float32 (batch, channels, height,
+                width)), arrays and tensors in [0, 1] (`x / 2 + 0.5` of the model's output, clipped), or `"latent"`:
+                the model's output itself (model space, about [-1, 1], not clipped).
             return_dict (`bool`, defaults to `True`):
-                Return a [`TarFlowPipelineOutput`] rather than a tuple.
-            return_trajectory (`bool`, defaults to `False`):
-                Also return the images after every flow block (`output.trajectory`).
-            return_stats (`bool`, defaults to `False`):
-                Also return the sampler's [`JacobiStats`] (`output.stats`).
+                Return a [`TarFlowPipelineOutput`] (with the sampler's statistics) rather than a tuple `(images,)`.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each flow block as `callback_on_step_end(pipe, step, block_index, callback_kwargs)`,
                 diffusers style: `step` counts from 0 in sampling order, `block_index` is the index of the block just
-                inverted (it counts down, as diffusion timesteps do), `callback_kwargs["images"]` holds the current
-                images in model space (about [-1, 1]). The callback's return value is not used: an inverse pass
-                cannot be edited half way.
-            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["images"]`):
+                inverted (it counts down, as diffusion timesteps do), `callback_kwargs["latents"]` holds the current
+                images in model space (about [-1, 1]). Latents it returns replace them, and `pipe._guidance_scale`
+                set by it applies to the blocks still to run (0 stops guiding, as diffusers' cut-off callbacks do).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`.
 
         Examples:
 
         ```python
         >>> import torch
-        >>> from tarflow_hf import TarFlowPipeline
+        >>> from tarflow_hf import JacobiSampler, TarFlowPipeline
 
         >>> pipe = TarFlowPipeline.from_pretrained("path/or/repo-id").to("cuda", torch.bfloat16)
         >>> generator = [torch.Generator().manual_seed(seed) for seed in range(4)]
         >>> out = pipe(class_labels=["golden retriever", 281], num_images_per_label=2, guidance_scale=3.0,
         ...            generator=generator)
         >>> out.images[0].save("dog.png")
+        >>> fast = pipe(class_labels=[281], sampler=JacobiSampler(tolerance=1e-3))  # parallel, for this call
         ```
 
         Returns:
-            [`TarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`, followed by the trajectory
-            and the stats when asked for.
+            [`TarFlowPipelineOutput`] or `tuple`: with `return_dict=False`, `(images,)`.
         """
         callback_on_step_end_tensor_inputs = callback_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
-        self.check_inputs(
-            num_images_per_label,
-            noise_std,
-            denoise_strength,
-            denoise_batch_size,
-            output_type,
-            callback_on_step_end_tensor_inputs,
-        )
         config = self.transformer.config
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.check_inputs(
+            num_images_per_label, guidance_scale, denoise, output_type, callback_on_step_end_tensor_inputs
+        )
+        self._guidance_scale = guidance_scale
         device = self._execution_device
-        if guidance_scale is None:
-            guidance_scale = config.default_guidance_scale
 
         # 1. Labels and batch size: each label repeated num_images_per_label times.
         ids = self._class_ids(class_labels)
@@ -377,49 +355,30 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
         labels = self._labels_tensor(ids, latents.shape[0])
 
         # 3. Invert the flow, one progress step per block (and one for denoising).
-        trajectory = [] if return_trajectory else None
-
-        def record(images: torch.Tensor) -> None:
-            trajectory.append(self._postprocess(images, output_type))
-
-        progress = self._block_progress(
-            denoise, callback_on_step_end, callback_on_step_end_tensor_inputs, record if return_trajectory else None
-        )
+        strength = float(denoise)
+        progress = self._block_progress(strength != 0, callback_on_step_end, callback_on_step_end_tensor_inputs)
         with progress as (on_block, denoised):
             images, stats = self.transformer.inverse(
                 latents.to(self.transformer.dtype),
                 class_labels=labels,
-                guidance_scale=guidance_scale,
-                guidance_target=guidance_target,
-                guidance_schedule=guidance_schedule,
+                guidance_scale=self._scale_for_block,
                 guidance_rule=guidance_rule,
                 attention_temperature=attention_temperature,
-                sampler=sampler,
-                jacobi_tolerance=jacobi_tolerance,
-                jacobi_window=jacobi_window,
-                jacobi_max_iterations=jacobi_max_iterations,
-                jacobi_sequential_blocks=jacobi_sequential_blocks,
+                sampler=self.sampler if sampler is None else sampler,
                 callback=on_block,
                 return_stats=True,
             )
 
             # 4. Tweedie denoising with the conditional likelihood (no guidance), image by image.
-            if denoise:
-                images = self.transformer.denoise(
-                    images,
-                    class_labels=labels,
-                    noise_std=noise_std,
-                    strength=denoise_strength,
-                    batch_size=denoise_batch_size,
-                )
+            if strength != 0:
+                images = self.transformer.denoise(images, class_labels=labels, strength=strength)
                 denoised()
 
         self.maybe_free_model_hooks()
         images = self._postprocess(images, output_type)
-        stats = stats if return_stats else None
         if not return_dict:
-            return tuple(item for item in (images, trajectory, stats) if item is not None)
-        return TarFlowPipelineOutput(images=images, trajectory=trajectory, stats=stats)
+            return (images,)
+        return TarFlowPipelineOutput(images=images, stats=stats)
 
     # --------------------------------------------------------------------------------------------- likelihood
     def preprocess(self, images: ImageInput) -> torch.Tensor:
@@ -605,8 +564,6 @@ def _log_prior(prior: torch.Tensor | Sequence[float] | None, num_classes: int) -
         raise ValueError(f"prior must be {num_classes} non-negative finite numbers, not all zero")
     return prior.log().float()
 
-
-LATENT_HINT = " (TarFlow samples in pixel space: its latents are the prior noise, see `latents` and `encode`)"
 
 if PACKAGED:  # AutoModel finds the package's model wherever this pipeline is importable
     importlib.import_module(__package__).register_auto_classes()

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
@@ -42,6 +45,22 @@ def check_count(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_guidance_scale(guidance_scale: Any) -> None:
+    """A finite number > 0 (diffusers convention: 1.0 is no guidance; Apple's `--cfg g` is `1 + g`)."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+        raise ValueError(f"guidance_scale must be a number > 0 (1.0 is no guidance), got {guidance_scale!r}")
+    if not 0 < guidance_scale < math.inf:
+        raise ValueError(f"guidance_scale must be a finite number > 0 (1.0 is no guidance), got {guidance_scale}")
+
+
+def check_denoise(denoise: Any) -> None:
+    """`True`, `False` or a finite number (the denoising step's strength)."""
+    if isinstance(denoise, bool):
+        return
+    if not isinstance(denoise, int | float) or not math.isfinite(denoise):
+        raise ValueError(f"denoise must be True, False or a finite strength (a number), got {denoise!r}")
 
 
 def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
@@ -132,28 +151,75 @@ class FlowPipelineMixin:
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(self.transformer)
 
+    # Per-call state that diffusers pipelines keep as attributes (callbacks read and set `_guidance_scale`), kept per
+    # thread so that calls running at once on one pipeline (a Space serving several visitors) never see each other's.
+    @property
+    def _guidance_scale(self) -> float | None:
+        return _call_state(self).get("guidance_scale")
+
+    @_guidance_scale.setter
+    def _guidance_scale(self, value: float | None) -> None:
+        _call_state(self)["guidance_scale"] = value
+
+    @property
+    def _num_timesteps(self) -> int | None:
+        return _call_state(self).get("num_timesteps")
+
+    @_num_timesteps.setter
+    def _num_timesteps(self, value: int | None) -> None:
+        _call_state(self)["num_timesteps"] = value
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the call running in this thread (diffusers convention: 1.0 is none)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the call running in this thread still guides (a callback may turn guidance off)."""
+        return self._guidance_scale is not None and self._guidance_scale > 0 and self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Steps of the call running in this thread: one per flow block (diffusers' denoising steps)."""
+        return self._num_timesteps
+
+    def _scale_for_block(self, step: int) -> float:
+        """The guidance of the next block: what the call asked for, unless a callback changed `_guidance_scale`;
+        diffusers' guidance cut-off callbacks set 0.0 to stop guiding, so a scale <= 0 means none (1.0)."""
+        return self._guidance_scale if self.do_classifier_free_guidance else 1.0
+
     @contextlib.contextmanager
     def _block_progress(
         self,
         denoise: bool,
         callback: Callback,
         tensor_inputs: Sequence[str],
-        record: Callable[[torch.Tensor], None] | None = None,
-    ) -> Iterator[tuple[Callable[[int, torch.Tensor], None], Callable[[], None]]]:
+        tensors: dict[str, Any] | None = None,
+    ) -> Iterator[tuple[Callable[[int, torch.Tensor], torch.Tensor | None], Callable[[], None]]]:
         """Onload the transformer and open a progress bar of one step per flow block (plus one for denoising).
-        Yields `(on_block, denoised)`: `on_block(step, current)` is the model's per-block callback (records the
-        frame, calls `callback(pipe, step, block_index, {name: current})` with `block_index` counting down as
-        diffusion timesteps do, advances the bar); `denoised()` advances the bar after the denoising step."""
+        Yields `(on_block, denoised)`: `on_block(step, current)` is the model's per-block callback: it calls
+        `callback(pipe, step, block_index, callback_kwargs)` diffusers style (`block_index` counts down as diffusion
+        timesteps do; `callback_kwargs` holds `latents`, the current model-space samples, and the call's other
+        `tensors` named in `tensor_inputs`), takes back what the callback returns (latents it returns replace the
+        current ones; other tensors update `tensors`), and advances the bar; `denoised()` advances it after the
+        denoising step."""
         num_blocks = self.transformer.config.num_blocks
+        self._num_timesteps = num_blocks
+        tensors = {} if tensors is None else tensors
         self._onload_transformer()
         with self.progress_bar(total=num_blocks + int(denoise)) as progress_bar:
 
-            def on_block(step: int, current: torch.Tensor) -> None:
-                if record is not None:
-                    record(current)
+            def on_block(step: int, current: torch.Tensor) -> torch.Tensor | None:
+                replaced = None
                 if callback is not None:
-                    callback(self, step, num_blocks - 1 - step, {name: current for name in tensor_inputs})
+                    available = {**tensors, "latents": current}
+                    kwargs = {name: available[name] for name in tensor_inputs}
+                    outputs = callback(self, step, num_blocks - 1 - step, kwargs) or {}
+                    replaced = outputs.get("latents")
+                    tensors.update({name: value for name, value in outputs.items() if name in tensors})
                 progress_bar.update()
+                return replaced
 
             yield on_block, progress_bar.update
 
@@ -180,7 +246,8 @@ class FlowPipelineMixin:
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder (created if needed).
-            safe_serialization (`bool`): must stay `True`: weights are saved as safetensors only.
+            safe_serialization (`bool`): save weights as safetensors (the default); `False` writes PyTorch pickles
+                (`.bin`), which loading reads with `weights_only=True`.
             variant, max_shard_size: as in [`DiffusionPipeline.save_pretrained`].
             push_to_hub (`bool`): then upload the folder to `repo_id` (a keyword argument; defaults to the folder
                 name), see `push_to_hub`. Also accepts `token`, `private`, `commit_message`, `create_pr`.
@@ -189,7 +256,6 @@ class FlowPipelineMixin:
             overwrite_model_card (`bool`): replace a README.md already in the folder even if it was not generated by
                 tarflow-hf (a card written by hand or by training code is kept otherwise).
         """
-        _check_safetensors(safe_serialization)
         push_kwargs = {key: kwargs.pop(key) for key in PUSH_ARGUMENTS if key in kwargs}
         if kwargs:
             raise ValueError(f"unexpected arguments to save_pretrained: {sorted(kwargs)}")
@@ -205,6 +271,7 @@ class FlowPipelineMixin:
             overwrite_model_card=overwrite_model_card,
             variant=variant,
             max_shard_size=max_shard_size,
+            safe_serialization=safe_serialization,
         )
         if push_to_hub:
             hub.upload_folder(folder, repo_id or folder.name, overwrite_model_card=overwrite_model_card, **push_kwargs)
@@ -242,7 +309,6 @@ class FlowPipelineMixin:
         >>> pipe.push_to_hub("me/tarflow-afhq", model_card={"license": "apple-amlr"})
         ```
         """
-        _check_safetensors(safe_serialization)
         return _hub().push_pipeline(
             self,
             repo_id,
@@ -253,6 +319,7 @@ class FlowPipelineMixin:
             commit_message=commit_message,
             create_pr=create_pr,
             variant=variant,
+            safe_serialization=safe_serialization,
         )
 
     # -------------------------------------------------------------------------------------------- loading
@@ -290,15 +357,23 @@ class FlowPipelineMixin:
         config = super()._dict_from_json_file(json_file)
         if PACKAGED and "transformer" in config:
             # The saved model_index.json names the remote-code classes shipped with the folder; the installed
-            # package uses its own pipeline class instead, and `from_pretrained` passes the transformer it loaded.
+            # package uses its own pipeline class instead, `from_pretrained` passes the transformer it loaded, and
+            # the sampler is the installed package's class of that name.
             config["_class_name"] = cls.__name__
             config["transformer"] = [None, None]
+            sampler = config.get("sampler")
+            if isinstance(sampler, list) and len(sampler) == 2 and sampler[1] is not None:
+                config["sampler"] = [f"{__package__}.samplers", sampler[1]]
         return config
 
 
-def _check_safetensors(safe_serialization: bool) -> None:
-    if not safe_serialization:
-        raise ValueError("safe_serialization=False is not supported: pipelines are saved as safetensors")
+_CALL_STATES = threading.local()
+
+
+def _call_state(pipeline: Any) -> dict[str, Any]:
+    """This thread's per-call state of `pipeline`."""
+    states = _CALL_STATES.__dict__.setdefault("by_pipeline", weakref.WeakKeyDictionary())
+    return states.setdefault(pipeline, {})
 
 
 def _hub() -> ModuleType:
@@ -317,6 +392,8 @@ __all__ = [
     "callback_inputs",
     "check_batch_size",
     "check_count",
+    "check_denoise",
+    "check_guidance_scale",
     "check_latents",
     "check_output_type",
     "normal_noise",

@@ -276,8 +276,7 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None, help="classifier folder (tarflow_hf.classifier)")
     parser.add_argument("--samples-per-class", type=int, default=100, help="class-consistency samples per class")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the config's")
-    parser.add_argument("--guidance-target", default="both", choices=("both", "scale", "shift"))
-    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
+    parser.add_argument("--guidance-rule", metavar="RULE", default=None, help=GUIDANCE_RULE_HELP)
     parser.add_argument("--no-denoise", action="store_true", help="skip the Tweedie denoising step")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
@@ -439,34 +438,32 @@ def sample(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="classifier-free guidance, 1 = none (Apple's --cfg g is 1 + g); default: the model's own",
     )
-    parser.add_argument("--guidance-target", choices=("both", "scale", "shift"), default="both")
+    parser.add_argument("--guidance-rule", metavar="RULE", default=None, help=GUIDANCE_RULE_HELP)
     parser.add_argument(
-        "--guidance-schedule", choices=("constant", "linear"), default="constant", help="linear = annealed guidance"
+        "--attention-temperature",
+        metavar="T",
+        type=float,
+        default=1.0,
+        help="divides every attention logit, in every branch (default: 1)",
     )
-    parser.add_argument(
-        "--attention-temperature", metavar="T", type=float, default=1.0, help="for the unconditional branch"
-    )
-    parser.add_argument(
-        "--sampler",
-        choices=("sequential", "jacobi", "newton"),
-        default="sequential",
-        help="jacobi / newton: fewer sequential transformer passes (newton: far more compute per pass)",
-    )
-    parser.add_argument(
-        "--jacobi-tolerance", metavar="TOL", type=float, default=1e-4, help="Jacobi's tolerance (about 1e-2 in bf16)"
-    )
-    parser.add_argument(
-        "--jacobi-window", metavar="N", type=int, default=None, help="patches per Jacobi window (default: all)"
-    )
+    parser.add_argument("--sampler", metavar="SAMPLER", default=None, help=SAMPLER_HELP)
     parser.add_argument("--no-denoise", dest="denoise", action="store_false", help="skip the final denoising step")
     parser.add_argument(
-        "--noise-std", metavar="SIGMA", type=float, default=None, help="sigma of the denoising step (default: model's)"
+        "--denoise-strength",
+        metavar="S",
+        type=float,
+        default=None,
+        help="scale of the final score-denoising step (default: 1, the model's training noise)",
     )
     parser.add_argument(
         "--seed", type=int, default=None, help="image i uses seed + i (default: a random seed, printed)"
     )
     parser.add_argument(
-        "--output", metavar="PATH", default="samples.png", help="grid image to write (default: samples.png)"
+        "--output",
+        metavar="PATH",
+        default="samples.png",
+        help="a grid image to write (default: samples.png), or a folder (ending in /) for one file per image, "
+        "written batch by batch",
     )
     parser.add_argument(
         "--columns",

@@ -1,45 +1,60 @@
-"""Samplers for affine autoregressive flow blocks (TarFlow's and STARFlow's alike), and classifier-free guidance.
+"""Samplers: how a flow block is inverted, as swappable pipeline components (diffusers' schedulers are the model).
 
 A block maps tokens x to z with z_t = (x_t - b_t) * exp(-a_t), where (a_t, b_t) come from a causal transformer over
-x_<t. Inverting it is a nonlinear recurrence, x_t = z_t * exp(a_t) + b_t. The samplers here see a block only
-through the `AffineBlock` interface, on the block's token sequence in its own order with token 0 given: TarFlow's
-first patch passes through unchanged (x_0 = z_0); STARFlow prepends its learned start token and drops it again.
-The transformer's input at position t is token t; its output there gives (a, b) for token t + 1.
+x_<t. Inverting it is a nonlinear recurrence, x_t = z_t * exp(a_t) + b_t. The samplers see a block only through the
+`AffineBlock` interface, on the block's token sequence in its own order with token 0 given (TarFlow's first patch
+passes through unchanged; STARFlow prepends its learned start token). The transformer's input at position t is
+token t; its output there gives (a, b) for token t + 1.
 
-- `sample_sequential`: exact, one token per transformer pass, keys and values of earlier tokens cached.
-- `sample_jacobi`: fixed-point iteration on a window after a settled prefix; never more passes than sequential.
-- `sample_newton`: quasi-Newton steps on the same fixed point (previous-token Jacobian by finite differences).
-- `sample_block_jacobi`: Apple's STARFlow block Jacobi, reproduced exactly (chunks, stopping rule, cache).
+- `SequentialSampler`: exact, one token per transformer pass, keys and values of earlier tokens cached.
+- `JacobiSampler`: fixed-point iteration on a window after a settled prefix; never more passes than sequential.
+- `NewtonSampler`: quasi-Newton steps on the same fixed point (previous-token Jacobian by finite differences).
+- `BlockJacobiSampler`: Apple's STARFlow block Jacobi, reproduced exactly (chunks, stopping rule, cache).
 
-Guidance: the transformer runs the conditional and unconditional branches as one batch ([cond; uncond] rows, one
-shared trajectory x) and a `GuidanceRule` combines their predictions.
+Each is a small config-carrying class (diffusers' `ConfigMixin`): its options are its constructor's arguments,
+checked there, and `from_config`, `save_pretrained`/`from_pretrained` and a JSON config come with it. Pipelines hold
+one as their `sampler` component (saved in `model_index.json`, like a scheduler); pipelines and models also take
+one per call, or a name (`"jacobi"`, or the command line's `"jacobi:tolerance=1e-3,window=32"`).
+
+```python
+>>> from tarflow_hf import JacobiSampler
+>>> pipe.sampler = JacobiSampler(tolerance=1e-3)  # kept by save_pretrained / push_to_hub
+>>> pipe.sampler = NewtonSampler.from_config(pipe.sampler.config)
+```
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from transformers.utils import logging
 
-from .layers import KVCache, WeightPacking
+from .guidance import Guidance, check_positive_number, parse_spec, row_weights
+from .layers import WeightPacking
+
+try:  # diffusers gives the config machinery; a model's code saved with its weights also runs without it
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+except ImportError:  # transformers alone (`AutoModel.from_pretrained(..., trust_remote_code=True)`): no saving
+
+    class ConfigMixin:
+        pass
+
+    class SchedulerMixin:
+        pass
+
+    def register_to_config(init):
+        return init
+
 
 logger = logging.get_logger(__name__)
 
-GuidanceRuleName = Literal["extrapolate", "gaussian_product"]
-GuidanceTarget = Literal["both", "scale", "shift"]
-GuidanceSchedule = Literal["constant", "linear"]
-GUIDANCE_TARGETS = ("both", "scale", "shift")
-GUIDANCE_SCHEDULES = ("constant", "linear")
-SAMPLERS = ("sequential", "jacobi", "newton", "block_jacobi")
-# A branch's prediction for some tokens: (log-scale a, shift b); a guidance weight: one number, or one per row.
-Prediction = tuple[torch.Tensor, torch.Tensor]
-Weight = torch.Tensor | float
 # Jacobi window while the iteration stagnates: wide enough to catch a stretch that converges at once.
 JACOBI_PROBE_WINDOW = 16
 JACOBI_STAGNATION_PASSES = 5
@@ -47,112 +62,10 @@ JACOBI_STAGNATION_PASSES = 5
 NEWTON_PROBE_STEP = 1e-3
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    # Apple computes LayerNorm, exp and the log-determinant in float32 whatever the autocast dtype (float64 is left
-    # alone, for exact checks).
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def affine_inverse(z: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """x = z * exp(a) + b: the inverse of one affine step, the exponential taken in float32 as Apple does."""
-    scale = at_least_fp32(log_scale).exp().type(log_scale.dtype)
-    return torch.addcmul(shift, z, scale)
-
-
-# ------------------------------------------------------------------------------------------------------ guidance
-def extrapolate(cond: Prediction, uncond: Prediction, weight: Weight, target: GuidanceTarget = "both") -> Prediction:
-    """TarFlow's rule: cond + w * (cond - uncond) on the log-scale, the shift, or both."""
-    (a_cond, b_cond), (a_uncond, b_uncond) = cond, uncond
-    if target in ("both", "scale"):
-        a_cond = a_cond + weight * (a_cond - a_uncond)
-    if target in ("both", "shift"):
-        b_cond = b_cond + weight * (b_cond - b_uncond)
-    return a_cond, b_cond
-
-
-def gaussian_product(
-    cond: Prediction, uncond: Prediction, weight: Weight, target: GuidanceTarget = "both"
-) -> Prediction:
-    """STARFlow's rule: the Gaussian p_c^(1+w) / p_u^w of the two branches' predictions N(b, exp(a)^2), with the
-    variance ratio s = min(sigma_c / sigma_u, 1)^2 clipped so that the result's variance stays positive."""
-    (a_cond, b_cond), (a_uncond, b_uncond) = cond, uncond
-    ratio = (2 * torch.clamp(a_cond - a_uncond, max=0.0)).exp()
-    denominator = 1 + weight - weight * ratio
-    log_scale = a_cond - 0.5 * denominator.log()
-    shift = ((1 + weight) * b_cond - weight * ratio * b_uncond) / denominator
-    return log_scale, shift
-
-
-GUIDANCE_RULES: dict[str, Callable[[Prediction, Prediction, Weight, GuidanceTarget], Prediction]] = {
-    "extrapolate": extrapolate,
-    "gaussian_product": gaussian_product,
-}
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance, as the samplers apply it.
-
-    `scale` is in the diffusers convention: 1.0 is no guidance; Apple's `cfg`/`guidance` g is `scale = 1 + g`.
-    `rule` combines the branches ("extrapolate": TarFlow; "gaussian_product": STARFlow); `target` (extrapolation
-    only) picks what is guided; the "linear" `schedule` is TarFlow's annealed guidance, weight growing with the
-    token index; `attention_temperature` divides the unconditional branch's attention logits."""
-
-    scale: float = 1.0
-    rule: GuidanceRuleName = "extrapolate"
-    target: GuidanceTarget = "both"
-    schedule: GuidanceSchedule = "constant"
-    attention_temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.scale, int | float) or not math.isfinite(self.scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {self.scale!r}")
-        if self.rule not in GUIDANCE_RULES:
-            raise ValueError(f"guidance_rule must be one of {tuple(GUIDANCE_RULES)}, got {self.rule!r}")
-        if self.target not in GUIDANCE_TARGETS:
-            raise ValueError(f"guidance_target must be one of {GUIDANCE_TARGETS}, got {self.target!r}")
-        if self.schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
-        if not self.attention_temperature > 0:
-            raise ValueError(f"attention_temperature must be > 0, got {self.attention_temperature}")
-        if self.rule == "gaussian_product" and self.target != "both":
-            raise ValueError("guidance_target applies to guidance_rule='extrapolate' only; use target='both'")
-        if self.rule == "gaussian_product" and self.scale < 1:
-            raise ValueError(f"guidance_rule='gaussian_product' needs guidance_scale >= 1, got {self.scale}")
-
-    @property
-    def weight(self) -> float:
-        """w = scale - 1, the weight of the difference between the branches (Apple's g)."""
-        return self.scale - 1.0
-
-    @property
-    def active(self) -> bool:
-        """Guidance applies whenever the scale is not 1 (below 1 too: that pushes away from the condition)."""
-        return self.scale != 1.0
-
-
-def row_weights(guidance: Guidance | None, num_rows: int, device: torch.device) -> torch.Tensor | float:
-    """The guidance weight of each transformer row: a number, or (1, rows, 1) for the linear schedule, where row t
-    (which predicts token t + 1) gets w * (t + 1) / rows."""
-    if guidance is None or not guidance.active:
-        return 0.0
-    if guidance.schedule == "constant":
-        return guidance.weight
-    steps = torch.arange(1, num_rows + 1, device=device, dtype=torch.float32)
-    return (guidance.weight * steps / max(num_rows, 1)).view(1, -1, 1)
-
-
-def guide(
-    guidance: Guidance | None, log_scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor | float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine [cond; uncond] rows of (a, b) into B guided rows with the guidance's rule (unguided: as given)."""
-    if guidance is None or not guidance.active:
-        return log_scale, shift
-    if isinstance(weight, torch.Tensor):  # combined in the projection's dtype, as Apple does
-        weight = weight.to(log_scale.dtype)
-    a_cond, a_uncond = log_scale.chunk(2)
-    b_cond, b_uncond = shift.chunk(2)
-    return GUIDANCE_RULES[guidance.rule]((a_cond, b_cond), (a_uncond, b_uncond), weight, guidance.target)
+    up = log_scale if log_scale.dtype == torch.float64 else log_scale.float()
+    return torch.addcmul(shift, z, up.exp().type(log_scale.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ the interface
@@ -173,16 +86,22 @@ class AffineBlock(Protocol):
         """A key/value cache for `num_tokens` positions (plus any prefix the block keeps, already filled)."""
 
     def affine_span(
-        self,
-        tokens: torch.Tensor,
-        position: int,
-        cache: Any | None,
-        condition: BlockCondition,
-        weight: torch.Tensor | float,
+        self, tokens: torch.Tensor, position: int, cache: Any | None, condition: BlockCondition, weight: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, n, D) at positions `position .. position + n - 1` -> guided (log_scale, shift), each
         (B, n, D), for tokens `position + 1 ..`. The cache holds the earlier positions and receives these; without
         one, `position` is 0 and the block runs any prefix of its own (a text prompt) itself."""
+
+
+@dataclass
+class BlockRecord:
+    """What a sampler did on one block (see `SamplingStats`)."""
+
+    iterations: int
+    sequential_steps: int
+    residual: float
+    rows_computed: int
+    chunk_iterations: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -194,7 +113,7 @@ class SamplingStats:
     block run sequentially."""
     sequential_steps: list[int] = field(default_factory=list)
     """One-token steps: T - 1 for a sequential block; for a Jacobi block, the steps taken after its
-    `jacobi_max_iterations` budget ran out (these are included in `iterations`)."""
+    `max_iterations` budget ran out (these are included in `iterations`)."""
     residuals: list[float] = field(default_factory=list)
     """Largest movement, in its last pass, of a token feeding one that a parallel block accepted (at most the
     tolerance; 0.0 where every token was settled exactly). Block Jacobi: the largest relative change of a chunk's
@@ -226,86 +145,187 @@ class SamplingStats:
         return sum(steps if iterations == 0 else iterations for iterations, steps in pairs)
 
 
-@dataclass
-class BlockRecord:
-    iterations: int
-    sequential_steps: int
-    residual: float
-    rows_computed: int
-    chunk_iterations: list[int] = field(default_factory=list)
+# --------------------------------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
-@dataclass(frozen=True)
-class SamplerOptions:
-    """Which sampler, and its settings (see `TarFlowModel.inverse` for their meaning)."""
+# ------------------------------------------------------------------------------------------------ components
+class FlowSampler(SchedulerMixin, ConfigMixin):
+    """Base of the samplers: inverts one block (`invert_block`), the first `sequential_blocks` blocks in sampling
+    order exactly whatever the sampler (a deep block whose passes are bound by compute is best decoded once)."""
 
-    sampler: str = "sequential"
-    jacobi_tolerance: float = 1e-4
-    jacobi_window: int | None = None
-    jacobi_max_iterations: int | None = None
-    jacobi_sequential_blocks: int = 0
-    jacobi_block_size: int = 16
-    jacobi_threshold: float = 0.001
+    config_name = "sampler_config.json"
+    name: ClassVar[str]
+    sequential_blocks: int = 0
 
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if not _is_positive_number(self.jacobi_tolerance):
-            raise ValueError(f"jacobi_tolerance must be a number > 0, got {self.jacobi_tolerance!r}")
-        if self.sampler == "newton" and (self.jacobi_window is not None or self.jacobi_max_iterations is not None):
-            raise ValueError(
-                "jacobi_window and jacobi_max_iterations apply to sampler='jacobi' only; 'newton' works on all "
-                "patches and never takes more passes than 'sequential'"
-            )
-        if self.jacobi_window is not None and not _is_int_at_least(self.jacobi_window, 1):
-            raise ValueError(
-                f"jacobi_window must be an integer >= 1 (or None for all patches), got {self.jacobi_window!r}"
-            )
-        if self.jacobi_max_iterations is not None and not _is_int_at_least(self.jacobi_max_iterations, 1):
-            raise ValueError(f"jacobi_max_iterations must be an integer >= 1, got {self.jacobi_max_iterations!r}")
-        if not _is_int_at_least(self.jacobi_sequential_blocks, 0):
-            raise ValueError(f"jacobi_sequential_blocks must be an integer >= 0, got {self.jacobi_sequential_blocks!r}")
-        if not _is_int_at_least(self.jacobi_block_size, 1):
-            raise ValueError(f"jacobi_block_size must be an integer >= 1, got {self.jacobi_block_size!r}")
-        if not _is_positive_number(self.jacobi_threshold):
-            raise ValueError(f"jacobi_threshold must be a number > 0, got {self.jacobi_threshold!r}")
+    def invert_block(
+        self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition, step: int = 0
+    ) -> tuple[torch.Tensor, BlockRecord]:
+        """Invert one block, the `step`-th in sampling order: z (B, T, D) in the block's order, token 0 given.
+
+        A block that is an `nn.Module` runs its linear layers on packed weights meanwhile (`layers.WeightPacking`:
+        the decoding steps' few-row products run 1.2-2.5x faster on CPU). The sampler runs in inference mode (a
+        decoding step is hundreds of small operations, mostly views, whose autograd bookkeeping it skips); the
+        result is copied out of it, an ordinary tensor that autograd may use afterwards (the denoising step does)."""
+        packing = WeightPacking(block) if isinstance(block, nn.Module) else contextlib.nullcontext()
+        with packing, torch.inference_mode():
+            if step < self.sequential_blocks:
+                x, record = sample_sequential(block, z, condition)
+            else:
+                x, record = self.invert(block, z, condition)
+        return x.clone(), record
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's arguments, as given."""
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in parameters if name != "self"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options() == self.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(self.options().items())))
 
 
-def _is_int_at_least(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+class SequentialSampler(FlowSampler):
+    """Exact: token t + 1 from tokens 0..t, one at a time, earlier keys and values read from the cache (the
+    original code's sampler, and the default)."""
+
+    name = "sequential"
+
+    @register_to_config
+    def __init__(self) -> None:
+        pass
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        return sample_sequential(block, z, condition)
 
 
-def _is_positive_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+class JacobiSampler(FlowSampler):
+    """Parallel: fixed-point iteration x <- z * exp(a(x)) + b(x) on a window of tokens after a settled prefix
+    (Jacobi inside the window, Gauss-Seidel from one window to the next); never more passes than sequential.
+
+    Args:
+        tolerance (`float`, defaults to 1e-4): a token counts as settled once the tokens before it moved by at most
+            this in a pass (model space). The sequence amplifies what is left, so the samples' error is a few times
+            this (bundled model: 1e-4 gives about 3e-4).
+        window (`int`, *optional*): tokens iterated together after the settled prefix; default all of them (fewest
+            passes). A smaller window computes less per pass.
+        max_iterations (`int`, *optional*): passes per block after which the rest goes one token at a time.
+        sequential_blocks (`int`, defaults to 0): run the first blocks in sampling order exactly. `1` keeps
+            STARFlow's deep block exact and iterates the shallow ones: the fastest parallel setting on a CPU.
+    """
+
+    name = "jacobi"
+
+    @register_to_config
+    def __init__(
+        self,
+        tolerance: float = 1e-4,
+        window: int | None = None,
+        max_iterations: int | None = None,
+        sequential_blocks: int = 0,
+    ) -> None:
+        self.tolerance = check_positive_number("tolerance", tolerance)
+        self.window = _check_int("window", window, 1, optional=True)
+        self.max_iterations = _check_int("max_iterations", max_iterations, 1, optional=True)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        return sample_jacobi(block, z, condition, self.tolerance, self.window, self.max_iterations)
 
 
-def invert_block(
-    block: AffineBlock, z: torch.Tensor, condition: BlockCondition, options: SamplerOptions, step: int = 0
-) -> tuple[torch.Tensor, BlockRecord]:
-    """Invert one block, the `step`-th in sampling order, with the chosen sampler (the exact one for the first
-    `options.jacobi_sequential_blocks`): z (B, T, D) in the block's order, token 0 given. A block that is an
-    `nn.Module` runs its linear layers on packed weights meanwhile (`layers.WeightPacking`: the decoding steps'
-    few-row products run 1.2-2.5x faster on CPU).
+class NewtonSampler(FlowSampler):
+    """Parallel: quasi-Newton steps on the Jacobi fixed point, fewer passes than Jacobi where tokens depend
+    strongly on the previous one, for about 2 * token_dim + 1 times its compute and memory per pass (float32).
 
-    The sampler runs in inference mode: a decoding step is hundreds of small operations, mostly views, and
-    inference mode skips their autograd bookkeeping (about 1.2x on a small model, where that overhead is most of a
-    step). The result is copied out of it, so it is an ordinary tensor that autograd may use afterwards (the score
-    denoising step does)."""
-    packing = WeightPacking(block) if isinstance(block, nn.Module) else contextlib.nullcontext()
-    with packing, torch.inference_mode():
-        if step < options.jacobi_sequential_blocks or options.sampler == "sequential":
-            x, record = sample_sequential(block, z, condition)
-        elif options.sampler == "newton":
-            x, record = sample_newton(block, z, condition, options.jacobi_tolerance)
-        elif options.sampler == "block_jacobi":
-            x, record = sample_block_jacobi(
-                block, z, condition, options.jacobi_block_size, options.jacobi_threshold, options.jacobi_max_iterations
-            )
-        else:
-            x, record = sample_jacobi(
-                block, z, condition, options.jacobi_tolerance, options.jacobi_window, options.jacobi_max_iterations
-            )
-    return x.clone(), record
+    Args:
+        tolerance (`float`, defaults to 1e-4): as `JacobiSampler`'s.
+        sequential_blocks (`int`, defaults to 0): as `JacobiSampler`'s.
+    """
+
+    name = "newton"
+
+    @register_to_config
+    def __init__(self, tolerance: float = 1e-4, sequential_blocks: int = 0) -> None:
+        self.tolerance = check_positive_number("tolerance", tolerance)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        return sample_newton(block, z, condition, self.tolerance)
+
+
+class BlockJacobiSampler(FlowSampler):
+    """Apple's STARFlow block Jacobi (`--jacobi 1`), step for step; approximate, about `threshold` from exact.
+
+    Args:
+        block_size (`int`, defaults to 16): tokens per chunk.
+        threshold (`float`, defaults to 1e-3): a chunk stops iterating once its relative change drops below this.
+        max_iterations (`int`, defaults to 32): passes per chunk at most.
+        sequential_blocks (`int`, defaults to 0): as `JacobiSampler`'s.
+    """
+
+    name = "block_jacobi"
+
+    @register_to_config
+    def __init__(
+        self, block_size: int = 16, threshold: float = 1e-3, max_iterations: int = 32, sequential_blocks: int = 0
+    ) -> None:
+        self.block_size = _check_int("block_size", block_size, 1)
+        self.threshold = check_positive_number("threshold", threshold)
+        self.max_iterations = _check_int("max_iterations", max_iterations, 1)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        return sample_block_jacobi(block, z, condition, self.block_size, self.threshold, self.max_iterations)
+
+
+SAMPLERS: dict[str, type[FlowSampler]] = {
+    cls.name: cls for cls in (SequentialSampler, JacobiSampler, NewtonSampler, BlockJacobiSampler)
+}
+for _cls in SAMPLERS.values():  # diffusers' `from_config` across them without warnings about the others' options
+    _cls._compatibles = [other.__name__ for other in SAMPLERS.values() if other is not _cls]
+
+
+def get_sampler(sampler: FlowSampler | str | None) -> FlowSampler:
+    """A sampler from a sampler, a name (`"jacobi"`), the command line's `"NAME:key=value,..."`, or None (the
+    sequential one). A bad name or option is a one-line `ValueError` listing what is allowed."""
+    if sampler is None:
+        return SequentialSampler()
+    if isinstance(sampler, FlowSampler):
+        return sampler
+    if not isinstance(sampler, str):
+        raise ValueError(f"sampler must be a sampler or one of {tuple(SAMPLERS)}, got {type(sampler).__name__}")
+    name = sampler.partition(":")[0].strip()
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    cls = SAMPLERS[name]
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    _, options = parse_spec(sampler, allowed, f"sampler {name!r}")
+    return cls(**options)
+
+
+def sampler_spec(sampler: FlowSampler) -> str:
+    """The `NAME:key=value,...` form of a sampler (the options that differ from their defaults)."""
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(type(sampler).__init__).parameters.items()
+        if name != "self"
+    }
+    options = [f"{key}={value}" for key, value in sampler.options().items() if value != defaults[key]]
+    return sampler.name + (":" + ",".join(options) if options else "")
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
@@ -317,7 +337,7 @@ def sample_sequential(
     x = z.clone()
     cache = block.new_cache(condition, batch, num_tokens)
     guidance, rows = condition.guidance, num_tokens - 1
-    linear = guidance is not None and guidance.schedule == "linear"
+    linear = guidance is not None and guidance.active and guidance.rule.schedule == "linear"
     weight = row_weights(guidance, rows, z.device) if not linear else 0.0
     for t in range(rows):
         if linear:  # a Python number, as in Apple's loop, so that half precision rounds the same way
@@ -367,8 +387,8 @@ def _warn_if_tolerance_below_resolution(tolerance: float, dtype: torch.dtype) ->
     resolution = torch.finfo(dtype).eps
     if dtype.itemsize < 4 and tolerance < resolution:
         logger.warning_once(
-            f"jacobi_tolerance={tolerance:g} is below the resolution of {dtype} arithmetic ({resolution:.1e}): "
-            "Jacobi will settle about one patch per pass. Use a tolerance near that resolution (the images' "
+            f"the Jacobi tolerance {tolerance:g} is below the resolution of {dtype} arithmetic ({resolution:.1e}): "
+            "Jacobi will settle about one token per pass. Use a tolerance near that resolution (the samples' "
             "error will be a few times it), or sample in float32."
         )
 
@@ -381,16 +401,15 @@ def sample_jacobi(
     window: int | None = None,
     budget: int | None = None,
 ) -> tuple[torch.Tensor, BlockRecord]:
-    """Inverse by fixed-point iteration x <- z * exp(a(x)) + b(x) on a window of tokens after a settled prefix:
-    Jacobi inside the window, Gauss-Seidel from one window to the next.
+    """Inverse by fixed-point iteration on a window of tokens after a settled prefix (see `JacobiSampler`).
 
     The settled prefix lives in the key/value cache, so a pass computes only the window. Window row t predicts
     token t + 1. The first row reads settled tokens only, so each pass settles at least one token exactly; it
     settles the following ones too while the rows before them were fed tokens that moved by at most `tolerance`.
-    So Jacobi never needs more passes than the sequential sampler. The window starts at `window` tokens (default:
-    all), doubles whenever a pass settles all of it, and drops to a small probe while the iteration stagnates (one
-    token per pass, the largest movement not shrinking: a stretch of strong dependence where a wide window only
-    wastes compute). After `budget` passes, the rest goes one token at a time."""
+    The window starts at `window` tokens (default: all), doubles whenever a pass settles all of it, and drops to a
+    small probe while the iteration stagnates (one token per pass, the largest movement not shrinking: a stretch
+    of strong dependence where a wide window only wastes compute). After `budget` passes, the rest goes one token
+    at a time."""
     batch, num_tokens, _ = z.shape
     widest = num_tokens - 1 if window is None else min(window, num_tokens - 1)
     width = widest
@@ -456,8 +475,8 @@ def sample_newton(
         log_scale, shift = block.affine_span(rows, 0, None, probe_condition, weight)
         if passes == 0 and shift.dtype.itemsize < 4:
             logger.warning_once(
-                f"sampler='newton' takes derivatives by finite differences, which {shift.dtype} arithmetic "
-                "cannot resolve: its steps will be noise. Use sampler='jacobi', or sample in float32."
+                f"the Newton sampler takes derivatives by finite differences, which {shift.dtype} arithmetic "
+                "cannot resolve: its steps will be noise. Use the Jacobi sampler, or sample in float32."
             )
         mapped = torch.cat([probe_z[:, :1], affine_inverse(probe_z[:, 1:], log_scale, shift)], dim=1)
         mapped = mapped.view(batch, copies, num_tokens, token_dim)
@@ -491,7 +510,7 @@ def sample_block_jacobi(
     condition: BlockCondition,
     block_size: int = 16,
     threshold: float = 0.001,
-    max_iterations: int | None = 32,
+    max_iterations: int = 32,
 ) -> tuple[torch.Tensor, BlockRecord]:
     """Apple's STARFlow block Jacobi (`MetaBlock.jacobi`), step for step: chunks of `block_size` tokens, each
     iterated from the latents until the relative change mean((new - old)^2) / mean(new^2), one number over the
@@ -503,7 +522,6 @@ def sample_block_jacobi(
     change), so pass i + 1 recomputes only the rows after them: Apple's pass would give those rows back unchanged,
     and their keys and values are already in the cache. Same iterates and stopping decisions, fewer rows."""
     batch, num_tokens, _ = z.shape
-    max_iterations = 32 if max_iterations is None else max_iterations
     weights = row_weights(condition.guidance, num_tokens - 1, z.device)
     x = z.clone()
     cache = block.new_cache(condition, batch, num_tokens)
@@ -531,23 +549,21 @@ def sample_block_jacobi(
 
 
 __all__ = [
-    "GUIDANCE_RULES",
     "SAMPLERS",
     "AffineBlock",
     "BlockCondition",
+    "BlockJacobiSampler",
     "BlockRecord",
-    "Guidance",
-    "KVCache",
-    "SamplerOptions",
+    "FlowSampler",
+    "JacobiSampler",
+    "NewtonSampler",
     "SamplingStats",
+    "SequentialSampler",
     "affine_inverse",
-    "extrapolate",
-    "gaussian_product",
-    "guide",
-    "invert_block",
-    "row_weights",
+    "get_sampler",
     "sample_block_jacobi",
     "sample_jacobi",
     "sample_newton",
     "sample_sequential",
+    "sampler_spec",
 ]

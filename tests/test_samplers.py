@@ -1,14 +1,30 @@
-"""The samplers against a straightforward reference: the sequential inverse written the obvious way
-(the whole prefix through the transformer at every step, no cache, branches run separately)."""
+"""The samplers (`tarflow_hf.samplers`) against a straightforward reference, the sequential inverse written the
+obvious way (the whole prefix through the transformer at every step, no cache, branches run separately), and as
+config-carrying components."""
+
+import copy
+import json
 
 import pytest
 import torch
 from conftest import random_model
 from transformers.testing_utils import CaptureLogger
 
-from tarflow_hf import BUNDLED_MODEL, TarFlowModel, sampling
+from tarflow_hf import BUNDLED_MODEL, TarFlowModel, samplers
+from tarflow_hf.guidance import Guidance, GuidanceRule
 from tarflow_hf.layers import KVCache
 from tarflow_hf.modeling_tarflow import TarFlowBlock
+from tarflow_hf.samplers import (
+    SAMPLERS,
+    BlockJacobiSampler,
+    JacobiSampler,
+    NewtonSampler,
+    SequentialSampler,
+    get_sampler,
+    sampler_spec,
+)
+
+EXACT = ("sequential", "jacobi:tolerance=1e-7", "newton:tolerance=1e-7")
 
 
 def naive_block_inverse(
@@ -60,31 +76,41 @@ def test_sequential_sampler_equals_the_straightforward_algorithm(target, schedul
     noise, labels = torch.randn(3, 16, 4), torch.tensor([0, 2, -1])
     with torch.no_grad():
         expected = naive_inverse(model, noise, labels, 2.5, target, schedule, temperature)
-    for sampler in ("sequential", "jacobi", "newton"):
-        ours = model.inverse(
-            noise,
-            labels,
-            guidance_scale=2.5,
-            guidance_target=target,
-            guidance_schedule=schedule,
-            attention_temperature=temperature,
-            sampler=sampler,
-            jacobi_tolerance=1e-7,
-        )
+    rule = GuidanceRule(target=target, schedule=schedule, unconditional_temperature=temperature)
+    for sampler in EXACT:
+        ours = model.inverse(noise, labels, guidance_scale=2.5, guidance_rule=rule, sampler=sampler)
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=sampler)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
-@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "newton"])
+@pytest.mark.parametrize("sampler", EXACT)
 def test_unconditional_models_match_the_straightforward_algorithm(sampler, guidance_scale):
     model = random_model(num_classes=0, nvp=False)
     noise = torch.randn(2, 16, 4)
     with torch.no_grad():
         expected = naive_inverse(model, noise, guidance_scale=guidance_scale, temperature=0.8)
-    ours = model.inverse(
-        noise, guidance_scale=guidance_scale, attention_temperature=0.8, sampler=sampler, jacobi_tolerance=1e-7
-    )
+    rule = GuidanceRule(unconditional_temperature=0.8)
+    ours = model.inverse(noise, guidance_scale=guidance_scale, guidance_rule=rule, sampler=sampler)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_attention_temperature_divides_every_logit_of_both_branches():
+    """A global temperature T on top of the rule's unconditional one: the same as dividing every query projection
+    by T (the logits are query . key / sqrt(d)), whichever the sampler."""
+    model = random_model(num_blocks=2, layers_per_block=2)
+    noise, labels, rule = torch.randn(2, 16, 4), [0, 1], GuidanceRule(unconditional_temperature=0.8)
+    cooled = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in cooled.blocks:
+            for layer in block.layers:
+                width = layer.attention.qkv.out_features // 3
+                layer.attention.qkv.weight[:width] /= 0.6
+                layer.attention.qkv.bias[:width] /= 0.6
+    expected = cooled.inverse(noise, labels, guidance_scale=2.0, guidance_rule=rule)
+    for sampler in EXACT:
+        ours = model.inverse(noise, labels, 2.0, rule, attention_temperature=0.6, sampler=sampler)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=sampler)
+    assert (model.inverse(noise, labels, 2.0, rule) - expected).abs().max() > 1e-3
 
 
 def test_jacobi_reports_what_it_did():
@@ -92,7 +118,7 @@ def test_jacobi_reports_what_it_did():
     noise = torch.randn(2, 16, 4) * 0.5
     exact = model.inverse(noise, [0, 1], guidance_scale=2.0)
     images, stats = model.inverse(
-        noise, [0, 1], guidance_scale=2.0, sampler="jacobi", jacobi_tolerance=1e-6, return_stats=True
+        noise, [0, 1], guidance_scale=2.0, sampler=JacobiSampler(tolerance=1e-6), return_stats=True
     )
     torch.testing.assert_close(images, exact, atol=1e-4, rtol=0)
     assert len(stats.iterations) == len(stats.sequential_steps) == len(stats.residuals) == len(stats.rows_computed)
@@ -104,7 +130,7 @@ def test_jacobi_reports_what_it_did():
     assert stats.transformer_passes == sum(stats.iterations)
     assert stats.transformer_passes < 3 * 15, "a random tiny flow should converge faster than sequentially"
 
-    _, forced = model.inverse(noise, [0, 1], sampler="jacobi", jacobi_sequential_blocks=2, return_stats=True)
+    _, forced = model.inverse(noise, [0, 1], sampler=JacobiSampler(sequential_blocks=2), return_stats=True)
     assert forced.iterations[:2] == [0, 0] and forced.sequential_steps[:2] == [15, 15]
     assert forced.rows_computed[:2] == [15, 15]
     assert forced.sequential_blocks == [True, True, False]
@@ -122,17 +148,23 @@ def strongly_coupled_model():
     return model, torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize(("sampler", "window"), [("jacobi", None), ("jacobi", 1), ("jacobi", 3), ("jacobi", 8),
-                                                 ("newton", None)])  # fmt: skip
-def test_parallel_samplers_never_need_more_passes_than_the_sequential_one(sampler, window):
+def assert_exact_to_rounding(model, noise, images):
+    """`images` are the exact inverse up to float32 rounding: no farther from the float64 inverse than a few times
+    the float32 sequential sampler is. A strongly coupled flow amplifies rounding (1e-7) to 1e-5 and more, and a
+    parallel sampler's products, on other row counts, round differently."""
+    exact64 = copy.deepcopy(model).double().inverse(noise.double(), [0, 1], guidance_scale=3.0)
+    rounding = (model.inverse(noise, [0, 1], guidance_scale=3.0) - exact64).abs().max().item()
+    assert (images - exact64).abs().max().item() <= 4 * rounding + 1e-6
+
+
+@pytest.mark.parametrize("sampler", [JacobiSampler(1e-9), JacobiSampler(1e-9, window=1), JacobiSampler(1e-9, window=3),
+                                     JacobiSampler(1e-9, window=8), NewtonSampler(1e-9)])  # fmt: skip
+def test_parallel_samplers_never_need_more_passes_than_the_sequential_one(sampler):
     model, noise = strongly_coupled_model()
-    exact = model.inverse(noise, [0, 1], guidance_scale=3.0)
-    images, stats = model.inverse(
-        noise, [0, 1], guidance_scale=3.0, sampler=sampler, jacobi_window=window, jacobi_tolerance=1e-9,
-        return_stats=True,
-    )  # fmt: skip
-    torch.testing.assert_close(images, exact, atol=1e-5, rtol=0)
+    images, stats = model.inverse(noise, [0, 1], guidance_scale=3.0, sampler=sampler, return_stats=True)
+    assert_exact_to_rounding(model, noise, images)
     assert all(n <= 15 for n in stats.iterations)
+    window = getattr(sampler, "window", None)
     if window == 1:  # one patch per pass is the sequential sampler
         assert stats.iterations == [15, 15] and stats.rows_computed == [15, 15]
     if window is not None:
@@ -141,15 +173,45 @@ def test_parallel_samplers_never_need_more_passes_than_the_sequential_one(sample
 
 def test_jacobi_budget_finishes_one_patch_at_a_time():
     model, noise = strongly_coupled_model()
-    exact = model.inverse(noise, [0, 1], guidance_scale=3.0)
-    images, stats = model.inverse(
-        noise, [0, 1], guidance_scale=3.0, sampler="jacobi", jacobi_max_iterations=2, jacobi_tolerance=1e-9,
-        return_stats=True,
-    )  # fmt: skip
+    sampler = JacobiSampler(tolerance=1e-9, max_iterations=2)
+    images, stats = model.inverse(noise, [0, 1], guidance_scale=3.0, sampler=sampler, return_stats=True)
     # Two passes settle at least two patches; the rest (at most 13) go one at a time, exactly.
     assert all(0 < steps <= 13 for steps in stats.sequential_steps)
     assert [n - steps for n, steps in zip(stats.iterations, stats.sequential_steps, strict=True)] == [2, 2]
-    torch.testing.assert_close(images, exact, atol=1e-5, rtol=0)
+    assert_exact_to_rounding(model, noise, images)
+
+
+class ChainBlock:
+    """x_t = z_t + c_t * x_{t-1}: a linear chain whose coupling c_t is strong (0.95) for the first `strong` tokens (each
+    Jacobi pass settles one token there: the window drops to a probe) and negligible after them."""
+
+    def __init__(self, num_tokens: int, strong: int):
+        self.coupling = torch.full((num_tokens,), 1e-6)
+        self.coupling[1 : strong + 1] = 0.95
+
+    def new_cache(self, condition, batch_size, num_tokens):
+        return None
+
+    def affine_span(self, tokens, position, cache, condition, weight):
+        coupling = self.coupling[position + 1 : position + 1 + tokens.shape[1]].view(1, -1, 1)
+        return torch.zeros_like(tokens), coupling * tokens
+
+    def forward(self, x):
+        z = x.clone()
+        z[:, 1:] = x[:, 1:] - self.coupling[1:].view(1, -1, 1) * x[:, :-1]
+        return z
+
+
+def test_jacobi_window_grows_again_after_a_stagnating_stretch():
+    """After the strongly coupled stretch (one token per pass, the window down to a probe of 16), a pass settles
+    the whole window, which then doubles: 16, 32, 64, 128 tokens reach the end of the 200 weak tokens in about 5
+    passes, where a window stuck at the probe's 16 tokens would need 200 / 16 = 13 at least."""
+    block = ChainBlock(num_tokens=225, strong=24)
+    z = torch.randn(1, 225, 2, generator=torch.Generator().manual_seed(0))
+    x, record = samplers.sample_jacobi(block, z, ToyCondition(), tolerance=1e-5)
+    torch.testing.assert_close(block.forward(x), z, atol=1e-5, rtol=0)
+    weak_passes = record.iterations - 24  # the strong stretch settles one token per pass
+    assert 0 < weak_passes <= 8, record
 
 
 def test_jacobi_shrinks_its_window_where_it_stagnates(monkeypatch):
@@ -162,7 +224,7 @@ def test_jacobi_shrinks_its_window_where_it_stagnates(monkeypatch):
         return model.inverse(noise, [1, 4, 7, 9], guidance_scale=3.0, sampler="jacobi", return_stats=True)
 
     images, stats = sample()
-    monkeypatch.setattr(sampling, "JACOBI_STAGNATION_PASSES", 10**6)  # never shrink
+    monkeypatch.setattr(samplers, "JACOBI_STAGNATION_PASSES", 10**6)  # never shrink
     wide_images, wide = sample()
     assert stats.iterations[0] <= wide.iterations[0] + 2
     assert stats.rows_computed[0] < 0.8 * wide.rows_computed[0]
@@ -175,7 +237,7 @@ def test_a_window_after_cached_positions_attends_causally():
     model = random_model(layers_per_block=2)
     block = model.blocks[1]
     x = torch.randn(2, 16, 4)
-    condition = block.sampling_condition(torch.tensor([1, 2]), 2, None)
+    condition = block.sampling_condition(torch.tensor([1, 2]), 2, Guidance())
     positions = block.position_table()
     with torch.no_grad():
         full = block.transformer(block.embed(x, positions, condition.class_rows))
@@ -192,13 +254,13 @@ def test_jacobi_warns_when_the_tolerance_is_below_half_precision(schedule):
     model = random_model()
     noise = torch.randn(2, 16, 4)
     tolerance = 1.2345e-4 if schedule == "constant" else 2.3456e-4  # warnings are given once per message
-    options = dict(guidance_scale=2.0, guidance_schedule=schedule, sampler="jacobi", jacobi_tolerance=tolerance)
-    with CaptureLogger(sampling.logger) as float32_log:
+    options = dict(guidance_scale=2.0, guidance_rule=GuidanceRule(schedule=schedule), sampler=JacobiSampler(tolerance))
+    with CaptureLogger(samplers.logger) as float32_log:
         model.inverse(noise, [0, 1], **options)
-    with CaptureLogger(sampling.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
+    with CaptureLogger(samplers.logger) as bfloat16_log, torch.autocast("cpu", dtype=torch.bfloat16):
         model.inverse(noise, [0, 1], **options)
     assert float32_log.out == ""
-    assert f"jacobi_tolerance={tolerance:g} is below the resolution of torch.bfloat16" in bfloat16_log.out
+    assert f"the Jacobi tolerance {tolerance:g} is below the resolution of torch.bfloat16" in bfloat16_log.out
 
 
 def test_a_large_patch_settled_by_its_exact_row_is_kept():
@@ -220,12 +282,13 @@ def test_a_large_patch_settled_by_its_exact_row_is_kept():
 @pytest.mark.parametrize("sampler", ["sequential", "jacobi"])
 def test_unconditional_half_precision_model_samples_with_guidance(sampler):
     model = random_model(num_classes=0).to(torch.bfloat16)
-    images = model.inverse(torch.randn(2, 16, 4), guidance_scale=2.0, sampler=sampler, jacobi_tolerance=3e-2)
+    sampler = JacobiSampler(tolerance=3e-2) if sampler == "jacobi" else sampler
+    images = model.inverse(torch.randn(2, 16, 4), guidance_scale=2.0, sampler=sampler)
     assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()
 
 
-@pytest.mark.parametrize(("sampler", "window"), [("jacobi", None), ("jacobi", 4), ("newton", None)])
-def test_parallel_samplers_report_a_real_overflow_like_the_sequential_one(sampler, window):
+@pytest.mark.parametrize("sampler", [JacobiSampler(), JacobiSampler(window=4), NewtonSampler()])
+def test_parallel_samplers_report_a_real_overflow_like_the_sequential_one(sampler):
     model = random_model(num_blocks=2, seed=0)
     with torch.no_grad():
         for block in model.blocks:
@@ -234,7 +297,7 @@ def test_parallel_samplers_report_a_real_overflow_like_the_sequential_one(sample
     with pytest.raises(FloatingPointError, match="non-finite"):
         model.inverse(noise, [0, 1], guidance_scale=3.0)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        model.inverse(noise, [0, 1], guidance_scale=3.0, sampler=sampler, jacobi_window=window)
+        model.inverse(noise, [0, 1], guidance_scale=3.0, sampler=sampler)
 
 
 def test_newton_takes_fewer_passes_than_jacobi_where_patches_depend_strongly():
@@ -254,9 +317,11 @@ def test_newton_takes_fewer_passes_than_jacobi_where_patches_depend_strongly():
     assert (images - exact).abs().max() / 2 < 1e-3  # the issue's bound, on the [0, 1] scale
 
 
-def test_newton_rejects_jacobi_only_options():
-    with pytest.raises(ValueError, match="jacobi_window and jacobi_max_iterations apply to sampler='jacobi' only"):
-        random_model().inverse(torch.randn(1, 16, 4), [0], sampler="newton", jacobi_window=4)
+def test_newton_takes_no_jacobi_only_options():
+    with pytest.raises(TypeError, match="window"):
+        NewtonSampler(window=4)
+    with pytest.raises(ValueError, match=r"sampler 'newton' option 'window=4'.*sequential_blocks, tolerance"):
+        get_sampler("newton:window=4")
 
 
 class ToyCondition:
@@ -272,10 +337,10 @@ class ToyBlock:
     """A minimal affine autoregressive block that is not TarFlow: a_t, b_t are fixed smooth functions of the
     running mean of the tokens before t (a "cache" is just the running sum)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, coupling: float = 1.0):
         generator = torch.Generator().manual_seed(3)
-        self.w_a = 0.3 * torch.randn(dim, dim, generator=generator)
-        self.w_b = 0.5 * torch.randn(dim, dim, generator=generator)
+        self.w_a = 0.3 * coupling * torch.randn(dim, dim, generator=generator)
+        self.w_b = 0.5 * coupling * torch.randn(dim, dim, generator=generator)
 
     def new_cache(self, condition, batch_size, num_tokens):
         return {"tokens": torch.zeros(batch_size, num_tokens, self.w_a.shape[0])}
@@ -299,13 +364,20 @@ class ToyBlock:
         return z
 
 
-@pytest.mark.parametrize("sampler", ["sequential", "jacobi", "newton", "block_jacobi"])
+TOY_SAMPLERS = {
+    "sequential": SequentialSampler(),
+    "jacobi": JacobiSampler(tolerance=1e-7),
+    "newton": NewtonSampler(tolerance=1e-7),
+    "block_jacobi": BlockJacobiSampler(block_size=5, threshold=1e-14),
+}
+
+
+@pytest.mark.parametrize("sampler", list(TOY_SAMPLERS))
 def test_samplers_invert_a_block_that_is_not_tarflow(sampler):
     block = ToyBlock(dim=3)
     x = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0))
     z = block.forward(x)
-    options = sampling.SamplerOptions(sampler, jacobi_tolerance=1e-7, jacobi_block_size=5, jacobi_threshold=1e-14)
-    inverted, record = sampling.invert_block(block, z, ToyCondition(), options)
+    inverted, record = TOY_SAMPLERS[sampler].invert_block(block, z, ToyCondition())
     torch.testing.assert_close(inverted, x, atol=1e-5, rtol=0)
     if sampler == "block_jacobi":
         assert len(record.chunk_iterations) == 3  # chunks of 5, 5 and 1 tokens after token 0
@@ -319,7 +391,7 @@ def test_samples_are_ordinary_tensors_that_autograd_can_use(sampler):
     denoising step (autograd on the sample) and any in-place edit by the caller would fail."""
     block = ToyBlock(dim=3)
     z = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(1))
-    inverted, _ = sampling.invert_block(block, z, ToyCondition(), sampling.SamplerOptions(sampler))
+    inverted, _ = get_sampler(sampler).invert_block(block, z, ToyCondition())
     assert not inverted.is_inference()
     inverted[:, 0] = 0.0  # in place, outside inference mode
     weight = torch.ones(3, requires_grad=True)
@@ -350,7 +422,7 @@ def test_block_jacobi_skips_final_rows_and_stays_apples_algorithm(threshold, max
     iteration counts and the result are Apple's whole-chunk passes', with fewer rows computed."""
     block = ToyBlock(dim=3)
     z = torch.randn(2, 23, 3, generator=torch.Generator().manual_seed(1))
-    ours, record = sampling.sample_block_jacobi(block, z, ToyCondition(), 8, threshold, max_iterations)
+    ours, record = samplers.sample_block_jacobi(block, z, ToyCondition(), 8, threshold, max_iterations)
     apple, iterations = apple_block_jacobi(block, z, 8, threshold, max_iterations)
     assert record.chunk_iterations == iterations
     # The toy block computes in float32, whose matrix products round differently for fewer rows.
@@ -360,23 +432,6 @@ def test_block_jacobi_skips_final_rows_and_stays_apples_algorithm(threshold, max
     # Pass i of a chunk skips its first min(i, length) rows.
     skipped = sum(min(i, length) for n, length in zip(iterations, chunk_lengths, strict=True) for i in range(n))
     assert max(iterations) > 1 and record.rows_computed == whole_chunks - skipped
-
-
-def test_gaussian_product_rule_is_the_product_of_the_two_gaussians():
-    """p_c^(1+w) / p_u^w of N(b_c, s_c^2) and N(b_u, s_u^2), by completing the square by hand, where the
-    conditional is the narrower one (no clipping needed)."""
-    w = 1.7
-    a_c, b_c, a_u, b_u = torch.tensor([-0.4]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([-1.1])
-    precision = (1 + w) / a_c.exp() ** 2 - w / a_u.exp() ** 2
-    mean = ((1 + w) * b_c / a_c.exp() ** 2 - w * b_u / a_u.exp() ** 2) / precision
-    log_scale, shift = sampling.gaussian_product((a_c, b_c), (a_u, b_u), w)
-    torch.testing.assert_close(log_scale, -0.5 * precision.log(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(shift, mean, atol=1e-6, rtol=0)
-    # A wider conditional is clipped to the unconditional's width: the ratio is 1 and the result is the
-    # conditional, its mean pushed away from the unconditional one.
-    log_scale, shift = sampling.gaussian_product((a_u, b_c), (a_c, b_u), w)
-    torch.testing.assert_close(log_scale, a_u)
-    torch.testing.assert_close(shift, (1 + w) * b_c - w * b_u)
 
 
 def test_both_guidance_rules_serve_tarflow():
@@ -390,15 +445,70 @@ def test_both_guidance_rules_serve_tarflow():
         model.inverse(noise, labels, guidance_scale=2.0, guidance_rule="average")
 
 
+# ------------------------------------------------------------------------------------------- the components
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    "sampler",
+    [SequentialSampler(), JacobiSampler(1e-3, window=8, max_iterations=5, sequential_blocks=1),
+     NewtonSampler(1e-5, sequential_blocks=2), BlockJacobiSampler(4, 1e-2, 7, 1)],
+)  # fmt: skip
+def test_a_sampler_keeps_its_options_through_its_config_file(sampler, tmp_path):
+    sampler.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "sampler_config.json").read_text())
+    assert config["_class_name"] == type(sampler).__name__
+    assert {key: config[key] for key in sampler.options()} == sampler.options()
+    loaded = type(sampler).from_pretrained(tmp_path)
+    assert loaded == sampler and loaded.options() == sampler.options()
+    assert get_sampler(sampler_spec(sampler)) == sampler  # the command line's form, both ways
+
+
+def test_samplers_swap_through_from_config_keeping_shared_options():
+    jacobi = JacobiSampler(tolerance=1e-3, window=4, sequential_blocks=1)
+    newton = NewtonSampler.from_config(jacobi.config)
+    assert newton == NewtonSampler(tolerance=1e-3, sequential_blocks=1)
+    assert SequentialSampler.from_config(newton.config) == SequentialSampler()
+
+
+def test_sampler_names_and_specs():
+    assert set(SAMPLERS) == {"sequential", "jacobi", "newton", "block_jacobi"}
+    assert get_sampler(None) == SequentialSampler()
+    assert get_sampler("jacobi") == JacobiSampler()
+    assert get_sampler(" jacobi : tolerance=0.01, window=none , sequential_blocks=1") == JacobiSampler(
+        0.01, None, None, 1
+    )
+    same = JacobiSampler(tolerance=0.5)
+    assert get_sampler(same) is same
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
     [
-        ({"scale": float("nan")}, "guidance_scale must be a finite number"),
-        ({"rule": "gaussian_product", "target": "shift"}, "guidance_target applies to guidance_rule='extrapolate'"),
-        ({"rule": "gaussian_product", "scale": 0.5}, "needs guidance_scale >= 1"),
-        ({"attention_temperature": 0.0}, "attention_temperature must be > 0"),
+        (
+            lambda: get_sampler("fastest"),
+            r"sampler must be one of \('sequential', 'jacobi', 'newton', 'block_jacobi'\), got 'fastest'",
+        ),
+        (lambda: get_sampler(3), "sampler must be a sampler or one of"),
+        (lambda: get_sampler("jacobi:tolerance"), "expected key=value"),
+        (lambda: get_sampler("jacobi:tolerance=abc"), "tolerance must be a finite number > 0, got 'abc'"),
+        (lambda: JacobiSampler(tolerance=0), "tolerance must be a finite number > 0, got 0"),
+        (lambda: JacobiSampler(tolerance=float("nan")), "tolerance must be a finite number > 0"),
+        (lambda: JacobiSampler(window=0), "window must be an integer >= 1 or None, got 0"),
+        (lambda: JacobiSampler(window=2.5), "window must be an integer >= 1 or None, got 2.5"),
+        (lambda: JacobiSampler(sequential_blocks=-1), "sequential_blocks must be an integer >= 0, got -1"),
+        (lambda: JacobiSampler(sequential_blocks=True), "sequential_blocks must be an integer >= 0, got True"),
+        (lambda: BlockJacobiSampler(block_size=0), "block_size must be an integer >= 1, got 0"),
+        (lambda: BlockJacobiSampler(threshold="1e-3"), "threshold must be a finite number > 0, got '1e-3'"),
+        (lambda: BlockJacobiSampler(max_iterations=None), "max_iterations must be an integer >= 1, got None"),
     ],
 )
-def test_guidance_refuses_bad_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        sampling.Guidance(**kwargs)
+def test_bad_sampler_options_are_one_clear_line(make, message):
+    with pytest.raises(ValueError, match=message) as error:
+        make()
+    assert "\n" not in str(error.value)
+
+
+def test_the_first_blocks_run_exactly_whatever_the_sampler():
+    model = random_model(num_blocks=3)
+    noise = torch.randn(2, 16, 4) * 0.5
+    for sampler in (NewtonSampler(sequential_blocks=2), BlockJacobiSampler(sequential_blocks=2)):
+        _, stats = model.inverse(noise, [0, 1], sampler=sampler, return_stats=True)
+        assert stats.sequential_blocks == [True, True, False], sampler
