@@ -450,6 +450,7 @@ BAD_INPUTS = [
     (dict(prompt="w10", sampler="bogus"), "sampler"),
     (dict(prompt="w10", sampler="jacobi:sequential_blocks=-1"), "sequential_blocks"),
     (dict(prompt="w10", denoise="no"), "denoise"),
+    (dict(prompt="w10", height=80000, width=80000), r"latent tokens, whose sampling needs more than the .* GiB"),
     (dict(prompt="w\ud800x"), "prompt 0 holds .* at position 1, which is not a Unicode character"),
     (dict(prompt="w10", num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prompt="w10", callback_on_step_end_tensor_inputs=["images"]), "callback_on_step_end_tensor_inputs"),

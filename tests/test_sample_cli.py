@@ -334,3 +334,9 @@ def test_prompt_bytes_that_are_not_utf8_are_one_line(starflow_folder, tmp_path):
         "(check the terminal's or the file's encoding)"
     )
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_size_that_cannot_fit_is_refused_at_once(starflow_folder, tmp_path, capsys):
+    message = sample_error(capsys, starflow_folder, "--prompt", "w5", "--height", "80000", "--width", "80000",
+                           "--output", tmp_path / "g.png")  # fmt: skip
+    assert "80000x80000 pixels is 100,000,000 latent tokens" in message and "largest square image" in message

@@ -19,6 +19,7 @@ methods (`forward`, `inverse`, `denoise`).
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from .pipeline_utils import (
     check_guidance_scale,
     check_latents,
     check_output_type,
+    device_memory_bytes,
     normal_noise,
     run_in_chunks,
 )
@@ -291,6 +293,23 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
         """Validate the arguments other than the prompts (see `check_prompt_inputs`) before the (long) sampling loop
         starts: one-line `ValueError`s naming the argument."""
         check_count("num_images_per_prompt", num_images_per_prompt)
+        self.check_image_size(height, width)
+        check_guidance_scale(guidance_scale)
+        check_denoise(denoise)
+        check_output_type(output_type, OUTPUT_TYPES)
+        callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+
+    def bytes_per_token(self) -> int:
+        """Memory one latent token of one image takes while sampling, at least: its keys and values in every layer
+        of the deep block for both guidance branches (the largest cache), and its pixels decoded in float32."""
+        config = self.transformer.config
+        element = torch.finfo(self.transformer.dtype).bits // 8
+        cache = 2 * 2 * config.layers_per_block[-1] * config.deep_hidden_size * element
+        return cache + 3 * (self.vae_scale_factor * config.patch_size) ** 2 * 4
+
+    def check_image_size(self, height: Any, width: Any) -> None:
+        """Refuse, before anything runs, an image size off the latent grid or whose sampling cannot fit in the
+        device's memory, naming the limit."""
         grid = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
             if isinstance(size, bool) or not isinstance(size, int) or size < grid or size % grid:
@@ -298,10 +317,16 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
                     f"{name} must be a positive multiple of {grid} pixels (vae_scale_factor {self.vae_scale_factor} "
                     f"x patch_size {self.transformer.config.patch_size}), got {size!r}"
                 )
-        check_guidance_scale(guidance_scale)
-        check_denoise(denoise)
-        check_output_type(output_type, OUTPUT_TYPES)
-        callback_inputs(None, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        available = device_memory_bytes(self._execution_device)
+        tokens = (height // grid) * (width // grid)
+        if available is None or tokens * self.bytes_per_token() <= available:
+            return
+        side = int(math.sqrt(available / self.bytes_per_token())) * grid
+        raise ValueError(
+            f"{height}x{width} pixels is {tokens:,} latent tokens, whose sampling needs more than the "
+            f"{available / 2**30:.0f} GiB of this {self._execution_device.type} memory (at least "
+            f"{self.bytes_per_token():,} bytes a token); the largest square image that fits is about {side}x{side}"
+        )
 
     # ---------------------------------------------------------------------------------------------- latents
     def prepare_latents(

@@ -17,12 +17,14 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub.errors import StrictDataclassError
 
 # True when imported as part of the installed tarflow-hf package; False when diffusers loaded this file from a
 # saved folder or Hub repository (`trust_remote_code=True`).
@@ -90,6 +92,18 @@ def run_in_chunks(
         for start in range(0, inputs[0].shape[0], batch_size)
     ]
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory of `device` in bytes (a GPU's, or the machine's RAM for the CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- noise
@@ -332,6 +346,8 @@ class FlowPipelineMixin:
         ships; `torch_dtype`/`dtype` (a dtype, or a dict by component) apply to the components, `device_map` to the
         transformer. Without tarflow-hf, use `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
         """
+        if PACKAGED and Path(pretrained_model_name_or_path).is_dir():
+            importlib.import_module(f"{__package__}.registry").check_pipeline_folder(pretrained_model_name_or_path)
         if PACKAGED and kwargs.get("transformer") is None:
             kwargs.pop("transformer", None)
             kwargs["transformer"] = cls._load_transformer(pretrained_model_name_or_path, kwargs)
@@ -348,9 +364,14 @@ class FlowPipelineMixin:
         device_map = kwargs.pop("device_map", None)
         if device_map is not None:
             options["device_map"] = device_map
-        return getattr(module, cls._transformer_class).from_pretrained(
-            pretrained_model_name_or_path, subfolder="transformer", dtype=dtype or torch.float32, **options
-        )
+        model_class = getattr(module, cls._transformer_class)
+        try:
+            return model_class.from_pretrained(
+                pretrained_model_name_or_path, subfolder="transformer", dtype=dtype or torch.float32, **options
+            )
+        except StrictDataclassError as error:  # a config field of the wrong type: huggingface_hub's message
+            details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ValueError(f"{pretrained_model_name_or_path}/transformer/config.json: {details}") from None
 
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
@@ -396,6 +417,7 @@ __all__ = [
     "check_guidance_scale",
     "check_latents",
     "check_output_type",
+    "device_memory_bytes",
     "normal_noise",
     "run_in_chunks",
     "uniform_noise",

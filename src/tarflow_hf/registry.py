@@ -226,6 +226,60 @@ def family_of_folder(folder: str | os.PathLike) -> ModelFamily:
     )
 
 
+def check_pipeline_folder(folder: str | os.PathLike) -> ModelFamily:
+    """Before anything loads: a local pipeline folder's index, component folders, configs and weight files are
+    readable, so that a damaged folder is one line naming the file (not a traceback after minutes of loading).
+    Weight files are checked by their headers only (cheap, even for a 15 GB file). Returns the folder's family."""
+    folder = Path(folder)
+    family = family_of_folder(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return family  # a model folder: transformers reads it
+    for name, entry in read_json_object(index).items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            continue
+        component = folder / name
+        if not component.is_dir():
+            raise FileNotFoundError(
+                f"{component} is missing: model_index.json names a {entry[1]} there; the folder is incomplete "
+                "(save or download it again)"
+            )
+        for config_file in sorted(component.glob("*config*.json")):
+            read_json_object(config_file)
+        for weights in sorted(component.glob("*.safetensors")):
+            _check_safetensors_header(weights)
+    if not (folder / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'transformer' / 'config.json'} is missing: the folder has no model to load")
+    _check_vae_config(folder / "vae" / "config.json")
+    return family
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({why}): truncated or damaged; save or download it again"
+        ) from None
+
+
+def _check_vae_config(path: Path) -> None:
+    """The VAE's sizes a pipeline reads before diffusers does (its scale factor is 2 ** (len - 1))."""
+    if not path.is_file():
+        return
+    channels = read_json_object(path).get("block_out_channels")
+    if not (
+        isinstance(channels, list)
+        and channels
+        and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+    ):
+        raise ValueError(f"{path}: block_out_channels must be a non-empty list of positive integers, got {channels!r}")
+
+
 def is_flow_folder(folder: str | os.PathLike) -> bool:
     """True for a folder tarflow-hf wrote (a pipeline folder, a model folder, or a `--transformer-only` output):
     what `--overwrite` may replace, never another program's or the user's folder."""
@@ -335,7 +389,7 @@ class AutoFlowPipeline:
         `model_index.json` before anything is loaded."""
         resolved = resolve_model_name(pretrained_model_name_or_path)
         family = family_of(resolved, kwargs.get("revision"))
-        return family.pipeline_class.from_pretrained(resolved, **kwargs)
+        return family.pipeline_class.from_pretrained(resolved, **kwargs)  # which checks a folder first
 
 
 __all__ = [
@@ -350,6 +404,7 @@ __all__ = [
     "AutoFlowPipeline",
     "ModelFamily",
     "WeightsLicense",
+    "check_pipeline_folder",
     "family_by_model_type",
     "family_by_pipeline_class",
     "family_of",

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=args.quiet or not state.is_main_process, leave=False)
     items, groups = _text_items(pipe, args) if hasattr(pipe, "text_encoder") else _label_items(pipe, args)
+    if hasattr(pipe, "check_image_size"):  # STARFlow: any size on its latent grid that fits in memory
+        pipe.check_image_size(*reversed(_image_size(pipe, args)))
     if folder is None:
         columns = args.columns or (args.num_images if groups > 1 else math.ceil(math.sqrt(len(items))))
         _check_grid_fits(pipe, args, len(items), columns, [item.caption or "" for item in items])
