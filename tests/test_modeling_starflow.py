@@ -269,6 +269,28 @@ def test_repeated_text_rows_run_the_prefix_once():
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
 
 
+def test_prompts_that_share_their_first_tokens_keep_their_own_prefix():
+    """Rows are told apart by every token: two prompts that begin with the same words (the same first rows of
+    embeddings) still each get their own prefix, and each image follows its own prompt."""
+    model = random_model(small_config(layers_per_block=[1, 2], patch_size=1))
+    torch.manual_seed(9)
+    z = torch.randn(2, 2, 4, 4)
+    prompt_a = torch.randn(1, 3, 8)
+    prompt_b = prompt_a.clone()
+    prompt_b[:, 2] = torch.randn(8)  # the same first two tokens, a different last one
+    text, negatives = torch.cat([prompt_a, prompt_b]), torch.zeros(2, 3, 8)
+    deep = model.blocks[-1]
+    prefix_rows = []
+    hook = deep.proj_txt.register_forward_hook(lambda _, args, __: prefix_rows.append(len(args[0])))
+    batched = model.inverse(z, text, negatives, guidance_scale=3.0)
+    hook.remove()
+    assert prefix_rows[0] == 3  # prompt a, prompt b, the negative
+    for i in range(2):
+        alone = model.inverse(z[i : i + 1], text[i : i + 1], negatives[i : i + 1], guidance_scale=3.0)
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=0)
+    assert (batched[0] - batched[1]).abs().max() > 1e-4
+
+
 def test_a_span_without_cache_runs_the_prefix_once_and_matches_the_forward_pass():
     """The cache-less span (the Newton sampler's passes) also sends each distinct text row through the prefix once,
     and predicts what the forward pass computes from the whole sequence, every row with its own text."""

@@ -219,6 +219,13 @@ def test_bad_latents_and_generators(pipe):
         pipe(latents=torch.zeros(2, 16, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"got a list of 2 generators for 3 images; pass one generator per image"):
         pipe(class_labels=[0, 1, 2], generator=generators(0, 1))
+    for bad in ([0], 0, [torch.Generator(), "seed"], []):
+        with pytest.raises(
+            ValueError, match=r"generator must be a torch.Generator or a list of them \(one per image\)"
+        ):
+            pipe(class_labels=[0], generator=bad)
+    seeded = pipe(class_labels=[0], generator=(torch.Generator().manual_seed(1),), output_type="pt").images  # a tuple
+    torch.testing.assert_close(seeded, pipe(class_labels=[0], generator=generators(1), output_type="pt").images)
 
 
 # ------------------------------------------------------------------------------------------ guidance, sampler

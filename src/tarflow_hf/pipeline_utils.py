@@ -123,25 +123,34 @@ def check_latents(latents: Any, shape: Sequence[int | None], describe: str) -> t
     return latents
 
 
-def _check_generators(generator: Generator, count: int) -> None:
-    if isinstance(generator, list) and len(generator) != count:
+def _checked_generators(generator: Generator, count: int) -> Generator:
+    """`generator` checked (a torch.Generator, a list of one per image, or None); a tuple becomes a list."""
+    generators = list(generator) if isinstance(generator, list | tuple) else [generator]
+    bad = next((g for g in generators if not isinstance(g, torch.Generator)), None)
+    if generator is not None and (bad is not None or not generators):
         raise ValueError(
-            f"got a list of {len(generator)} generators for {count} images; pass one generator per image "
+            f"generator must be a torch.Generator or a list of them (one per image), got {bad!r} in it; seed one "
+            "with torch.Generator().manual_seed(seed)"
+        )
+    if isinstance(generator, list | tuple) and len(generators) != count:
+        raise ValueError(
+            f"got a list of {len(generators)} generators for {count} images; pass one generator per image "
             "(or a single generator)"
         )
+    return generators if isinstance(generator, list | tuple) else generator
 
 
 def normal_noise(shape: Sequence[int], generator: Generator, device: torch.device) -> torch.Tensor:
     """Standard normal float32 noise as diffusers' `randn_tensor` draws it: on the generator's device, one generator
     per image when a list is given (so a seed gives the same image in any batch)."""
-    _check_generators(generator, shape[0])
+    generator = _checked_generators(generator, shape[0])
     return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
 
 
 def uniform_noise(shape: torch.Size, generator: Generator) -> torch.Tensor:
     """U[0, 1) float32 noise drawn on the generator's device and returned on the CPU; one generator per image when a
     list is given (as `normal_noise`)."""
-    _check_generators(generator, shape[0])
+    generator = _checked_generators(generator, shape[0])
     if isinstance(generator, list):
         return torch.cat(
             [torch.rand((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).cpu() for g in generator]
