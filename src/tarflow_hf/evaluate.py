@@ -27,6 +27,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -331,34 +332,69 @@ def _selected_metrics(args: argparse.Namespace) -> list[str]:
     return chosen
 
 
+@dataclass
+class Evaluation:
+    """What every metric of one `evaluate` run reads: the arguments, the model, the processes."""
+
+    args: argparse.Namespace
+    model: TarFlowModel
+    accelerator: Any
+    guidance_scale: float
+    classifier: Any = None  # the digit judge of the accuracy metric, loaded and checked before any metric runs
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def load_split(self, split: str) -> Any:
+        """A split of `--dataset` at the model's image size and channels."""
+        from .data import load_image_dataset
+
+        config, args = self.config, self.args
+        return load_image_dataset(args.dataset, split, config.image_size, config.num_channels, args.data_dir)
+
+    def sample(self, labels: torch.Tensor | None, count: int, seed: int) -> torch.Tensor:
+        """`count` samples from `seed`, with the guidance, denoising and batch size of the arguments."""
+        args = self.args
+        return generate(
+            self.model,
+            labels,
+            count,
+            seed,
+            guidance_scale=self.guidance_scale,
+            guidance_rule=args.guidance_rule,
+            denoise=not args.no_denoise,
+            batch_size=args.batch_size,
+            accelerator=self.accelerator,
+        )
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Compute the requested metrics; returns the JSON-ready dict (main process has the full result)."""
     from accelerate import Accelerator
 
-    from .data import load_image_dataset
+    from .registry import AutoFlowPipeline, loading_progress_bars
+    from .training.setup import use_cpu
 
     chosen = _selected_metrics(args)
     _check_arguments(args, chosen)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     set_progress(not getattr(args, "quiet", False))
-    from .registry import AutoFlowPipeline, loading_progress_bars
-    from .training.setup import use_cpu
-
     accelerator = Accelerator(cpu=use_cpu(False))
     with loading_progress_bars(enabled=not getattr(args, "quiet", False)):
         model: TarFlowModel = AutoFlowPipeline.from_pretrained(args.model, dtype=torch.float32).transformer
     model = model.float().to(accelerator.device).eval()
     config = model.config
-    classifier = None
+    guidance = config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    run = Evaluation(args, model, accelerator, guidance)
     if "accuracy" in chosen:
-        if not config.num_classes:
-            raise ValueError("class-consistency accuracy needs a class-conditional model (num_classes > 0)")
         from .classifier import load_classifier
 
-        classifier = load_classifier(args.classifier)
-        _check_classifier(classifier, config, args.classifier)
-    guidance = config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+        if not config.num_classes:
+            raise ValueError("class-consistency accuracy needs a class-conditional model (num_classes > 0)")
+        run.classifier = load_classifier(args.classifier)
+        _check_classifier(run.classifier, config, args.classifier)
     results: dict = {
         "model": str(args.model),
         "num_processes": accelerator.num_processes,
@@ -367,78 +403,67 @@ def evaluate(args: argparse.Namespace) -> dict:
         "denoise": not args.no_denoise and config.noise_std > 0,
         "trained_noise_std": config.noise_std,
     }
-
-    def load_split(split: str):
-        """A split of `--dataset` at the model's image size and channels."""
-        return load_image_dataset(args.dataset, split, config.image_size, config.num_channels, args.data_dir)
-
-    def sample(labels: torch.Tensor | None, count: int, seed: int) -> torch.Tensor:
-        """`count` samples from `seed`, with the guidance, denoising and batch size of the arguments."""
-        return generate(
-            model,
-            labels,
-            count,
-            seed,
-            guidance_scale=guidance,
-            guidance_rule=args.guidance_rule,
-            denoise=not args.no_denoise,
-            batch_size=args.batch_size,
-            accelerator=accelerator,
-        )
-
     dataset = None
     if args.dataset:
-        dataset = load_split(args.split)
+        dataset = run.load_split(args.split)
         results.update(dataset=args.dataset, split=args.split)
     timings = {}
-    if "bpd" in chosen:
-        start = time.time()
-        for noise in [n.strip() for n in args.bpd_noise.split(",") if n.strip()]:
-            key = "bits_per_dim" if noise == "uniform" else f"bits_per_dim_{noise}_noise"
-            results[key] = bits_per_dim(
-                model,
-                dataset,
-                noise,
-                args.batch_size,
-                args.bpd_max_images,
-                not args.bpd_unconditional,
-                args.seed,
-                accelerator,
-            )
-        results["bpd_images"] = min(len(dataset), args.bpd_max_images or len(dataset))
-        results["bpd_conditional"] = config.num_classes > 0 and not args.bpd_unconditional
-        timings["bpd_s"] = round(time.time() - start, 1)
-    if "fid" in chosen:
-        start = time.time()
-        features = InceptionFeatures()
-        reference_count = min(len(dataset), args.fid_reference_images or len(dataset))
-        reference = reference_statistics(dataset, reference_count, features, args.fid_stats_cache, accelerator)
-        if args.fid_real_split:
-            real = load_split(args.fid_real_split)
-            samples = _dataset_uint8(real, min(args.num_samples, len(real)), accelerator)
-            results["fid_real_split"] = args.fid_real_split
-        else:
-            labels = None
-            if config.num_classes:
-                labels = torch.arange(args.num_samples) % config.num_classes  # balanced classes
-            samples = sample(labels, args.num_samples, args.seed)
-        results["fid"] = fid(samples, reference, features, accelerator)
-        results.update(fid_samples=args.num_samples, fid_reference_images=reference_count)
-        timings["fid_s"] = round(time.time() - start, 1)
-    if "accuracy" in chosen:
-        start = time.time()
-        labels = balanced_labels(config.num_classes, args.samples_per_class)
-        samples = sample(labels, len(labels), args.seed + 1)
-        consistency = class_consistency(classifier, samples, labels)
-        results["class_accuracy"] = consistency["accuracy"]
-        results["class_accuracy_per_class"] = consistency["per_class"]
-        results["accuracy_samples"] = len(labels)
-        results["classifier"] = str(args.classifier)
-        timings["accuracy_s"] = round(time.time() - start, 1)
-        if args.save_samples and accelerator.is_main_process:
-            _save_grid(samples, config.num_classes, args.samples_per_class, Path(args.save_samples))
+    for metric, compute in (("bpd", _bpd_results), ("fid", _fid_results), ("accuracy", _accuracy_results)):
+        if metric in chosen:
+            start = time.time()
+            results.update(compute(run, dataset))
+            timings[f"{metric}_s"] = round(time.time() - start, 1)
     results["timings"] = timings
     return results
+
+
+def _bpd_results(run: Evaluation, dataset: Any) -> dict:
+    args, config = run.args, run.config
+    results = {}
+    for noise in [n.strip() for n in args.bpd_noise.split(",") if n.strip()]:
+        key = "bits_per_dim" if noise == "uniform" else f"bits_per_dim_{noise}_noise"
+        conditional = not args.bpd_unconditional
+        results[key] = bits_per_dim(
+            run.model, dataset, noise, args.batch_size, args.bpd_max_images, conditional, args.seed, run.accelerator
+        )
+    results["bpd_images"] = min(len(dataset), args.bpd_max_images or len(dataset))
+    results["bpd_conditional"] = config.num_classes > 0 and not args.bpd_unconditional
+    return results
+
+
+def _fid_results(run: Evaluation, dataset: Any) -> dict:
+    args, config, accelerator = run.args, run.config, run.accelerator
+    features = InceptionFeatures()
+    reference_count = min(len(dataset), args.fid_reference_images or len(dataset))
+    reference = reference_statistics(dataset, reference_count, features, args.fid_stats_cache, accelerator)
+    results: dict = {}
+    if args.fid_real_split:
+        real = run.load_split(args.fid_real_split)
+        samples = _dataset_uint8(real, min(args.num_samples, len(real)), accelerator)
+        results["fid_real_split"] = args.fid_real_split
+    else:
+        labels = None
+        if config.num_classes:
+            labels = torch.arange(args.num_samples) % config.num_classes  # balanced classes
+        samples = run.sample(labels, args.num_samples, args.seed)
+    results["fid"] = fid(samples, reference, features, accelerator)
+    results.update(fid_samples=args.num_samples, fid_reference_images=reference_count)
+    return results
+
+
+def _accuracy_results(run: Evaluation, dataset: Any) -> dict:
+    args, config = run.args, run.config
+    labels = balanced_labels(config.num_classes, args.samples_per_class)
+    samples = run.sample(labels, len(labels), args.seed + 1)
+    consistency = class_consistency(run.classifier, samples, labels)
+    if args.save_samples and run.accelerator.is_main_process:
+        _save_grid(samples, config.num_classes, args.samples_per_class, Path(args.save_samples))
+    return {
+        "class_accuracy": consistency["accuracy"],
+        "class_accuracy_per_class": consistency["per_class"],
+        "accuracy_samples": len(labels),
+        "classifier": str(args.classifier),
+    }
 
 
 def _check_arguments(args: argparse.Namespace, chosen: list[str]) -> None:

@@ -214,6 +214,21 @@ def causal_attention(
     return weights @ value, weights if output_attentions else None
 
 
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct rows of `rows` along dim 0, in order of first appearance; the index of each row's distinct row).
+    Plain row-by-row comparisons, which every device runs (`torch.unique(dim=0)` would sort); a batch has few
+    rows."""
+    firsts: list[int] = []
+    row_of = []
+    for i, row in enumerate(rows):
+        match = next((k for k, j in enumerate(firsts) if torch.equal(row, rows[j])), None)
+        if match is None:
+            match = len(firsts)
+            firsts.append(i)
+        row_of.append(match)
+    return rows[firsts], torch.tensor(row_of, device=rows.device)
+
+
 def layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm in float32 whatever the autocast dtype, as Apple's code computes it (float64 is left alone, for
     exact checks); the affine parameters go up too, so that half-precision weights work on every device."""
@@ -261,6 +276,7 @@ __all__ = [
     "at_least_fp32",
     "causal_attention",
     "check_attention_implementation",
+    "distinct_rows",
     "grouped_causal_attention",
     "init_torch_defaults",
     "layer_norm_fp32",

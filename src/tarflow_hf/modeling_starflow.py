@@ -5,11 +5,8 @@ each block reads the tokens in its own order (even blocks reversed, odd blocks a
 learnt start-of-sequence token, and maps token s_t to z_t = (s_t - b_t) / scale_t, where (a_t, b_t) come from a
 causal transformer over the tokens before t and scale_t = softplus(a_t + log(e - 1)) after a soft clip. The last,
 "deep" block is wider and deeper and reads the text embeddings as a causal prefix. Positions enter only through a
-3-axis rotary embedding (image row, image column, text index), scaled so that any latent size works.
-
-The arithmetic follows apple/ml-starflow (`transformer_flow.py`, `misc/pe.py`) operation for operation, so
-converted checkpoints give Apple's numbers: see `tests/fixtures/starflow/README.md` for the step-by-step
-description this port was checked against.
+3-axis rotary embedding (`rotary_starflow.py`). The arithmetic follows apple/ml-starflow (`transformer_flow.py`)
+operation for operation, so converted checkpoints give Apple's numbers (`tests/fixtures/starflow/README.md`).
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 
 from .configuration_starflow import StarFlowConfig
 from .guidance import Guidance, GuidanceRule, check_positive_number, guide
@@ -34,13 +31,13 @@ from .layers import (
     FlowMLP,
     KVCache,
     check_attention_implementation,
+    distinct_rows,
     grouped_causal_attention,
     init_torch_defaults,
     layer_norm_fp32,
 )
+from .rotary_starflow import RotaryTable, apply_rope
 from .samplers import FlowSampler, SamplingStats, get_sampler
-
-logger = logging.get_logger(__name__)
 
 # Apple's INV_SOFTPLUS_1 = log(e - 1): softplus(0 + INV_SOFTPLUS_1) = 1, so a zero output is the identity map.
 INV_SOFTPLUS_1 = 0.541324854612918
@@ -90,65 +87,6 @@ class StarFlowOutput(ModelOutput):
     block_logdets: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     text_hidden_states: torch.Tensor | None = None
-
-
-# ------------------------------------------------------------------------------------------------- RoPE
-def rope_angles(config: StarFlowConfig, height: int, width: int, text_length: int) -> torch.Tensor:
-    """Rotary angles (text_length + height * width, head_dim / 2) in float32, one per interleaved pair of a head's
-    channels, text positions first.
-
-    Apple's `get_positions` + `VisionRotaryEmbeddingFast`: image token (i, j) of an h x w grid sits at
-    (i * P / sqrt(hw), j * P / sqrt(hw), 0) with P the training grid side, so the training size gives integer
-    positions and other sizes (also non-square) cover the same range; text token k sits at (0, 0, k * P / L). The
-    two image axes share `rope_spatial_frequencies` frequencies 1 / theta^(2k / d); the text axis has 8
-    frequencies 1 / theta^(k / 8) (step 1, not 2: Apple's choice)."""
-    spatial_dim = 2 * config.rope_spatial_frequencies
-    grid = config.grid_size
-    spatial = 1.0 / (config.rope_theta ** (torch.arange(0, spatial_dim, 2)[: spatial_dim // 2].float() / spatial_dim))
-    mean_length = math.sqrt(height * width)
-    rows = torch.arange(height) / mean_length * grid
-    cols = torch.arange(width) / mean_length * grid
-    rows, cols = (axis.reshape(-1) for axis in torch.meshgrid(rows, cols, indexing="ij"))
-    parts = []
-    if config.has_text:
-        text_dim = config.rope_text_frequencies
-        text_frequencies = 1.0 / (config.rope_theta ** (torch.arange(0, text_dim).float() / text_dim))
-        text = torch.arange(text_length) / max(text_length, 1) * grid
-        zeros = torch.zeros(text_length)
-        rows, cols = torch.cat([zeros, rows]), torch.cat([zeros, cols])
-        depth = torch.cat([text, torch.zeros(height * width)])
-        parts = [torch.outer(depth, text_frequencies)]
-    return torch.cat([torch.outer(rows, spatial), torch.outer(cols, spatial), *parts], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x_2m, x_2m+1) of (B, heads, L, head_dim) by the angles of (L, head_dim / 2), given
-    as the unit complex numbers `rotation`: (x_2m + i x_2m+1) * e^(i angle), one complex product per pair, in
-    float32 at least (Apple's x * cos + rotate_half(x) * sin, to float32 rounding)."""
-    up = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pairs = torch.view_as_complex(x.to(up).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
-
-
-@dataclass
-class RotaryTable:
-    """The rotary angles of every sequence position of a block (text prefix first), as unit complex numbers
-    (L, head_dim / 2) (`apply_rope`)."""
-
-    rotation: torch.Tensor
-
-    @classmethod
-    def build(cls, config: StarFlowConfig, height: int, width: int, text_length: int, device, dtype) -> RotaryTable:
-        angles = rope_angles(config, height, width, text_length).to(device)
-        angles = angles.double() if dtype == torch.float64 else angles
-        return cls(torch.polar(torch.ones_like(angles), angles))
-
-    def rows(self, start: int, length: int) -> torch.Tensor:
-        return self.rotation[start : start + length]
-
-    def tail(self, length: int) -> RotaryTable:
-        """The last `length` positions: the image part, for a block without the text prefix."""
-        return RotaryTable(self.rotation[-length:])
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
@@ -258,21 +196,6 @@ class StarFlowCondition:
             grouped = text.view(self.branches, text.shape[0] // self.branches, *text.shape[1:])
             text = grouped.repeat_interleave(copies, dim=1).flatten(0, 1)
         return StarFlowCondition(text, self.rope, self.num_tokens, self.guidance, self.temperatures)
-
-
-def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the distinct rows of `rows` along dim 0, in order of first appearance; the index of each row's distinct row).
-    Plain row-by-row comparisons, which every device runs (`torch.unique(dim=0)` would sort); a batch has few
-    rows."""
-    firsts: list[int] = []
-    row_of = []
-    for i, row in enumerate(rows):
-        match = next((k for k, j in enumerate(firsts) if torch.equal(row, rows[j])), None)
-        if match is None:
-            match = len(firsts)
-            firsts.append(i)
-        row_of.append(match)
-    return rows[firsts], torch.tensor(row_of, device=rows.device)
 
 
 # ----------------------------------------------------------------------------------------------- block
@@ -420,16 +343,49 @@ class StarFlowBlock(nn.Module):
         return guide(condition.guidance, torch.log(scale), shift, weight)
 
 
-# ------------------------------------------------------------------------------------------------- text
-def encode_prompt_embeddings(
-    text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """The text embeddings STARFlow reads (Apple's `utils.encode_text`): the T5 encoder's last hidden state for
-    `input_ids` and `attention_mask` (tokenised with `padding="max_length", truncation=True, max_length=
-    max_text_length`), multiplied by the mask so that padding rows are zero. The flow itself takes no mask: it
-    attends to the zeroed rows too, as Apple's does."""
-    hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden * attention_mask[..., None].to(hidden.dtype)
+# ------------------------------------------------------------------------------------------------ inputs
+def check_latents(config: StarFlowConfig, latents: Any, name: str) -> None:
+    """Latents (B, C, H, W), floating point, on the patch grid; a one-line `ValueError` naming `name` otherwise."""
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != config.in_channels:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"{name} must have shape (batch, {config.in_channels}, height, width), got {got}")
+    height, width = latents.shape[2:]
+    p = config.patch_size
+    if height < p or width < p or height % p or width % p:
+        raise ValueError(
+            f"{name} is {height}x{width}, which is not on the patch grid: height and width must be positive "
+            f"multiples of patch_size={p}"
+        )
+    if not latents.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {latents.dtype}")
+    if latents.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(latents.shape)}); pass at least one latent")
+
+
+def check_text(config: StarFlowConfig, text: Any, batch: int, name: str) -> torch.Tensor | None:
+    """Text embeddings (B, L, text_hidden_size), None for an unconditional model; one row is broadcast to the
+    batch."""
+    if not config.has_text:
+        if text is not None:
+            raise ValueError(f"this model is unconditional (text_hidden_size=0); pass {name}=None")
+        return None
+    if text is None:
+        raise ValueError(
+            f"this model reads text: pass {name} of shape (batch, text_length, {config.text_hidden_size}), the "
+            "text encoder's masked last hidden state (for the unconditional branch, the empty prompt's)"
+        )
+    if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != config.text_hidden_size:
+        got = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+        raise ValueError(
+            f"{name} must have shape (batch, text_length, {config.text_hidden_size}) (text_hidden_size), got {got}"
+        )
+    if text.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one text token, got length 0")
+    if text.shape[0] == 1 and batch != 1:
+        text = text.expand(batch, -1, -1)
+    if text.shape[0] != batch:
+        raise ValueError(f"{name} has {text.shape[0]} rows for a batch of {batch}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -513,47 +469,9 @@ class StarFlowModel(StarFlowPreTrainedModel):
         p, c = self.config.patch_size, self.config.in_channels
         return grid.reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
 
-    def _check_latents(self, latents: torch.Tensor, name: str) -> None:
-        cfg = self.config
-        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != cfg.in_channels:
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"{name} must have shape (batch, {cfg.in_channels}, height, width), got {got}")
-        height, width = latents.shape[2:]
-        p = cfg.patch_size
-        if height < p or width < p or height % p or width % p:
-            raise ValueError(
-                f"{name} is {height}x{width}, which is not on the patch grid: height and width must be positive "
-                f"multiples of patch_size={p}"
-            )
-        if not latents.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {latents.dtype}")
-        if latents.shape[0] == 0:
-            raise ValueError(f"{name} is an empty batch (shape {tuple(latents.shape)}); pass at least one latent")
-
-    def _check_text(self, text: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
-        """Text embeddings (B, L, text_hidden_size) on the model's device; one row is broadcast to the batch."""
-        cfg = self.config
-        if not cfg.has_text:
-            if text is not None:
-                raise ValueError(f"this model is unconditional (text_hidden_size=0); pass {name}=None")
-            return None
-        if text is None:
-            raise ValueError(
-                f"this model reads text: pass {name} of shape (batch, text_length, {cfg.text_hidden_size}), the "
-                "text encoder's masked last hidden state (for the unconditional branch, the empty prompt's)"
-            )
-        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != cfg.text_hidden_size:
-            got = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
-            raise ValueError(
-                f"{name} must have shape (batch, text_length, {cfg.text_hidden_size}) (text_hidden_size), got {got}"
-            )
-        if text.shape[1] < 1:
-            raise ValueError(f"{name} must hold at least one text token, got length 0")
-        if text.shape[0] == 1 and batch != 1:
-            text = text.expand(batch, -1, -1)
-        if text.shape[0] != batch:
-            raise ValueError(f"{name} has {text.shape[0]} rows for a batch of {batch}")
-        return text.to(device=self.device)
+    def _text(self, text: Any, batch: int, name: str) -> torch.Tensor | None:
+        text = check_text(self.config, text, batch, name)
+        return None if text is None else text.to(self.device)
 
     def _rope_table(self, height: int, width: int, text_length: int, dtype: torch.dtype) -> RotaryTable:
         p = self.config.patch_size
@@ -583,9 +501,9 @@ class StarFlowModel(StarFlowPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_latents(pixel_values, "pixel_values")
+        check_latents(self.config, pixel_values, "pixel_values")
         batch, _, height, width = pixel_values.shape
-        text = self._check_text(encoder_hidden_states, batch, "encoder_hidden_states")
+        text = self._text(encoder_hidden_states, batch, "encoder_hidden_states")
         dtype = self.blocks[0].proj_in.weight.dtype
         grid = self.patchify(pixel_values.to(device=self.device, dtype=dtype))
         grid_h, grid_w = grid.shape[1:3]
@@ -668,7 +586,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
             `torch.Tensor` of shape `(batch_size, in_channels, height, width)`: latents x (raw: neither clipped nor
             denoised), and the statistics when `return_stats`.
         """
-        self._check_latents(latents, "latents")
+        check_latents(self.config, latents, "latents")
         batch, _, height, width = latents.shape
         scale = guidance_scale(0) if callable(guidance_scale) else guidance_scale  # the deep block is step 0
         guidance = Guidance(scale, GuidanceRule.parse(guidance_rule, self.config.default_guidance_rule))
@@ -699,7 +617,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 None if callback is None else callback(step, self.unpatchify(tokens.unflatten(1, (grid_h, grid_w))))
             )
             if replaced is not None:
-                self._check_latents(replaced, "latents returned by the callback")
+                check_latents(self.config, replaced, "latents returned by the callback")
                 tokens = self.patchify(replaced.to(tokens)).flatten(1, 2)
         if not torch.isfinite(tokens).all():
             raise FloatingPointError(
@@ -713,7 +631,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         self, text: torch.Tensor | None, negative: torch.Tensor | None, guidance: Guidance, batch: int
     ) -> torch.Tensor | None:
         """The deep block's text rows: the prompts' (B rows), or with guidance [prompts; negative prompts] (2B)."""
-        text = self._check_text(text, batch, "encoder_hidden_states")
+        text = self._text(text, batch, "encoder_hidden_states")
         if not guidance.active:
             if negative is not None:
                 raise ValueError("negative_encoder_hidden_states is only used with guidance_scale != 1")
@@ -725,7 +643,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 "guidance_scale != 1 needs negative_encoder_hidden_states (Apple's: the text encoder's embedding of "
                 "the empty prompt)"
             )
-        negative = self._check_text(negative, batch, "negative_encoder_hidden_states")
+        negative = self._text(negative, batch, "negative_encoder_hidden_states")
         if negative.shape[1] != text.shape[1]:
             raise ValueError(
                 f"negative_encoder_hidden_states has {negative.shape[1]} text tokens but encoder_hidden_states "
@@ -752,8 +670,8 @@ class StarFlowModel(StarFlowPreTrainedModel):
             raise ValueError(f"noise_std must be a finite number >= 0, got {sigma!r}")
         if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
             raise ValueError(f"strength must be a finite number, got {strength!r}")
-        self._check_latents(latents, "latents")
-        text = self._check_text(encoder_hidden_states, latents.shape[0], "encoder_hidden_states")
+        check_latents(self.config, latents, "latents")
+        text = self._text(encoder_hidden_states, latents.shape[0], "encoder_hidden_states")
         outputs = []
         for i in range(latents.shape[0]):
             # Inference mode (a caller's `torch.inference_mode()`) would make the step's gradient impossible.
@@ -765,4 +683,4 @@ class StarFlowModel(StarFlowPreTrainedModel):
         return torch.cat(outputs)
 
 
-__all__ = ["StarFlowConfig", "StarFlowModel", "StarFlowOutput", "StarFlowPreTrainedModel", "encode_prompt_embeddings"]
+__all__ = ["StarFlowConfig", "StarFlowModel", "StarFlowOutput", "StarFlowPreTrainedModel"]

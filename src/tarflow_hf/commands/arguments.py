@@ -49,6 +49,12 @@ def _option(group: argparse._ArgumentGroup, flag: str, kind: Any, default: Any, 
 
 def train(parser: argparse.ArgumentParser) -> None:
     """`tarflow-hf train`. Every option's help shows its default; numbers are checked as they are parsed."""
+    for add_group in (_train_data, _train_model, _train_recipe, _train_output):
+        add_group(parser)
+
+
+def _train_data(parser: argparse.ArgumentParser) -> None:
+    """What to train on."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
@@ -72,6 +78,9 @@ def train(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--unconditional", action="store_true", help="ignore the labels: train num_classes=0")
     _option(data, "--caption-column", None, "text", "STARFlow: the captions' column")
 
+
+def _train_model(parser: argparse.ArgumentParser) -> None:
+    """A new model's size, or the model to fine-tune."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--init-from",
@@ -97,6 +106,9 @@ def train(parser: argparse.ArgumentParser) -> None:
         "--no-nvp", action="store_true", help="new model: volume-preserving flow (shift only, learned prior variance)"
     )
 
+
+def _train_recipe(parser: argparse.ArgumentParser) -> None:
+    """The optimisation: Apple's recipe, with its defaults."""
     recipe = parser.add_argument_group("recipe")
     _option(recipe, "--batch-size", positive_int, 128, "global batch per optimizer step")
     _option(recipe, "--gradient-accumulation-steps", positive_int, 1)
@@ -169,6 +181,9 @@ def train(parser: argparse.ArgumentParser) -> None:
         "with --init-from the model's own)",
     )
 
+
+def _train_output(parser: argparse.ArgumentParser) -> None:
+    """Where results go: checkpoints, samples, the pipeline folder, the Hub."""
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", required=True, help="run folder: checkpoints/, samples/, metrics.jsonl, model/")
     out.add_argument(
@@ -431,6 +446,11 @@ def sample(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="images sampled at once (default: 16); bounds memory, the images do not depend on it",
     )
+    _sample_settings(parser)
+
+
+def _sample_settings(parser: argparse.ArgumentParser) -> None:
+    """How to sample (guidance, sampler, denoising, seed) and where the images go."""
     parser.add_argument(
         "--guidance-scale",
         metavar="W",
