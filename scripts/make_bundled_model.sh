@@ -27,7 +27,7 @@ export OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE
 run_stage() { [[ $STAGE == all || $STAGE == "$1" ]]; }
 
 if run_stage train; then
-  nice -n 10 python -m tarflow_hf.train \
+  nice -n 10 python -m tarflow_hf train \
     --dataset mnist --output-dir "$RUN_DIR" --resume latest \
     --patch-size 4 --hidden-size 128 --num-blocks 4 --layers-per-block 2 --head-dim 64 \
     --batch-size 64 --lr 1.5e-3 --warmup-steps 200 --max-steps 5000 --max-grad-norm 1.0 \
@@ -42,7 +42,7 @@ if run_stage classifier; then
 fi
 
 evaluate() {
-  nice -n 5 python -m tarflow_hf.evaluate "$RUN_DIR/model" --torch-threads 2 "$@"
+  nice -n 5 python -m tarflow_hf evaluate "$RUN_DIR/model" --torch-threads 2 "$@"
 }
 
 if run_stage sweep; then
@@ -51,7 +51,7 @@ if run_stage sweep; then
     "6.0 linear"; do
     read -r scale schedule <<<"$setting"
     evaluate --metrics accuracy --classifier "$CLASSIFIER_DIR" --samples-per-class 100 --seed 100 \
-      --guidance-scale "$scale" --guidance-schedule "$schedule" \
+      --guidance-scale "$scale" --guidance-rule "extrapolate:schedule=$schedule" \
       --output "$RUN_DIR/eval/sweep_${scale}_${schedule}.json"
   done
 fi
