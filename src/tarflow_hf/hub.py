@@ -606,6 +606,51 @@ def _model_usage(model: Any, name: str, with_code: bool) -> str:
     return "\n".join(["## Usage", "", *installed, *(["", *remote, fence] if with_code else [])])
 
 
+def lora_card(
+    model: Any,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    datasets: str | list[str] | None = None,
+    training: TrainingInfo | None = None,
+) -> ModelCard:
+    """The card of a LoRA adapter of `model` (a TarFlow or STARFlow model holding one PEFT adapter) in diffusers'
+    format: metadata as diffusers' LoRA cards have it (`library_name: diffusers`, the `lora` tag, `base_model`: the
+    pipeline adapted), rank, alpha and layers, and how to load it (`repo_id`: where the adapter is)."""
+    family = family_of_model(model)
+    if family is None or len(getattr(model, "peft_config", None) or {}) != 1:
+        raise ValueError(f"{type(model).__name__} is not a TarFlow or STARFlow model holding one LoRA adapter")
+    (config,) = model.peft_config.values()
+    weights, license_metadata = family.weights_license, {"license": license or "other"}
+    if weights and license == weights.id:
+        license_metadata = {"license": "other", "license_name": weights.id, "license_link": weights.link}
+    card_data = ModelCardData(
+        library_name="diffusers",
+        **license_metadata,
+        pipeline_tag=family.pipeline_tag,
+        base_model=_portable_list(base_model),
+        datasets=_portable_list(datasets),
+        tags=["lora", *family.tags, "normalizing-flow", "diffusers", "pytorch"],
+    )
+    size = sum(parameter.numel() for name, parameter in model.named_parameters() if ".lora_" in name)
+    layers = ", ".join(sorted(config.target_modules))
+    rows = [("rank", config.r), ("alpha", config.lora_alpha), ("adapted layers", layers), ("parameters", f"{size:,}")]
+    cls, base, fence = family.pipeline_class_name, base_model or "path/to/the/base/pipeline", "```"
+    where = display_name(repo_id) if repo_id else "path/to/this/folder"
+    usage = [f"{fence}python", f"from {PACKAGE} import {cls}", "", f'pipe = {cls}.from_pretrained("{base}")']
+    usage += [f'pipe.load_lora_weights("{where}", adapter_name="lora")', fence]
+    body = [
+        CARD_MARKER,
+        f"# {family.title} LoRA",
+        f"A LoRA adapter of the {family.title} pipeline `{base}`, made with tarflow-hf, in diffusers' format "
+        "(`pytorch_lora_weights.safetensors`): `load_lora_weights`, `set_adapters`, `fuse_lora` work as in diffusers.",
+        "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows),
+        "## Usage\n\n" + "\n".join(usage),
+        _wrap("training", _training_section(training)) if training else "",
+    ]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(part for part in body if part) + "\n")
+
+
 # ------------------------------------------------------------------------------------- no local paths
 def portable(value: Any) -> Any:
     """`value` with every absolute local path replaced by its last component (a local dataset by its folder
@@ -641,6 +686,7 @@ __all__ = [
     "display_name",
     "hub_id",
     "is_generated_card",
+    "lora_card",
     "model_card",
     "model_folder_card",
     "module_files",

@@ -14,7 +14,14 @@ from typing import Any
 
 from ..labels import LABEL_CHOICES
 from ..registry import APPLE_TARFLOW_CHANNELS, APPLE_TARFLOW_FILE_NAME, STARFLOW_TEXT_ENCODER, STARFLOW_VAE
-from ..training.defaults import FINE_TUNE_LR, NEW_MODEL_DEFAULTS, TRAIN_LR, TRAIN_NOISE_STD, WARMUP_PERCENT
+from ..training.defaults import (
+    FINE_TUNE_LR,
+    LORA_TARGET_MODULES,
+    NEW_MODEL_DEFAULTS,
+    TRAIN_LR,
+    TRAIN_NOISE_STD,
+    WARMUP_PERCENT,
+)
 
 # `tarflow-hf sample --dtype`: names of torch dtypes (the sub-command maps them).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -49,7 +56,7 @@ def _option(group: argparse._ArgumentGroup, flag: str, kind: Any, default: Any, 
 
 def train(parser: argparse.ArgumentParser) -> None:
     """`tarflow-hf train`. Every option's help shows its default; numbers are checked as they are parsed."""
-    for add_group in (_train_data, _train_model, _train_recipe, _train_output):
+    for add_group in (_train_data, _train_model, _train_recipe, _train_lora, _train_output):
         add_group(parser)
 
 
@@ -179,6 +186,33 @@ def _train_recipe(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="guidance a pipeline uses when none is given, stored in the config (default: 1.0 for a new model; "
         "with --init-from the model's own)",
+    )
+
+
+def _train_lora(parser: argparse.ArgumentParser) -> None:
+    """LoRA fine-tuning: an adapter trains, the pretrained weights stay as they are."""
+    lora = parser.add_argument_group("LoRA (with --init-from)")
+    lora.add_argument(
+        "--lora-rank",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="train a LoRA adapter of rank R instead of all the weights; only the adapter is written "
+        "(model/pytorch_lora_weights.safetensors, as diffusers names it) and uploaded (default: no LoRA)",
+    )
+    lora.add_argument(
+        "--lora-alpha",
+        type=positive_float,
+        default=None,
+        metavar="A",
+        help="LoRA scale numerator: the update is A / R * B @ A_lora (default: R, a scale of 1)",
+    )
+    lora.add_argument(
+        "--lora-target-modules",
+        default=None,
+        metavar="NAMES",
+        help="comma list of the linear layers to adapt, by name (default: "
+        f"{','.join(LORA_TARGET_MODULES)}: attention projections and MLP layers of every flow block)",
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..fileio import clean_stale_temporaries, write_text_atomic
-from ..registry import is_flow_folder
+from .adapter import is_model_folder
 from .checkpoints import checkpoint_step, list_checkpoints
 from .layout import (
     CHECKPOINT_NAME,
@@ -87,9 +87,9 @@ def recipe_differs(path: Path, recipe: dict[str, Any]) -> bool:
 
 
 def check_model_dir(output_dir: Path) -> None:
-    """OUTPUT/model, which the run writes at its end, is found now if it is not a pipeline folder of ours."""
+    """OUTPUT/model, which the run writes at its end, is found now if it is not a pipeline (or LoRA) folder of ours."""
     model_dir = output_dir / MODEL_DIR
-    if (model_dir.exists() or model_dir.is_symlink()) and not is_flow_folder(model_dir):
+    if (model_dir.exists() or model_dir.is_symlink()) and not is_model_folder(model_dir):
         raise FileExistsError(
             f"{model_dir} exists and is not a pipeline folder tarflow-hf wrote; move it, or choose another --output-dir"
         )

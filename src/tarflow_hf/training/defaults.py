@@ -15,9 +15,13 @@ NEW_MODEL_DEFAULTS = {"patch_size": 4, "hidden_size": 128, "num_blocks": 4, "lay
 MODEL_SIZE_FLAGS = ("patch_size", "hidden_size", "num_blocks", "layers_per_block", "head_dim", "mlp_ratio")
 # Fine-tuning warms up over this percentage of the steps (a new model: one epoch, at most this percentage).
 WARMUP_PERCENT = 10
+# The layers a LoRA adapts (`--lora-target-modules`): every attention's qkv and output projections and both MLP layers,
+# in every flow block (the input, output and text projections are left alone).
+LORA_TARGET_MODULES = ("qkv", "proj", "fc1", "fc2")
 
 __all__ = [
     "FINE_TUNE_LR",
+    "LORA_TARGET_MODULES",
     "MODEL_SIZE_FLAGS",
     "NEW_MODEL_DEFAULTS",
     "TRAIN_LR",

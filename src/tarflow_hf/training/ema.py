@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..lora import loaded_adapters
 
 if TYPE_CHECKING:
     from .state import FlowModel
 
 
 class EMA:
-    """Exponential moving average of the parameters (buffers are copied), with the usual warm-up of the decay
-    `min(decay, (1 + step) / (10 + step))` so early averages are not dominated by the random initialisation."""
+    """Exponential moving average of the parameters that train (buffers are copied; frozen parameters, a LoRA run's
+    base weights, are left out), with the usual warm-up of the decay `min(decay, (1 + step) / (10 + step))` so early
+    averages are not dominated by the random initialisation."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {name: p.detach().clone().float() for name, p in model.state_dict().items()}
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        self.shadow = {name: p.detach().clone().float() for name, p in model.state_dict().items() if name not in frozen}
         self.num_updates = 0
 
     @torch.no_grad()
@@ -24,6 +29,8 @@ class EMA:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, value in model.state_dict().items():
+            if name not in self.shadow:
+                continue
             if value.is_floating_point():
                 self.shadow[name].lerp_(value.float(), 1 - decay)
             else:
@@ -56,6 +63,8 @@ def ema_model(model: FlowModel, ema: EMA | None) -> FlowModel:
     gathered copy). Every process calls it: gathering shards is collective."""
     if ema is None and not is_sharded(model):
         return model
+    if loaded_adapters(model):
+        return adapter_ema_model(model, ema)
     state = ema.shadow if ema is not None else model.state_dict()
     state = {name: full_tensor(value) for name, value in state.items()}
     with torch.device("meta"):  # no initialisation: every weight is loaded below
@@ -67,4 +76,16 @@ def ema_model(model: FlowModel, ema: EMA | None) -> FlowModel:
     return copy
 
 
-__all__ = ["EMA", "ema_model", "full_tensor", "is_sharded", "shard_like"]
+def adapter_ema_model(model: FlowModel, ema: EMA) -> FlowModel:
+    """A LoRA run's EMA model: a copy of `model` that shares its frozen weights (no second copy of a large base) and
+    holds its own adapter, with the EMA weights."""
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    average = copy.deepcopy(model, memo=shared)
+    state = {name: value.to(average.state_dict()[name].dtype) for name, value in ema.shadow.items()}
+    unexpected = average.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the EMA weights do not fit the model: {unexpected[0]}")
+    return average.eval()
+
+
+__all__ = ["EMA", "adapter_ema_model", "ema_model", "full_tensor", "is_sharded", "shard_like"]

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import dataset_summary
 from ..fileio import atomic_file, atomic_folder, write_json_atomic
-from ..registry import HUB_REPO_ID, is_flow_folder
+from ..registry import HUB_REPO_ID
+from .adapter import is_model_folder, lora_requested, save_adapter_folder
 from .layout import FINAL_GRID, MODEL_DIR, RECIPE_FILE, SAMPLES_DIR, SUMMARY_FILE
 from .metrics import log_images
 
@@ -127,19 +128,24 @@ def save_pipeline_folder(
         base_model=base_model_name(args.init_from),
         training=TrainingInfo(recipe=recipe, command=command, metrics=summary),
     )
-    with atomic_folder(target, overwrite=True, may_replace=is_flow_folder) as staging:
+    with atomic_folder(target, overwrite=True, may_replace=is_model_folder) as staging:
         pipe.save_pretrained(staging, model_card=card, overwrite_model_card=True)
     return target
 
 
 def save_final_outputs(run: Run, model: FlowModel, summary: dict[str, Any]) -> Path:
-    """Main process: the pipeline folder, then train_summary.json, then the final grid (after the folder: a
-    failing grid costs nothing)."""
+    """Main process: the pipeline folder (a LoRA run: the adapter folder), then train_summary.json, then the final
+    grid (after the folder: a failing grid costs nothing)."""
     final_dir = run.output_dir / MODEL_DIR
-    pipe = run.family.build_pipeline(model)
-    save_pipeline_folder(pipe, final_dir, run.args, run.recipe, summary, run.command, run.base_license)
+    if lora_requested(run.args):
+        base, dataset = base_model_name(run.args.init_from), dataset_name(run.args.dataset)
+        save_adapter_folder(run, model, summary, base, dataset)
+    else:
+        pipe = run.family.build_pipeline(model)
+        save_pipeline_folder(pipe, final_dir, run.args, run.recipe, summary, run.command, run.base_license)
     write_json_atomic(run.output_dir / SUMMARY_FILE, summary)
-    print(f"saved pipeline folder {final_dir} ({summary['train_wall_time_s'] / 60:.1f} min)")
+    what = "LoRA adapter" if lora_requested(run.args) else "pipeline folder"
+    print(f"saved {what} {final_dir} ({summary['train_wall_time_s'] / 60:.1f} min)")
     write_sample_grid(run, model, FINAL_GRID)
     return final_dir
 

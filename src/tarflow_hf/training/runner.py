@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .adapter import lora_requested
 from .branches import start_branch
 from .checkpoints import checkpoint_now, last_checkpoint_note, resume_training
 from .ema import ema_model
@@ -86,7 +87,8 @@ def train(args: argparse.Namespace, command: str | None = None) -> TrainResult:
         run_epochs(run)
         result = finish(run)
     if result.pipeline_dir is not None and resolved.push_to_hub and run.is_main:
-        url = push_to_hub(result.pipeline_dir, resolved.push_to_hub, resolved.hub_private, family.title)
+        title = f"{family.title} LoRA" if lora_requested(resolved) else family.title
+        url = push_to_hub(result.pipeline_dir, resolved.push_to_hub, resolved.hub_private, title)
         print(f"pushed to {url}")
     return result
 

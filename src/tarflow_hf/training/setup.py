@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import EpochShuffleSampler, dataset_summary
+from .adapter import add_training_adapter, check_lora_args, lora_requested
 from .defaults import FINE_TUNE_LR, MODEL_SIZE_FLAGS, TRAIN_LR, WARMUP_PERCENT
 from .ema import EMA
 
@@ -30,6 +31,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--replace-labels only applies with --init-from")
     if args.stop_after_steps is not None and args.max_steps is not None and args.stop_after_steps > args.max_steps:
         raise ValueError(f"--stop-after-steps {args.stop_after_steps} is beyond --max-steps {args.max_steps}")
+    check_lora_args(args)
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -72,10 +74,13 @@ def start_accelerator(args: argparse.Namespace, trackers: list[str]) -> Accelera
 
 
 def init_model(run: Run) -> None:
-    """The model to train, its data and the defaults it decides, as its family does it."""
+    """The model to train, its data and the defaults it decides, as its family does it; with `--lora-rank`, the
+    adapter that trains in it (after gradient checkpointing, which then needs no input gradients)."""
     run.family.load(run)
     if run.args.gradient_checkpointing:
         run.raw_model.gradient_checkpointing_enable()
+    if lora_requested(run.args):
+        add_training_adapter(run)
     run.raw_model.train()
 
 
@@ -102,7 +107,7 @@ def prepare_training(run: Run) -> None:
         raise ValueError(f"{dataset_summary(run.dataset)} is less than one batch of {args.batch_size}")
     run.total_steps, run.warmup_steps = schedule_lengths(args, steps_per_epoch)
     optimizer = torch.optim.AdamW(
-        run.raw_model.parameters(),
+        [parameter for parameter in run.raw_model.parameters() if parameter.requires_grad],  # a LoRA: the adapter
         lr=args.min_lr,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.weight_decay,
