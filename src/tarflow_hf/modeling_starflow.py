@@ -11,6 +11,7 @@ operation for operation, so converted checkpoints give Apple's numbers (`tests/f
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -453,6 +454,11 @@ class StarFlowModel(StarFlowPreTrainedModel):
             )
         self.blocks = nn.ModuleList(blocks)
         self.post_init()
+
+    @classmethod
+    def from_single_file(cls, checkpoint: str, **kwargs: Any) -> StarFlowModel:
+        """Apple's `.pth` as a model, without converting it (`config=` Apple's yaml): `tarflow_hf.single_file`."""
+        return importlib.import_module("tarflow_hf.single_file").load_model(cls, checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------------------- shapes & inputs
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:

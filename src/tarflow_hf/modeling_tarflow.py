@@ -11,6 +11,7 @@ computes in float32 under autocast (LayerNorm, exp), so converted checkpoints gi
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -318,6 +319,11 @@ class TarFlowModel(TarFlowPreTrainedModel):
         # Variance of the Gaussian prior per latent dimension; all ones for nvp models (Apple's `var`).
         self.register_buffer("prior_variance", torch.ones(config.num_patches, config.patch_dim))
         self.post_init()
+
+    @classmethod
+    def from_single_file(cls, checkpoint: str, **kwargs: Any) -> TarFlowModel:
+        """Apple's `.pth` as a model, without converting it (`noise_std=`, ...): `tarflow_hf.single_file`."""
+        return importlib.import_module("tarflow_hf.single_file").load_model(cls, checkpoint, **kwargs)
 
     # ----------------------------------------------------------------------------------------- shapes & inputs
     def patchify(self, images: torch.Tensor) -> torch.Tensor:

@@ -279,6 +279,11 @@ class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
             vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
         )
 
+    @classmethod
+    def from_single_file(cls, checkpoint: str, **kwargs: Any) -> StarFlowPipeline:
+        """Apple's `.pth` (and `config=` its yaml) as a pipeline, no conversion step: `tarflow_hf.single_file`."""
+        return importlib.import_module("tarflow_hf.single_file").load_pipeline(cls, checkpoint, **kwargs)
+
     # ------------------------------------------------------------------------------------------------- checks
     def check_inputs(
         self,

@@ -209,6 +209,11 @@ class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
         self.register_to_config(id2label=id2label)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
+    @classmethod
+    def from_single_file(cls, checkpoint: str, **kwargs: Any) -> TarFlowPipeline:
+        """Apple's `.pth` as a pipeline, without converting it (`noise_std=`, ...): `tarflow_hf.single_file`."""
+        return importlib.import_module("tarflow_hf.single_file").load_pipeline(cls, checkpoint, **kwargs)
+
     # ----------------------------------------------------------------------------------------------- sampling
     def check_inputs(
         self,
