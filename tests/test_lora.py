@@ -3,8 +3,8 @@ whose weights carry the LoRA update added by hand (W + alpha / r * B @ A); the f
 is exact, fusing is float rounding; every sampler and the packed-weight path; a saved folder's copy of the module works
 without tarflow_hf (and imports without peft); transformers' adapter API on the models.
 
-The pipelines get `LoraMixin` as a base in the test (`class LoraTarFlowPipeline(LoraMixin, TarFlowPipeline)`), as the
-pipeline classes will.
+The pipelines get `LoraMixin` as their first base in the test (`with_lora`), as the pipeline classes will (then they are
+used as they are).
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ TARGETS = ("qkv", "proj", "fc1", "fc2")
 LATENTS = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(0))  # tiny_config: 16 patches of 4 values
 
 
-class LoraTarFlowPipeline(LoraMixin, TarFlowPipeline):
-    pass
+def with_lora(pipeline_class: type) -> type:
+    """The pipeline class with `LoraMixin` first in its bases (the class itself once it has it)."""
+    if issubclass(pipeline_class, LoraMixin):
+        return pipeline_class
+    return type(f"Lora{pipeline_class.__name__}", (LoraMixin, pipeline_class), {"__module__": __name__})
 
 
-class LoraStarFlowPipeline(LoraMixin, StarFlowPipeline):
-    pass
+LoraTarFlowPipeline = with_lora(TarFlowPipeline)
+LoraStarFlowPipeline = with_lora(StarFlowPipeline)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -385,7 +388,8 @@ REMOTE = textwrap.dedent(
     lora = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lora)
     assert not lora.PACKAGED
-    pipe.__class__ = type("Mixed", (lora.LoraMixin, type(pipe)), {})
+    if not hasattr(pipe, "load_lora_weights"):  # a pipeline module that does not import lora.py yet
+        pipe.__class__ = type("Mixed", (lora.LoraMixin, type(pipe)), {})
     pipe.set_progress_bar_config(disable=True)
     try:
         pipe.load_lora_weights(adapter)
