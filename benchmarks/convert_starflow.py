@@ -1,7 +1,7 @@
 """Converting a STARFlow checkpoint with the released 3B layout: time and peak memory against the file size.
 
-    python benchmarks/convert_starflow.py                    # the full released layout (a 15.4 GB file)
-    python benchmarks/convert_starflow.py --deep-layers 4     # the same widths, a shallower deep block
+    python -m benchmarks.convert_starflow                    # the full released layout (a 15.4 GB file)
+    python -m benchmarks.convert_starflow --deep-layers 4     # the same widths, a shallower deep block
 
 A random checkpoint in Apple's format (width 3072, heads of 64, 5 shallow blocks of 2 layers, a deep block of
 `--deep-layers` layers (24 released), 128 text tokens of width 2048, Apple's deprecated buffers included) is written
@@ -19,11 +19,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import deprecated_buffers, expected_apple_shapes
+
+from .timing import Results, report
 
 
 def random_checkpoint(config: StarFlowConfig, path: Path) -> int:
@@ -44,25 +47,31 @@ def timed_child(arguments: list[str]) -> tuple[float, float]:
     return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deep-layers", type=int, default=24, help="layers of the deep block (released: 24)")
     parser.add_argument("--workdir", type=Path, help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     # StarFlowConfig's defaults are the released layout; only the deep block's depth varies here.
     config = StarFlowConfig(layers_per_block=[2, 2, 2, 2, 2, args.deep_layers])
+    results = Results()
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         folder = Path(folder)
         checkpoint, converted, back = folder / "starflow.pth", folder / "starflow-hf", folder / "again.pth"
         size = random_checkpoint(config, checkpoint) / 2**30
-        parameters = sum(torch.Size(shape).numel() for shape in expected_apple_shapes(config).values())
-        print(
-            f"layout: widths 3072, blocks [2, 2, 2, 2, 2, {args.deep_layers}]; {parameters:,} elements, {size:.2f} GiB"
-        )
+        results["layout"] = f"widths 3072, blocks [2, 2, 2, 2, 2, {args.deep_layers}]"
+        results["elements"] = sum(torch.Size(shape).numel() for shape in expected_apple_shapes(config).values())
+        results["checkpoint_gib"] = size
         seconds, peak = timed_child(["convert", str(checkpoint), str(converted), "--transformer-only"])
-        print(f"convert:   {seconds:.1f} s, peak memory {peak:.2f} GiB = {peak / size:.2f}x the file")
+        results["convert_seconds"] = seconds
+        results["convert_peak_gib"] = peak
+        results["convert_peak_vs_file"] = peak / size
+        # The children's peak is a high-water mark over both runs: the larger of the two.
         seconds, peak = timed_child(["convert", "--reverse", str(converted), str(back)])
-        print(f"--reverse: {seconds:.1f} s, peak memory (either run) {peak:.2f} GiB = {peak / size:.2f}x the file")
+        results["reverse_seconds"] = seconds
+        results["peak_gib_either_run"] = peak
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where a STARFlow decoding step's time goes on this machine, for the mid-size model of
-`benchmarks/sampling.py --family starflow`. Prints the figures quoted in the README's Speed section and notes:
+`benchmarks.sampling --family starflow`. From the repository root:
 
-    python benchmarks/decode_anatomy.py [--threads 2] [--compile]
+    python -m benchmarks.decode_anatomy [--threads 2] [--compile] [--json FILE]
 
 1. Memory bandwidth: a streaming read of 200 MB, and 8-row products streamed over 100 MB of (2048, 512) weights
    with plain `addmm` and with MKL's packed product (what `layers.WeightPacking` uses); then the packed product's
@@ -19,19 +19,29 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sampling_starflow import MID_SIZE, plain_linear_layers, random_model
-
-from tarflow_hf import layers, sampling
+from tarflow_hf import layers
 from tarflow_hf.configuration_starflow import StarFlowConfig
+from tarflow_hf.modeling_starflow import StarFlowModel
+from tarflow_hf.samplers import AffineBlock, BlockCondition, BlockRecord, SequentialSampler
+
+from .sampling_starflow import MID_SIZE, random_model
+from .timing import Results, plain_linear_layers, report
+
+# The deep block's MLP weight shape, and enough copies of it (100 MB) to stream from memory, not the caches.
+DEEP_WEIGHT_SHAPE = (2048, 512)
+STREAMED_WEIGHTS = 24
+# Rows of a decoding step: 4 images x 2 guidance branches.
+STEP_ROWS = 8
 
 
-def best_seconds(fn, repeats: int = 3) -> float:
+def best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -40,89 +50,92 @@ def best_seconds(fn, repeats: int = 3) -> float:
     return best
 
 
-def gigabytes_per_second(num_bytes: int, fn, repeats: int = 3) -> float:
+def gigabytes_per_second(num_bytes: int, fn: Callable[[], Any], repeats: int = 3) -> float:
     return num_bytes / best_seconds(fn, repeats) / 1e9
 
 
-def bandwidth() -> None:
+def streamed_weights() -> list[torch.Tensor]:
+    return [torch.randn(*DEEP_WEIGHT_SHAPE) for _ in range(STREAMED_WEIGHTS)]
+
+
+def bandwidth(results: Results) -> None:
+    """A streaming read, and 8-row products over 100 MB of weights, plain and packed."""
     data = torch.randn(50_000_000)
-    print(f"streaming read of 200 MB: {gigabytes_per_second(data.numel() * 4, data.sum):.1f} GB/s")
-    weights = [torch.randn(2048, 512) for _ in range(24)]
-    bias, rows = torch.zeros(2048), torch.randn(8, 512)
+    results["streaming_read_gb_per_s"] = gigabytes_per_second(data.numel() * 4, data.sum)
+    weights = streamed_weights()
+    bias, rows = torch.zeros(DEEP_WEIGHT_SHAPE[0]), torch.randn(STEP_ROWS, DEEP_WEIGHT_SHAPE[1])
     total = sum(weight.numel() * 4 for weight in weights)
 
-    def plain():
+    def plain() -> None:
         for weight in weights:
             F.linear(rows, weight, bias)
 
-    print(f"8-row products over 100 MB of weights, addmm: {gigabytes_per_second(total, plain):.1f} GB/s")
+    results["products_8_rows_addmm_gb_per_s"] = gigabytes_per_second(total, plain)
     if layers.weight_packing_available():
-        packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, 8) for weight in weights]
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, STEP_ROWS) for weight in weights]
 
-        def packed_products():
+        def packed_products() -> None:
             for weight, packing in zip(weights, packed, strict=True):
-                torch.ops.mkl._mkl_linear(rows, packing, weight, bias, 8)
+                torch.ops.mkl._mkl_linear(rows, packing, weight, bias, STEP_ROWS)
 
-        print(f"8-row products over 100 MB of weights, packed: {gigabytes_per_second(total, packed_products):.1f} GB/s")
+        results["products_8_rows_packed_gb_per_s"] = gigabytes_per_second(total, packed_products)
 
 
-def row_scaling(rows_tried: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
+def row_scaling(results: Results, rows_tried: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
     """What a parallel pass costs next to a decoding step: packed products of the deep block's MLP shape, over
     100 MB of weights, at the row counts of windows of 1, 2, 4, 8 and 16 tokens (8 rows each)."""
     if not layers.weight_packing_available():
         return
-    weights = [torch.randn(2048, 512) for _ in range(24)]
-    bias = torch.zeros(2048)
+    weights = streamed_weights()
+    bias = torch.zeros(DEEP_WEIGHT_SHAPE[0])
     seconds = {}
     for rows in rows_tried:
-        inputs = torch.randn(rows, 512)
+        inputs = torch.randn(rows, DEEP_WEIGHT_SHAPE[1])
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, rows) for weight in weights]
 
-        def products(inputs=inputs, packed=packed, rows=rows):
+        def products(inputs=inputs, packed=packed, rows=rows) -> None:
             for weight, packing in zip(weights, packed, strict=True):
                 torch.ops.mkl._mkl_linear(inputs, packing, weight, bias, rows)
 
         seconds[rows] = best_seconds(products, repeats=5)
-    base = seconds[rows_tried[0]]
-    shown = ", ".join(f"{rows} rows {seconds[rows] / base:.2f}x" for rows in rows_tried)
-    print(f"packed products, time against {rows_tried[0]} rows: {shown}")
+    for rows in rows_tried[1:]:
+        results[f"packed_products_{rows}_rows_time_vs_{rows_tried[0]}"] = seconds[rows] / seconds[rows_tried[0]]
 
 
-def block_times(model, inputs, rounds: int = 3) -> None:
+class TimedSequentialSampler(SequentialSampler):
+    """The exact sampler, timing each block's decoding (inside the weight packing and inference mode that
+    `invert_block` opens, as the sampler runs it): `block_seconds`, in sampling order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block_seconds: list[float] = []
+
+    def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
+        start = time.perf_counter()
+        inverted = super().invert(block, z, condition)
+        self.block_seconds.append(time.perf_counter() - start)
+        return inverted
+
+
+def block_times(results: Results, model: StarFlowModel, inputs: tuple, rounds: int = 3) -> None:
     """Seconds per block of the exact sampler, packed and plain in turn; medians over rounds."""
     times: dict[str, list[list[float]]] = {"packed": [], "plain": []}
-    original = sampling.sample_sequential
-    current: list[float] = []
-
-    def timed_block(block, z, condition):
-        start = time.perf_counter()
-        result = original(block, z, condition)
-        current.append(time.perf_counter() - start)
-        return result
-
-    sampling.sample_sequential = timed_block
-    try:
-        with torch.no_grad():
-            model.inverse(*inputs)  # warm-up
-            for _ in range(rounds):
-                for name in times:
-                    current.clear()
-                    if name == "plain":
-                        with plain_linear_layers():
-                            model.inverse(*inputs)
-                    else:
-                        model.inverse(*inputs)
-                    times[name].append(list(current))
-    finally:
-        sampling.sample_sequential = original
+    with torch.no_grad():
+        model.inverse(*inputs)  # warm-up
+        for _ in range(rounds):
+            for name in times:
+                sampler = TimedSequentialSampler()
+                with plain_linear_layers() if name == "plain" else contextlib.nullcontext():
+                    model.inverse(*inputs, sampler=sampler)
+                times[name].append(sampler.block_seconds)
     steps = model.config.num_patches - 1
     for name, runs in times.items():
         per_block = [statistics.median(run[i] for run in runs) for i in range(len(runs[0]))]
-        shown = ", ".join(f"{seconds:.2f} s ({seconds / steps * 1e3:.1f} ms/step)" for seconds in per_block)
-        print(f"exact sampler, {name}: total {sum(per_block):.2f} s; per block, deep first: {shown}")
+        results[f"exact_{name}_seconds"] = sum(per_block)
+        results[f"exact_{name}_ms_per_step_per_block_deep_first"] = [round(s / steps * 1e3, 2) for s in per_block]
 
 
-def compiled(model, inputs, rounds: int = 3) -> None:
+def compiled(results: Results, model: StarFlowModel, inputs: tuple, rounds: int = 3) -> None:
     """`torch.compile(dynamic=True)` of each block's whole decoding step (`affine_span`: every layer, the final norm,
     the affine head and guidance) with inductor's `freezing` (weights baked in, which it packs for its own CPU
     products), against the eager step with MKL-packed weights, alternated; compilation is timed with the first
@@ -140,7 +153,7 @@ def compiled(model, inputs, rounds: int = 3) -> None:
                 else:
                     vars(block).pop("affine_span", None)  # back to the class's method
 
-        def sample(compiled_steps: bool):
+        def sample(compiled_steps: bool) -> tuple[float, torch.Tensor]:
             use(compiled_steps)
             with plain_linear_layers() if compiled_steps else contextlib.nullcontext():
                 start = time.perf_counter()
@@ -157,30 +170,36 @@ def compiled(model, inputs, rounds: int = 3) -> None:
         finally:
             use(False)
     eager, compiled_time = statistics.median(times["eager"]), statistics.median(times["compiled"])
-    print(
-        f"compiled decoding steps (freezing, inductor's packing): first sample {first:.1f} s, then {compiled_time:.2f} "
-        f"s against eager with MKL packing {eager:.2f} s ({eager / compiled_time:.2f}x), max deviation "
-        f"{(out - reference).abs().max().item():.1e}"
-    )
+    results["compiled_first_sample_seconds"] = first
+    results["compiled_seconds"] = compiled_time
+    results["eager_packed_seconds"] = eager
+    results["compiled_speedup_over_eager_packed"] = eager / compiled_time
+    results["compiled_max_abs_deviation"] = (out - reference).abs().max().item()
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of every decoding step")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bandwidth()
-    row_scaling()
+    results = Results()
+    results["threads"] = args.threads
+    bandwidth(results)
+    row_scaling(results)
     model = random_model(StarFlowConfig(**MID_SIZE))
+    config = model.config
     generator = torch.Generator().manual_seed(1)
-    noise = torch.randn(4, 4, 16, 16, generator=generator)
-    text = torch.randn(4, 32, 128, generator=generator)
+    batch = STEP_ROWS // 2
+    noise = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    text = torch.randn(batch, config.max_text_length, config.text_hidden_size, generator=generator)
     negative = torch.zeros_like(text)
-    inputs = (noise, text, negative, 4.6)
-    block_times(model, inputs)
+    inputs = (noise, text, negative, 4.6)  # Apple's cfg 3.6
+    block_times(results, model, inputs)
     if args.compile:
-        compiled(model, inputs)
+        compiled(results, model, inputs)
+    return report(results, args.json)
 
 
 if __name__ == "__main__":
