@@ -24,6 +24,7 @@ from tarflow_hf.evaluate import (
     dequantize,
     frechet_distance,
     generate,
+    image_seed,
 )
 
 
@@ -68,16 +69,18 @@ def test_bits_per_dim_is_the_mean_over_dequantized_images():
     labels = torch.arange(10) % 3
     dataset = ListDataset(images, labels, ["x", "y", "z"])
     got = bits_per_dim(model, dataset, "uniform", batch_size=4, seed=5)
-    # Independently: the same dequantization stream, per image -> -log2 p(x) / D + log2(128).
-    generator = torch.Generator().manual_seed(5)
+    # Independently: image i dequantized by its own generator (seeded from the seed and i, so no split of the
+    # images into batches or processes changes its noise) -> -log2 p(x) / D + log2(128).
     expected = []
-    for start in range(0, 10, 4):
-        x = dequantize(images[start : start + 4], generator)
+    for i in range(10):
+        x = dequantize(images[i : i + 1], torch.Generator().manual_seed(image_seed(5, i)))
         with torch.no_grad():
-            out = model(x, labels[start : start + 4])
-        dims = x[0].numel()
-        expected.append(-out.log_likelihood / dims / math.log(2) + 7.0)
+            out = model(x, labels[i : i + 1])
+        expected.append(-out.log_likelihood / x[0].numel() / math.log(2) + 7.0)
     assert got == pytest.approx(torch.cat(expected).mean().item(), rel=1e-6)
+    assert bits_per_dim(model, dataset, "uniform", batch_size=3, seed=5) == pytest.approx(got, rel=1e-6)
+    assert bits_per_dim(model, dataset, "uniform", batch_size=4, seed=6) != pytest.approx(got, rel=1e-6)
+    assert len({image_seed(seed, i) for seed in range(50) for i in range(50)}) == 2500
     unconditional = bits_per_dim(model, dataset, "uniform", batch_size=4, seed=5, use_labels=False)
     assert unconditional != pytest.approx(got, rel=1e-9)
     with pytest.raises(ValueError, match="uniform"):
@@ -215,43 +218,35 @@ def test_evaluate_command_rejects_bad_requests(tmp_path, capsys):
 
 
 def test_two_process_evaluation_matches_one_process(tmp_path):
-    """Each process generates its share of the samples; gathered, they are the single-process samples."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    """`accelerate launch` with 2 CPU processes splits images, samples and Inception features with accelerate's
+    own tools and gives one process's metrics: the same samples bit for bit, bits/dim and FID to float rounding
+    (batches hold other images, so matrix products may round differently)."""
+    from conftest import launch_two_processes
 
     from tarflow_hf.pipeline_tarflow import TarFlowPipeline
 
     TarFlowPipeline(transformer=random_model(tiny_config(num_classes=10))).save_pretrained(str(tmp_path / "model"))
     torch.manual_seed(0)
     save_classifier(SmallCNN(1, 8, 10, width=4), tmp_path / "clf")
+    write_idx(tmp_path / "idx", np.random.default_rng(0).integers(0, 256, (7, 8, 8)), np.arange(7) % 10)
     common = [
-        str(tmp_path / "model"), "--metrics", "accuracy", "--classifier", str(tmp_path / "clf"),
-        "--samples-per-class", "3", "--guidance-scale", "2", "--batch-size", "4",
+        str(tmp_path / "model"), "--dataset", "mnist", "--data-dir", str(tmp_path / "idx"),
+        "--metrics", "bpd,fid,accuracy", "--bpd-noise", "uniform,gaussian", "--num-samples", "5",
+        "--classifier", str(tmp_path / "clf"), "--samples-per-class", "3", "--guidance-scale", "2",
+        "--batch-size", "4", "--quiet",
     ]  # fmt: skip
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "tarflow_hf", "evaluate", *common, "--output", str(tmp_path / "two.json"),
-        "--save-samples", str(tmp_path / "two.png"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(launch, capture_output=True, text=True, timeout=180, env=env)
+    two = ["--output", str(tmp_path / "two.json"), "--save-samples", str(tmp_path / "two.png")]
+    done = launch_two_processes(["-m", "tarflow_hf", "evaluate", *common, *two])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (
-        cli_main(
-            ["evaluate", *common, "--output", str(tmp_path / "one.json"), "--save-samples", str(tmp_path / "one.png")]
-        )
-        == 0
-    )
+    one = ["--output", str(tmp_path / "one.json"), "--save-samples", str(tmp_path / "one.png")]
+    assert cli_main(["evaluate", *common, *one]) == 0
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     assert two["class_accuracy"] == one["class_accuracy"] and two["accuracy_samples"] == 30
     assert (tmp_path / "two.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+    for metric in ("bits_per_dim", "bits_per_dim_gaussian_noise", "fid"):
+        assert two[metric] == pytest.approx(one[metric], rel=1e-5), metric
+    assert two["fid_samples"] == one["fid_samples"] == 5 and two["fid_reference_images"] == 7
 
 
 def test_classifier_command_writes_a_folder_with_its_test_accuracy(tmp_path, capsys):
@@ -307,11 +302,12 @@ def test_failed_writes_keep_the_previous_outputs(tmp_path, monkeypatch):
 
     import PIL.Image
     import safetensors.torch
+    from accelerate import PartialState
 
     from tarflow_hf import evaluate as evaluate_module
     from tarflow_hf.commands import evaluate as evaluate_command
 
-    accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+    accelerator = PartialState()
     dataset = blob_dataset(8)
 
     def features(images: torch.Tensor) -> torch.Tensor:  # 64 features stand in for Inception's

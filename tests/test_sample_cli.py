@@ -340,3 +340,27 @@ def test_a_size_that_cannot_fit_is_refused_at_once(starflow_folder, tmp_path, ca
     message = sample_error(capsys, starflow_folder, "--prompt", "w5", "--height", "80000", "--width", "80000",
                            "--output", tmp_path / "g.png")  # fmt: skip
     assert "80000x80000 pixels is 100,000,000 latent tokens" in message and "largest square image" in message
+
+
+def test_two_processes_draw_one_process_images(folders, starflow_folder, tmp_path):
+    """`accelerate launch` with 2 CPU processes splits the images between them (accelerate's
+    `split_between_processes`, gathered with `gather_object` for a grid) and writes one process's files, byte for
+    byte: a folder of an odd number of images (so the shares differ) with its metadata, and a grid."""
+    from conftest import launch_two_processes
+
+    runs = {
+        "tarflow": [folders["cond"], "--class-label", "tabby", "--num-images", "5"],
+        "starflow": [starflow_folder, "--prompt", "w5 w7", "--num-images", "3"],
+    }
+    for name, arguments in runs.items():
+        common = [*map(str, arguments), "--seed", "3", "--batch-size", "2", "--quiet"]
+        for output in (f"{tmp_path}/{name}-two/", f"{tmp_path}/{name}-two.png"):
+            done = launch_two_processes(["-m", "tarflow_hf", "sample", *common, "--output", output])
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert sample(*common, "--output", f"{tmp_path}/{name}-one/") == 0
+        assert sample(*common, "--output", f"{tmp_path}/{name}-one.png") == 0
+        one, two = (sorted((tmp_path / f"{name}-{n}").iterdir()) for n in ("one", "two"))
+        assert [path.name for path in two] == [path.name for path in one] and len(one) in (4, 6)
+        for a, b in zip(one, two, strict=True):
+            assert a.read_bytes() == b.read_bytes(), b
+        assert (tmp_path / f"{name}-one.png").read_bytes() == (tmp_path / f"{name}-two.png").read_bytes()

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .fileio import atomic_file
 from .modeling_tarflow import TarFlowModel
 from .pipeline_tarflow import TarFlowPipeline
+from .processes import process_state, use_cpu
 
 METRICS = ("bpd", "fid", "accuracy")
 INCEPTION_SIZE = 299
@@ -46,22 +47,10 @@ INCEPTION_RANGE = (-1.0, 0.9921875)
 
 
 # ------------------------------------------------------------------------------------------ distributed helpers
-class _Single:
-    """Stand-in for an Accelerator when evaluating in one process without accelerate's state."""
-
-    num_processes = 1
-    process_index = 0
-    is_main_process = True
-    device = torch.device("cpu")
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        return tensor
-
-    def wait_for_everyone(self) -> None:
-        pass
+def _state(accelerator):
+    """The accelerate state that splits the work: the given Accelerator, or this process's `PartialState` (one
+    process unless launched with `accelerate launch`)."""
+    return accelerator if accelerator is not None else process_state()
 
 
 # Progress bars (tqdm, on stderr): on in the main process unless `--quiet` turns them off (`set_progress`).
@@ -81,26 +70,20 @@ def _progress(steps: range, description: str, accelerator) -> Any:
     return tqdm(steps, desc=description, unit="batch", leave=False)
 
 
-def _shard(count: int, accelerator) -> tuple[range, int]:
-    """This process's contiguous share of `count` items and the padded share length (equal on all ranks)."""
-    per_process = math.ceil(count / accelerator.num_processes)
-    start = accelerator.process_index * per_process
-    return range(start, min(start + per_process, count)), per_process
+@contextmanager
+def _share(count: int, accelerator) -> Iterator[range]:
+    """This process's contiguous share of items `0..count-1` (accelerate's `split_between_processes`)."""
+    with accelerator.split_between_processes(list(range(count))) as indices:
+        yield range(indices[0], indices[-1] + 1) if indices else range(0)
 
 
-def _gather_rows(rows: torch.Tensor, padded: int, total: int, accelerator) -> torch.Tensor:
-    """Gather every process's rows (padded to equal length, as all_gather needs) and drop the padding."""
+def _gather(rows: torch.Tensor, accelerator) -> torch.Tensor:
+    """Every process's rows, in process order (accelerate's `gather_object`), so shares join back in item order."""
     if accelerator.num_processes == 1:
         return rows
-    pad = padded - rows.shape[0]
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])])
-    gathered = accelerator.gather(rows.to(accelerator.device).contiguous()).cpu()
-    keep = []
-    for rank in range(accelerator.num_processes):
-        start = rank * padded
-        keep.append(gathered[rank * padded : rank * padded + max(0, min(padded, total - start))])
-    return torch.cat(keep)
+    from accelerate.utils import gather_object
+
+    return torch.cat(gather_object([rows.cpu()]))
 
 
 # ----------------------------------------------------------------------------------------------------- bpd
@@ -125,27 +108,37 @@ def bits_per_dim(
     the discrete 8-bit likelihood), `"gaussian"` adds the config's `noise_std` (the training objective)."""
     if noise not in ("uniform", "gaussian"):
         raise ValueError(f"bpd noise must be 'uniform' or 'gaussian', got {noise!r}")
-    accelerator = accelerator or _Single()
+    accelerator = _state(accelerator)
     if max_images is not None and max_images < 1:
         raise ValueError(f"--bpd-max-images must be >= 1 (or left out for the whole split), got {max_images}")
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    indices, _ = _shard(count, accelerator)
-    generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
-    total = torch.zeros(2, dtype=torch.float64)
     conditional = use_labels and model.config.num_classes > 0
-    starts = range(indices.start, indices.stop, batch_size)
-    for start in _progress(starts, f"bits/dim ({noise})", accelerator):
-        items = [dataset[i] for i in range(start, min(start + batch_size, indices.stop))]
-        images = torch.stack([image for image, _ in items])
-        labels = torch.tensor([label for _, label in items]) if conditional else None
-        if noise == "uniform":
-            images = dequantize(images, generator)
-        else:
-            images = images + model.config.noise_std * torch.randn(images.shape, generator=generator)
-        bpd = model(images.to(model.device), labels).bits_per_dim
-        total += torch.tensor([bpd.double().sum().item(), len(items)], dtype=torch.float64)
-    total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
-    return (total[0] / total[1]).item()
+    local = []
+    with _share(count, accelerator) as indices:
+        for start in _progress(range(indices.start, indices.stop, batch_size), f"bits/dim ({noise})", accelerator):
+            numbers = range(start, min(start + batch_size, indices.stop))
+            items = [dataset[i] for i in numbers]
+            noise_std = model.config.noise_std
+            images = torch.stack([_noisy(items[k][0], i, seed, noise, noise_std) for k, i in enumerate(numbers)])
+            labels = torch.tensor([label for _, label in items]) if conditional else None
+            local.append(model(images.to(model.device), labels).bits_per_dim.double().cpu())
+    per_image = _gather(torch.cat(local) if local else torch.empty(0, dtype=torch.float64), accelerator)
+    return per_image.mean().item()
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s noise: numpy's `SeedSequence` mixes the pair into the 32 bits torch's CPU
+    generator keeps (`seed * 2**32 + index` would lose the seed)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _noisy(image: torch.Tensor, index: int, seed: int, noise: str, noise_std: float) -> torch.Tensor:
+    """Image `index` with its noise drawn from its own generator, so the noise (and the result) does not depend
+    on the batch size or on how the images are split between processes."""
+    generator = torch.Generator().manual_seed(image_seed(seed, index))
+    if noise == "uniform":
+        return dequantize(image, generator)
+    return image + noise_std * torch.randn(image.shape, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -165,30 +158,29 @@ def generate(
     depend on the number of processes), each process inverting its share, then gathered. Guidance defaults to
     `config.default_guidance_scale`; with `denoise` a Tweedie step removes the training noise, as the
     pipeline does. Images are clipped to [-1, 1] and quantized to 8 bits, as a saved image would be."""
-    accelerator = accelerator or _Single()
+    accelerator = _state(accelerator)
     config = model.config
     scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(count, config.num_patches, config.patch_dim, generator=generator)
     pipe = TarFlowPipeline(transformer=model)
     pipe.set_progress_bar_config(disable=True)
-    indices, padded = _shard(count, accelerator)
     chunks = []
-    for start in _progress(range(indices.start, indices.stop, batch_size), "sampling", accelerator):
-        stop = min(start + batch_size, indices.stop)
-        chunk_labels = None if labels is None else labels[start:stop]
-        images = pipe(  # the one generation path: sample, denoise, [0, 1]
-            class_labels=chunk_labels,
-            latents=latents[start:stop],
-            guidance_scale=scale if chunk_labels is not None else 1.0,
-            guidance_rule=guidance_rule,
-            denoise=denoise and config.noise_std > 0,
-            output_type="pt",
-        ).images
-        chunks.append((images * 255).round().to(torch.uint8).cpu())
+    with _share(count, accelerator) as indices:
+        for start in _progress(range(indices.start, indices.stop, batch_size), "sampling", accelerator):
+            stop = min(start + batch_size, indices.stop)
+            chunk_labels = None if labels is None else labels[start:stop]
+            images = pipe(  # the one generation path: sample, denoise, [0, 1]
+                class_labels=chunk_labels,
+                latents=latents[start:stop],
+                guidance_scale=scale if chunk_labels is not None else 1.0,
+                guidance_rule=guidance_rule,
+                denoise=denoise and config.noise_std > 0,
+                output_type="pt",
+            ).images
+            chunks.append((images * 255).round().to(torch.uint8).cpu())
     shape = (0, config.num_channels, config.image_size, config.image_size)
-    local = torch.cat(chunks) if chunks else torch.empty(shape, dtype=torch.uint8)
-    return _gather_rows(local, padded, count, accelerator)
+    return _gather(torch.cat(chunks) if chunks else torch.empty(shape, dtype=torch.uint8), accelerator)
 
 
 def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -264,10 +256,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def _dataset_uint8(dataset, count: int, accelerator) -> torch.Tensor:
     """The first `count` images of `dataset` as uint8, each process reading its share, gathered."""
-    indices, padded = _shard(count, accelerator)
-    images = [((dataset[i][0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for i in indices]
+    with _share(count, accelerator) as indices:
+        images = [((dataset[i][0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for i in indices]
     local = torch.stack(images) if images else torch.empty(0, *dataset[0][0].shape, dtype=torch.uint8)
-    return _gather_rows(local, padded, count, accelerator)
+    return _gather(local, accelerator)
 
 
 def reference_statistics(
@@ -281,10 +273,7 @@ def reference_statistics(
         with np.load(cache) as stats:
             if "key" in stats and str(stats["key"]) == key:
                 return stats["mu"], stats["sigma"]
-    images = _dataset_uint8(dataset, count, accelerator)
-    indices, padded = _shard(count, accelerator)
-    local = features(images[indices.start : indices.stop])
-    mu, sigma = feature_statistics(_gather_rows(local, padded, count, accelerator))
+    mu, sigma = feature_statistics(_features(_dataset_uint8(dataset, count, accelerator), features, accelerator))
     if cache is not None and accelerator.is_main_process:
         with atomic_file(cache) as staging, staging.open("wb") as handle:  # np.savez would add .npz to a name
             np.savez(handle, mu=mu, sigma=sigma, count=count, key=key)
@@ -298,11 +287,15 @@ def fid(
     accelerator=None,
 ) -> float:
     """FID of uint8 `samples` against reference statistics (mu, sigma); features computed in shares."""
-    accelerator = accelerator or _Single()
-    indices, padded = _shard(len(samples), accelerator)
-    local = features(samples[indices.start : indices.stop])
-    mu, sigma = feature_statistics(_gather_rows(local, padded, len(samples), accelerator))
+    mu, sigma = feature_statistics(_features(samples, features, _state(accelerator)))
     return frechet_distance(mu, sigma, *reference)
+
+
+def _features(images: torch.Tensor, features: InceptionFeatures, accelerator) -> torch.Tensor:
+    """Inception features of all `images`, each process computing its share."""
+    with _share(len(images), accelerator) as indices:
+        local = features(images[indices.start : indices.stop])
+    return _gather(local, accelerator)
 
 
 # ------------------------------------------------------------------------------------------------- accuracy
@@ -374,7 +367,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from .registry import AutoFlowPipeline, loading_progress_bars
-    from .training.setup import use_cpu
 
     chosen = _selected_metrics(args)
     _check_arguments(args, chosen)

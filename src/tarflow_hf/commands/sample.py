@@ -30,6 +30,7 @@ import torch
 from ..fileio import atomic_file, write_text_atomic
 from ..grids import MAX_GRID_PIXELS, grid_size, make_grid
 from ..labels import display_name, parse_label, resolve_class_ids
+from ..processes import process_state
 from ..registry import AutoFlowPipeline, loading_progress_bars
 from . import CommandError
 
@@ -47,9 +48,7 @@ class Item:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     _check_args(args)
     folder = _output_folder(args.output)
     output = None if folder else _check_output_file(args.output)

@@ -4,13 +4,13 @@ the schedule's lengths, the optimizer, EMA and the noise generator."""
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..data import EpochShuffleSampler, dataset_summary
+from ..processes import use_cpu
 from .adapter import add_training_adapter, check_lora_args, lora_requested
 from .defaults import FINE_TUNE_LR, MODEL_SIZE_FLAGS, TRAIN_LR, WARMUP_PERCENT
 from .ema import EMA
@@ -42,13 +42,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if resolved.min_lr > resolved.lr:
         raise ValueError(f"--min-lr {resolved.min_lr} is above the learning rate {resolved.lr}")
     return resolved
-
-
-def use_cpu(requested: bool) -> bool:
-    """CPU mode for Accelerator: when asked, or when launched as several processes (torchrun / accelerate
-    launch) on a machine without CUDA, so that the processes join one gloo group instead of running alone."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    return requested or (launched and not torch.cuda.is_available())
 
 
 def start_accelerator(args: argparse.Namespace, trackers: list[str]) -> Accelerator:
@@ -128,5 +121,4 @@ __all__ = [
     "resolve_args",
     "schedule_lengths",
     "start_accelerator",
-    "use_cpu",
 ]
