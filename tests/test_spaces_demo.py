@@ -168,7 +168,7 @@ def models_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(models_root) -> Path:
     """A tiny conditional TarFlow fit to bar images for TRAIN_STEPS steps (about 3 s), saved as a pipeline."""
-    model = random_model(seed=0, id2label=dict(CLASS_NAMES)).train()
+    model = random_model(seed=0, id2label=dict(CLASS_NAMES), default_guidance_scale=2.0).train()
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(TRAIN_STEPS):
@@ -507,7 +507,7 @@ def test_every_advanced_control_has_a_one_line_explanation_and_guidance_starts_a
     assert len(controls) >= 9  # sampler, its options, guidance target, schedule, two temperatures, denoising
     assert all(control.info and "\n" not in control.info for control in controls), [c.label for c in controls]
     guidance = next(c for c in demo.blocks.values() if getattr(c, "label", None) == "Guidance scale")
-    assert guidance.value == 1.0
+    assert guidance.value == 1.0 != demo.space.served().transformer.config.default_guidance_scale
 
 
 # ------------------------------------------------------------------------------------------------- budget
@@ -1002,7 +1002,7 @@ def test_starflow_mode_prompts_estimates_and_ranks_captions(starflow_dir, tmp_pa
     exact = [name for name in calibration.seconds if calibration.deviation[name] <= 2.0]
     assert calibration.default_sampler == min(exact, key=calibration.seconds.__getitem__)
     guidance = next(c for c in demo.blocks.values() if getattr(c, "label", None) == "Guidance scale")
-    assert guidance.value == 1.0
+    assert guidance.value == 1.0 != demo.space.served().transformer.config.default_guidance_scale
     client = Client(serve(demo), verbose=False, analytics_enabled=False, download_files=str(downloads))
     try:
         one = client.predict(1, 2.0, "sequential", api_name="/estimate")
