@@ -35,15 +35,7 @@ from tarflow_hf.samplers import FlowSampler, JacobiSampler, NewtonSampler, Sampl
 
 from . import sampling_starflow
 from .apple_model import build_apple_tarflow, load_ml_tarflow
-from .timing import (
-    Results,
-    paired_speedup,
-    per_round_ratios,
-    plain_linear_layers,
-    report,
-    round_robin,
-    synchronizer,
-)
+from .timing import Results, Rounds, plain_linear_layers, record_speedup, report, round_robin, synchronizer
 
 PRESETS = {
     # The issue's mid-size CPU configuration.
@@ -194,14 +186,15 @@ def run(args: argparse.Namespace) -> Results:
     results["rounds"] = f"{args.repeats} (round-robin: speeds are medians, speed-ups medians of paired ratios)"
     results["jacobi_sampler"] = repr(jacobi)
     results["sequential_passes_exact"] = config.num_blocks * (config.num_patches - 1)
-    times, images = round_robin(samplers, args.repeats, synchronizer(setup.device))
+    rounds = round_robin(samplers, args.repeats, synchronizer(setup.device))
+    images = rounds.results
     for name in samplers:
-        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(times[name])
-    results["weight_packing_speedup"] = paired_speedup(times, "exact", "exact_unpacked")
+        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(rounds.wall[name])
+    record_speedup(results, "weight_packing_speedup", rounds, "exact", "exact_unpacked")
     record_parallel(results, "jacobi", setup.stats["jacobi"], images["jacobi"], images["exact"], config)
-    results["jacobi_speedup_over_exact"] = paired_speedup(times, "jacobi", "exact")
+    record_speedup(results, "jacobi_speedup_over_exact", rounds, "jacobi", "exact")
     if args.ml_tarflow:
-        record_original(results, times, images)
+        record_original(results, rounds)
     if args.profile:
         print_profile(samplers["exact"])
     if args.newton:
@@ -213,7 +206,7 @@ def run(args: argparse.Namespace) -> Results:
         seconds = time.perf_counter() - start
         results["newton_images_per_s"] = args.batch_size / seconds
         record_parallel(results, "newton", setup.stats["newton"], newton_images, images["exact"], config)
-        results["newton_speedup_over_exact"] = statistics.median(times["exact"]) / seconds
+        results["newton_speedup_over_exact"] = statistics.median(rounds.wall["exact"]) / seconds
     return results
 
 
@@ -233,12 +226,11 @@ def record_parallel(
     results[f"{name}_max_abs_deviation_01"] = ((images - exact).abs().max() / 2).item()  # on the [0, 1] scale
 
 
-def record_original(results: Results, times: dict[str, list[float]], images: dict[str, torch.Tensor]) -> None:
+def record_original(results: Results, rounds: Rounds) -> None:
     """Our exact and Jacobi samplers against Apple's `Model.reverse`."""
-    results["exact_speedup_over_original"] = paired_speedup(times, "exact", "original")
-    results["exact_speedup_over_original_per_round"] = per_round_ratios(times, "exact", "original")
-    results["jacobi_speedup_over_original"] = paired_speedup(times, "jacobi", "original")
-    deviation = (images["exact"] - images["original"]).abs().max() / 2
+    record_speedup(results, "exact_speedup_over_original", rounds, "exact", "original")
+    record_speedup(results, "jacobi_speedup_over_original", rounds, "jacobi", "original")
+    deviation = (rounds.results["exact"] - rounds.results["original"]).abs().max() / 2
     results["exact_max_abs_deviation_from_original_01"] = deviation.item()
 
 

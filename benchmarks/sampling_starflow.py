@@ -39,7 +39,7 @@ from tarflow_hf.samplers import (
 )
 
 from .apple_model import build_apple_starflow, load_ml_starflow
-from .timing import Results, paired_speedup, per_round_ratios, plain_linear_layers, round_robin
+from .timing import Results, Rounds, plain_linear_layers, record_speedup, round_robin
 
 # A streaming read of 200 MB (more than the L3 cache of the machines this ran on) measures memory bandwidth.
 STREAMING_PROBE_FLOATS = 50_000_000
@@ -199,15 +199,15 @@ def run(args: argparse.Namespace) -> Results:
     results["sequential_passes_exact"] = config.num_blocks * config.num_patches
     # The machine's memory bandwidth, timed in every round with the samplers.
     probe = torch.randn(STREAMING_PROBE_FLOATS)
-    times, latents = round_robin(samplers | {"streaming_read": probe.sum}, args.repeats)
-    read_times = times.pop("streaming_read")
+    rounds = round_robin(samplers | {"streaming_read": probe.sum}, args.repeats)
+    read_times = rounds.wall["streaming_read"]
     results["streaming_read_gb_per_s_per_round"] = ", ".join(f"{probe.numel() * 4 / s / 1e9:.1f}" for s in read_times)
 
     for name in samplers:
-        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(times[name])
-    record_ours(results, times, latents, parallel, setup.stats)
+        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(rounds.wall[name])
+    record_ours(results, rounds, parallel, setup.stats)
     if args.ml_starflow:
-        record_originals(results, times, latents, parallel)
+        record_originals(results, rounds, parallel)
     return results
 
 
@@ -216,44 +216,38 @@ def deviation(latents: dict[str, torch.Tensor], name: str, reference: str = "exa
 
 
 def record_ours(
-    results: Results,
-    times: dict[str, list[float]],
-    latents: dict[str, torch.Tensor],
-    parallel: dict[str, FlowSampler],
-    stats: dict[str, SamplingStats],
+    results: Results, rounds: Rounds, parallel: dict[str, FlowSampler], stats: dict[str, SamplingStats]
 ) -> None:
     """Packing's gain, and each parallel sampler's passes, distance from exact and speed against exact."""
-    results["weight_packing_speedup"] = paired_speedup(times, "exact", "exact_unpacked")
-    results["exact_max_abs_deviation_from_unpacked"] = deviation(latents, "exact_unpacked")
+    record_speedup(results, "weight_packing_speedup", rounds, "exact", "exact_unpacked")
+    results["exact_max_abs_deviation_from_unpacked"] = deviation(rounds.results, "exact_unpacked")
     for name, sampler in parallel.items():
         results[f"{name}_sampler"] = repr(sampler)
         results[f"{name}_passes"] = stats[name].transformer_passes
-        results[f"{name}_max_abs_deviation_from_exact"] = deviation(latents, name)
-        results[f"{name}_speedup_over_exact"] = paired_speedup(times, name, "exact")
+        results[f"{name}_max_abs_deviation_from_exact"] = deviation(rounds.results, name)
+        record_speedup(results, f"{name}_speedup_over_exact", rounds, name, "exact")
 
 
-def record_originals(
-    results: Results, times: dict[str, list[float]], latents: dict[str, torch.Tensor], parallel: dict[str, FlowSampler]
-) -> None:
+def record_originals(results: Results, rounds: Rounds, parallel: dict[str, FlowSampler]) -> None:
     """Ours against Apple's: the exact pair, the block Jacobi pair, and our best parallel sampler among those no
     further from the exact latents than Apple's block Jacobi (the issue's comparison)."""
-    results["exact_speedup_over_original"] = paired_speedup(times, "exact", "original")
-    results["exact_speedup_over_original_per_round"] = per_round_ratios(times, "exact", "original")
+    latents = rounds.results
+    record_speedup(results, "exact_speedup_over_original", rounds, "exact", "original")
     results["exact_max_abs_deviation_from_original"] = deviation(latents, "original")
     block_gap = deviation(latents, "block_jacobi", "original_block_jacobi")
     results["block_jacobi_max_abs_deviation_from_original_block_jacobi"] = block_gap
-    results["block_jacobi_speedup_over_original_block_jacobi"] = paired_speedup(
-        times, "block_jacobi", "original_block_jacobi"
+    record_speedup(
+        results, "block_jacobi_speedup_over_original_block_jacobi", rounds, "block_jacobi", "original_block_jacobi"
     )
     results["original_block_jacobi_max_abs_deviation_from_exact"] = deviation(latents, "original_block_jacobi")
-    results["exact_speedup_over_original_block_jacobi"] = paired_speedup(times, "exact", "original_block_jacobi")
+    record_speedup(results, "exact_speedup_over_original_block_jacobi", rounds, "exact", "original_block_jacobi")
     # Within the 1e-4 parity tolerance of Apple's block Jacobi: our reproduction of it lands within ~1e-5.
     budget = deviation(latents, "original_block_jacobi") + 1e-4
     eligible = [name for name in parallel if deviation(latents, name) <= budget]
-    best = min(eligible, key=lambda name: statistics.median(times[name]))
+    best = min(eligible, key=lambda name: statistics.median(rounds.wall[name]))
     results["best_parallel_sampler"] = f"{best}: {parallel[best]!r}"
     results["best_parallel_max_abs_deviation_from_exact"] = deviation(latents, best)
-    results["best_parallel_speedup_over_original_block_jacobi"] = paired_speedup(times, best, "original_block_jacobi")
+    record_speedup(results, "best_parallel_speedup_over_original_block_jacobi", rounds, best, "original_block_jacobi")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

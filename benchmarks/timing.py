@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,37 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
 
-def round_robin(
-    samplers: dict[str, Sample], repeats: int, synchronize: Callable[[], None] = lambda: None
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
+@dataclass
+class Rounds:
+    """What `round_robin` measured: per name, the seconds of each round by the wall clock (`wall`) and in this
+    process's CPU time (`cpu`), and the result of the warm-up run (`results`). With one thread, CPU time leaves out
+    the time the process waited for a core that another job held: on a shared machine it is the steadier
+    figure, though the neighbours still slow it through the caches and memory they share."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    results: dict[str, Any]
+
+
+def round_robin(samplers: dict[str, Sample], repeats: int, synchronize: Callable[[], None] = lambda: None) -> Rounds:
     """Each sampler once to warm up (its result kept), then `repeats` rounds that time every sampler once in turn,
     so that a slow spell of the machine falls on all of them alike; every other round runs in reverse order, so
     that neighbours in `samplers` (ours next to Apple's) are timed back to back, each first in half of the rounds
-    (use an even `repeats`). Each round's times go to stderr as it ends, so that a long run shows its progress.
-    -> (seconds per round, per name; result per name)"""
-    results = {name: sample() for name, sample in samplers.items()}
-    times: dict[str, list[float]] = {name: [] for name in samplers}
+    (use an even `repeats`). Each round's times go to stderr as it ends, so that a long run shows its progress."""
+    rounds = Rounds({name: [] for name in samplers}, {name: [] for name in samplers}, {})
+    rounds.results.update((name, sample()) for name, sample in samplers.items())
     order = list(samplers.items())
     for round_index in range(repeats):
         for name, sample in order if round_index % 2 == 0 else reversed(order):
             synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             sample()
             synchronize()
-            times[name].append(time.perf_counter() - start)
-        shown_times = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in times.items())
+            rounds.wall[name].append(time.perf_counter() - start)
+            rounds.cpu[name].append(time.process_time() - start_cpu)
+        shown_times = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in rounds.wall.items())
         print(f"round {round_index + 1}/{repeats}: {shown_times}", file=sys.stderr, flush=True)
-    return times, results
+    return rounds
 
 
 def paired_speedup(times: dict[str, list[float]], fast: str, slow: str) -> float:
@@ -59,6 +70,14 @@ def paired_speedup(times: dict[str, list[float]], fast: str, slow: str) -> float
 def per_round_ratios(times: dict[str, list[float]], fast: str, slow: str) -> str:
     """Each round's slow / fast, for the JSON record of how much the rounds spread."""
     return ", ".join(f"{s / f:.2f}" for f, s in zip(times[fast], times[slow], strict=True))
+
+
+def record_speedup(results: dict[str, Any], key: str, rounds: Rounds, fast: str, slow: str) -> None:
+    """`key`: how many times faster `fast` ran than `slow`, the median of the rounds' paired wall-clock ratios;
+    `key_cpu_time`: the same from CPU time; `key_per_round`: each round's wall-clock ratio."""
+    results[key] = paired_speedup(rounds.wall, fast, slow)
+    results[f"{key}_cpu_time"] = paired_speedup(rounds.cpu, fast, slow)
+    results[f"{key}_per_round"] = per_round_ratios(rounds.wall, fast, slow)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from tarflow_hf import TarFlowConfig, TarFlowModel
 
 from .apple_model import build_apple_tarflow, load_ml_tarflow
 from .sampling import PRESETS
-from .timing import Results, paired_speedup, per_round_ratios, report, round_robin, synchronizer
+from .timing import Results, record_speedup, report, round_robin, synchronizer
 
 IMPLEMENTATIONS = ("original", "ours")
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (the memory children too)")
     parser.add_argument("--repeats", type=int, default=6, help="timed rounds (even: each of a pair first in half)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)  # a memory-measuring child
@@ -128,12 +129,11 @@ def compare(args: argparse.Namespace, argv: list[str]) -> Results:
     results["threads"] = torch.get_num_threads()
     results["rounds"] = f"{args.repeats} (round-robin: speeds are medians, the speed-up the median of paired ratios)"
     steps = training_steps(args, IMPLEMENTATIONS)
-    times, losses = round_robin(steps, args.repeats, synchronizer(torch.device(args.device)))
+    rounds = round_robin(steps, args.repeats, synchronizer(torch.device(args.device)))
     for name in IMPLEMENTATIONS:
-        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(times[name])
-    results["speedup"] = paired_speedup(times, "ours", "original")
-    results["speedup_per_round"] = per_round_ratios(times, "ours", "original")
-    results["loss_difference"] = abs(losses["ours"] - losses["original"])
+        results[f"{name}_images_per_s"] = args.batch_size / statistics.median(rounds.wall[name])
+    record_speedup(results, "speedup", rounds, "ours", "original")
+    results["loss_difference"] = abs(rounds.results["ours"] - rounds.results["original"])
     for name in IMPLEMENTATIONS:
         results[f"{name}_peak_mib"] = peak_memory_in_child(argv, name)
     return results
@@ -142,6 +142,8 @@ def compare(args: argparse.Namespace, argv: list[str]) -> Results:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.impl:  # child process: one implementation's peak memory, as JSON (the parent writes `--json`)
         print(json.dumps(peak_memory_mib(args)))
         return {}
