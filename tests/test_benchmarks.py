@@ -35,6 +35,24 @@ def benchmark(name: str) -> ModuleType:
     return importlib.import_module(f"benchmarks.{name}")
 
 
+def test_round_robin_reverses_every_other_round_so_neighbours_run_back_to_back():
+    timing = benchmark("timing")
+    calls = []
+    samplers = {name: (lambda name=name: calls.append(name) or name.upper()) for name in ("ours", "apple", "other")}
+    rounds = timing.round_robin(samplers, repeats=2)
+    warm_up, first, second = calls[:3], calls[3:6], calls[6:]
+    assert warm_up == first == ["ours", "apple", "other"] and second == ["other", "apple", "ours"]
+    assert rounds.results == {"ours": "OURS", "apple": "APPLE", "other": "OTHER"}
+    assert all(len(rounds.wall[name]) == len(rounds.cpu[name]) == 2 for name in samplers)
+
+
+def test_paired_speedup_is_the_median_of_each_rounds_ratio():
+    timing = benchmark("timing")
+    times = {"fast": [1.0, 2.0, 4.0], "slow": [3.0, 2.0, 8.0]}  # rounds' ratios 3, 1, 2
+    assert timing.paired_speedup(times, "fast", "slow") == 2.0
+    assert timing.per_round_ratios(times, "fast", "slow") == "3.00, 1.00, 2.00"
+
+
 def test_tarflow_sampling_benchmark_on_the_tiny_preset(tmp_path):
     sampling = benchmark("sampling")
     json_path = tmp_path / "results.json"
