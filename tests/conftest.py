@@ -169,11 +169,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(arguments: list[str]) -> subprocess.CompletedProcess:
-    """`accelerate launch ARGUMENTS` (a script and its arguments, or `-m MODULE ...`) with 2 CPU processes."""
+def launch_two_processes(arguments: list[str], config_file: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGUMENTS` (a script and its arguments, or `-m MODULE ...`) with 2 CPU processes, in
+    float32; an accelerate `config_file` sets the rest (FSDP, ...)."""
+    setup = ["--multi_gpu", "--num_machines", "1"] if config_file is None else ["--config_file", str(config_file)]
+    setup += ["--num_processes", "2", "--mixed_precision", "no"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *setup, "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), *arguments,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}

@@ -15,8 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    launch_two_processes,
+    reset_accelerate,
+    tiny_vae,
+    train_as_the_command_line,
+    train_in_two_processes,
+    word_tokenizer,
+)
 from conftest import parse_train_args as parse
-from conftest import reset_accelerate, tiny_vae, train_as_the_command_line, train_in_two_processes, word_tokenizer
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
@@ -234,7 +241,7 @@ def test_options_that_do_not_apply_are_refused(base, data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ 2 processes
 def test_two_process_fine_tuning_keeps_ranks_in_sync(base, data, tmp_path):
-    """DDP over gloo (accelerate runs FSDP only on accelerators: on CPU it falls back to MULTI_CPU)."""
+    """DDP over gloo: both processes end with the same weights."""
     arguments = argv(base, data, tmp_path / "run", "--max-steps", "2", "--drop-label", "0.5", "--checkpoint-every", "2")
     done, out = train_in_two_processes(tmp_path, [*arguments, "--lr", "1e-3"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -245,3 +252,18 @@ def test_two_process_fine_tuning_keeps_ranks_in_sync(base, data, tmp_path):
     assert (checkpoint / "generator_0.safetensors").is_file() and (checkpoint / "generator_1.safetensors").is_file()
     trained, start = weights(tmp_path / "run" / "model", "transformer"), weights(base, "transformer")
     assert any(not torch.equal(trained[k], start[k]) for k in start)
+    # FSDP with the shipped config, as users launch it: torch's FSDP2 shards every StarFlowLayer over gloo
+    # (accelerate alone would fall back to DDP on CPU, each process holding everything). Checkpoints hold each
+    # process's shards, a run stopped after step 1 resumes, and the weights come out as DDP's to float rounding.
+    config = Path(__file__).parents[1] / "scripts" / "fsdp_starflow.yaml"
+    sharded = argv(base, data, tmp_path / "fsdp", "--max-steps", "2", "--drop-label", "0.5", "--lr", "1e-3")
+    for extra in (["--checkpoint-every", "1", "--stop-after-steps", "1"], ["--resume", "latest"]):
+        done = launch_two_processes(["-m", "tarflow_hf", "train", *sharded, *extra], config_file=config)
+        assert done.returncode == 0, done.stderr[-3000:]
+    first = tmp_path / "fsdp" / "checkpoints" / "checkpoint-1"
+    assert (first / "pytorch_model_fsdp_0").is_dir() and not (first / "model.safetensors").exists()
+    assert "resumed from" in done.stdout and "at step 1" in done.stdout
+    fsdp = weights(tmp_path / "fsdp" / "model", "transformer")
+    assert fsdp.keys() == trained.keys()
+    for name, value in trained.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-6, msg=name)

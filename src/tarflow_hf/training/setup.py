@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import EpochShuffleSampler, dataset_summary
-from ..processes import use_cpu
+from ..processes import fsdp_on_cpu, use_cpu
 from .adapter import add_training_adapter, check_lora_args, lora_requested
 from .defaults import FINE_TUNE_LR, MODEL_SIZE_FLAGS, TRAIN_LR, WARMUP_PERCENT
 from .ema import EMA
@@ -57,6 +57,7 @@ def start_accelerator(args: argparse.Namespace, trackers: list[str]) -> Accelera
         log_with=trackers or None,
         project_dir=str(args.output_dir),
     )
+    fsdp_on_cpu(accelerator)
     world = accelerator.num_processes * args.gradient_accumulation_steps
     if args.batch_size % world:
         raise ValueError(
