@@ -85,7 +85,8 @@ def test_another_programs_folder_is_named_as_such(tmp_path):
         ("", ValueError, "no model given"),
         ("x" * (MAX_NAME_LENGTH + 1), ValueError, f"model name of {MAX_NAME_LENGTH + 1} characters"),
         ("nowhere/at/all", FileNotFoundError, "is neither an existing folder nor a Hub repo id"),
-        ("a" * 60 + "/" + "b" * 60, FileNotFoundError, "is neither an existing folder nor a Hub repo id"),
+        ("a" * 97 + "/b", FileNotFoundError, "is neither an existing folder nor a Hub repo id"),  # over the Hub's 96
+        ("a--b/c", FileNotFoundError, "is neither an existing folder nor a Hub repo id"),
     ],
 )
 def test_bad_model_names_are_one_line(name, error, message):

@@ -30,8 +30,6 @@ logger = logging.getLogger("tarflow_space")
 
 # Files fetched for a Hub model: configs, weights and tokenizers; never code or pickles.
 HUB_FILES = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model"]
-# The Hub's own limit on a repository id's length.
-HUB_ID_MAX_LENGTH = 96
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNCONDITIONAL_CHOICE = "(no class: unconditional branch)"
 
@@ -74,8 +72,8 @@ class ModelRef:
 
 
 def is_hub_id(text: str) -> bool:
-    """`owner/name` as the Hub spells repository ids; never a path on the server (no `..`)."""
-    return len(text) <= HUB_ID_MAX_LENGTH and bool(registry.HUB_REPO_ID.match(text)) and ".." not in text
+    """`owner/name` as the Hub validates repository ids (no `..`, so never a path on the server)."""
+    return registry.looks_like_hub_repo_id(text)
 
 
 def operator_model(model: str) -> ModelRef:

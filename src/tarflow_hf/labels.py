@@ -186,7 +186,7 @@ def ids_for_names(id2label: Mapping[int, str], names: str | Sequence[str]) -> li
         matches = lookup.get(normalize_name(name).casefold())
         if not matches:
             raise ValueError(
-                f"unknown class name {name!r}: {_suggestion(name, table)} (`pipe.labels` lists all {len(table)} names)"
+                f"unknown class name {name!r}: {_suggestion(name, table)} (the model has {len(table)} class names)"
             )
         if len(matches) > 1:
             options = "; ".join(f"{i}: {id2label[i]!r}" for i in matches)

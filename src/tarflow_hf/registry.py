@@ -290,10 +290,24 @@ def is_flow_folder(folder: str | os.PathLike) -> bool:
     return True
 
 
+def looks_like_hub_repo_id(text: str) -> bool:
+    """`text` is a valid Hub repository id with an owner (`owner/name`, as `huggingface_hub` validates them: at most
+    96 characters, no `--` or `..`); decided from the text alone, never from the file system."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if HUB_REPO_ID.match(text) is None:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def is_hub_repo_id(name: Any) -> bool:
     """`name` looks like a Hub repository id (`owner/name`) and is not an existing local path."""
     text = str(name) if name else ""
-    return len(text) <= 96 and HUB_REPO_ID.match(text) is not None and not Path(text).exists()
+    return looks_like_hub_repo_id(text) and not Path(text).exists()
 
 
 def family_of_hub_repo(repo_id: str, revision: str | None = None) -> ModelFamily:

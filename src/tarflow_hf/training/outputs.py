@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import dataset_summary
 from ..fileio import atomic_file, atomic_folder, write_json_atomic
-from ..registry import HUB_REPO_ID
+from ..registry import looks_like_hub_repo_id
 from .adapter import is_model_folder, lora_requested, save_adapter_folder
 from .layout import FINAL_GRID, MODEL_DIR, RECIPE_FILE, SAMPLES_DIR, SUMMARY_FILE
 from .metrics import log_images
@@ -30,7 +30,6 @@ NOT_RECIPE = ("run", "command", "push_to_hub", "no_progress", "resume", "stop_af
 # tarflow_hf/bundled/tarflow-mnist): by that folder's name, as the README publishes the model.
 BUNDLED_MODEL_NAME = "tarflow-mnist"
 # The longest Hub repository id.
-MAX_REPO_ID_LENGTH = 96
 
 
 class UploadError(OSError):
@@ -155,10 +154,10 @@ def check_hub_target(repo_id: str) -> None:
     Hub not switched off, a token to upload with (read locally: no request is made)."""
     from huggingface_hub import constants, get_token
 
-    if len(repo_id) > MAX_REPO_ID_LENGTH or not HUB_REPO_ID.match(repo_id):
+    if not looks_like_hub_repo_id(repo_id):
         raise ValueError(
             f"--push-to-hub {repo_id}: not a Hub repository id (owner/name: letters, digits, '-', '_', '.', at most "
-            f"{MAX_REPO_ID_LENGTH} characters)"
+            "96 characters, no '--' or '..')"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if offline or constants.HF_HUB_OFFLINE:
