@@ -45,3 +45,26 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     assert loaded.id2label == {0: "cat", 1: "dog"}
     assert isinstance(loaded.noise_std, float)
+
+
+def test_num_labels_is_num_classes():
+    """transformers' `num_labels` (the size of `id2label`) is TarFlow's number of classes, both ways."""
+    config = TarFlowConfig(num_labels=5)
+    assert config.num_classes == config.num_labels == len(config.id2label) == len(config.label2id) == 5
+    config.num_labels = 3
+    assert config.num_classes == 3 and config.id2label == {0: "class_0", 1: "class_1", 2: "class_2"}
+    assert TarFlowConfig(num_classes=2, num_labels=2).num_classes == 2
+    assert TarFlowConfig(id2label={0: "cat", 1: "dog"}).num_classes == 2  # names given: one class each
+    with pytest.raises(ValueError, match="num_labels=5 and num_classes=3 disagree"):
+        TarFlowConfig(num_classes=3, num_labels=5)
+    with pytest.raises(ValueError, match=r"num_labels \(num_classes\) must be an integer >= 0, got -1"):
+        TarFlowConfig(num_labels=-1)
+
+
+def test_label2id_is_kept_as_given_when_it_inverts_id2label():
+    """transformers keeps `label2id` as given (JSON may hold its ids as strings); one that does not invert `id2label`
+    (a config whose `id2label` was changed without it saves a stale one) is derived from `id2label` again."""
+    config = TarFlowConfig(id2label={0: "cat", 1: "dog"}, label2id={"cat": "0", "dog": "1"})
+    assert config.label2id == {"cat": "0", "dog": "1"}
+    for stale in ({"cat": 1, "dog": 0}, {"cat": 0}, {"class_0": 0, "class_1": 1}):
+        assert TarFlowConfig(id2label={0: "cat", 1: "dog"}, label2id=stale).label2id == {"cat": 0, "dog": 1}

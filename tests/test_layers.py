@@ -36,8 +36,13 @@ def test_models_run_eager_attention_when_asked(tmp_path):
     assert len(out.attentions) == 4 and out.attentions[0].shape == (3, 2, 16, 16)
     noise = torch.randn(2, 16, 4)
     torch.testing.assert_close(eager.inverse(noise, [0, 1], 2.0), fused.inverse(noise, [0, 1], 2.0), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="output_attentions=True needs the eager attention implementation"):
-        fused(x, labels, output_attentions=True)
+    # Asked for the weights, the SDPA model computes them with the explicit softmax for the call, as transformers
+    # falls back to eager: the same weights; and it switches for good with `set_attn_implementation`.
+    for asked, expected in zip(fused(x, labels, output_attentions=True).attentions, out.attentions, strict=True):
+        torch.testing.assert_close(asked, expected, atol=1e-6, rtol=0)
+    assert fused(x, labels).attentions is None and fused.config._attn_implementation == "sdpa"
+    fused.set_attn_implementation("eager")
+    assert fused.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="bogus"):
         TarFlowModel.from_pretrained(tmp_path, attn_implementation="bogus")
 

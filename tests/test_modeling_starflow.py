@@ -490,6 +490,30 @@ def test_eager_and_sdpa_agree(name):
         torch.testing.assert_close(sdpa, eager, atol=1e-6 * max(1.0, sdpa.abs().max().item()), rtol=1e-6)
 
 
+def test_attention_weights_of_every_layer():
+    """`output_attentions=True` gives every layer's weights, block by block in forward order (the deep block's over the
+    text prefix and the tokens), causal rows that sum to 1, whatever the implementation (the fused one computes them
+    with the explicit softmax for the call), and leaves the outputs as they are."""
+    model = random_model()
+    x, text = torch.randn(2, 2, 4, 4), torch.randn(2, 3, 8)
+    plain = model(x, text)
+    fused = model(x, text, output_attentions=True)
+    assert plain.attentions is None
+    torch.testing.assert_close(fused.latents, plain.latents, atol=1e-5, rtol=1e-6)
+    # 2x2 tokens of patch 2 on a 4x4 latent; shallow blocks 32 wide (1 head), the deep one 64 (2 heads) + 3 text rows.
+    assert [tuple(weights.shape) for weights in fused.attentions] == [(2, 1, 4, 4), (2, 1, 4, 4), (2, 2, 7, 7)]
+    for weights in fused.attentions:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert weights.triu(1).abs().max() == 0
+    model.set_attn_implementation("eager")
+    try:
+        eager = model(x, text, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    for asked, expected in zip(fused.attentions, eager.attentions, strict=True):
+        torch.testing.assert_close(asked, expected, atol=1e-6, rtol=0)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = random_model()
     x, text = torch.randn(2, 2, 4, 4), torch.randn(2, 3, 8)

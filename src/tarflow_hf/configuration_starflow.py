@@ -174,6 +174,17 @@ class StarFlowConfig(PreTrainedConfig):
         return self.hidden_size // self.head_dim
 
     @property
+    def num_attention_heads(self) -> int:
+        """Attention heads of a shallow block (transformers' name; `num_heads`); the deep block has
+        `deep_num_heads`."""
+        return self.num_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Transformer layers of the whole flow, all blocks together (transformers' name)."""
+        return sum(self.layers_per_block)
+
+    @property
     def deep_num_heads(self) -> int:
         """Attention heads of the deep block."""
         return self.deep_hidden_size // self.head_dim

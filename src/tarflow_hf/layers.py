@@ -1,7 +1,8 @@
 """Transformer pieces both flow families share: a key/value cache written in place, one causal attention function
 with transformers' two implementations ("eager": explicit softmax, can return the weights; "sdpa": torch's fused
-kernel), the MLP, LayerNorm in float32, Apple's default initialisation, and the linear layer every flow layer uses
-(`FlowLinear`), which a `WeightPacking` context runs on packed weights while a sampler decodes.
+kernel), the MLP, LayerNorm and RMSNorm in float32, Apple's default initialisation, the linear layer every flow layer
+uses (`FlowLinear`), which a `WeightPacking` context runs on packed weights while a sampler decodes, and what both
+models' `PreTrainedModel` classes do alike (`FlowModelMixin`).
 
 A flow's inverse runs its transformer over a span of positions after a cached prefix: one position at a time
 (sequential sampling) or many (parallel samplers). Both cases are causal and aligned to the last key, so one
@@ -239,6 +240,21 @@ def layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(up, norm.normalized_shape, weight, bias, norm.eps).type(x.dtype)
 
 
+class RMSNormFp32(nn.Module):
+    """RMSNorm in float32 (float64 left alone, for exact checks), scaled by (1 + weight): a zero weight is the plain
+    normalisation (STARFlow's final norm, as Apple computes it)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(width))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden if hidden.dtype == torch.float64 else hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (1 + self.weight.to(x.dtype))).type_as(hidden)
+
+
 class FlowMLP(nn.Module):
     """Pre-norm MLP: LayerNorm, Linear(W, ratio * W), exact GELU, Linear back (Apple's `mlp.main`)."""
 
@@ -250,6 +266,39 @@ class FlowMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(layer_norm_fp32(self.norm, hidden))))
+
+
+class FlowModelMixin:
+    """What both flows' `PreTrainedModel` classes do alike where transformers' defaults do not fit a flow (it goes
+    before `PreTrainedModel` in their bases)."""
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # The attention layers read `config._attn_implementation` at every call, so `set_attn_implementation`
+        # takes effect at once (transformers' source heuristic looks for its AttentionInterface and would say no).
+        return True
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The first block's input projection (a patch -> the transformer's width, an `nn.Linear`): where data enters
+        the flow's transformers, as a vision model's patch embedding, and what PEFT and gradient checkpointing hook
+        (`enable_input_require_grads`). Flows read continuous values: there is no token embedding."""
+        return self.blocks[0].proj_in
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.blocks[0].proj_in = value
+
+    def output_options(
+        self, output_hidden_states: bool | None, return_dict: bool | None, output_attentions: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """`forward`'s output switches, the config's where not given. Attention weights need the explicit softmax:
+        asked for, they are computed that way for the call whatever `attn_implementation` is (as transformers falls
+        back to eager), the outputs being the same."""
+        config = self.config
+        return (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.return_dict if return_dict is None else return_dict,
+            config.output_attentions if output_attentions is None else output_attentions,
+        )
 
 
 def init_torch_defaults(module: nn.Module) -> bool:
@@ -270,7 +319,9 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "FlowLinear",
     "FlowMLP",
+    "FlowModelMixin",
     "KVCache",
+    "RMSNormFp32",
     "WeightPacking",
     "active_packing",
     "at_least_fp32",

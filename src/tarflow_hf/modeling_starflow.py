@@ -30,7 +30,9 @@ from .guidance import Guidance, GuidanceRule, check_positive_number, guide
 from .layers import (
     FlowLinear,
     FlowMLP,
+    FlowModelMixin,
     KVCache,
+    RMSNormFp32,
     check_attention_implementation,
     distinct_rows,
     grouped_causal_attention,
@@ -43,7 +45,6 @@ from .samplers import FlowSampler, SamplingStats, get_sampler
 # Apple's INV_SOFTPLUS_1 = log(e - 1): softplus(0 + INV_SOFTPLUS_1) = 1, so a zero output is the identity map.
 INV_SOFTPLUS_1 = 0.541324854612918
 LOG_TWO_PI = math.log(2 * math.pi)
-RMS_NORM_EPS = 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -77,6 +78,9 @@ class StarFlowOutput(ModelOutput):
         text_hidden_states (`torch.FloatTensor` of shape `(batch_size, text_length, deep_hidden_size)`, *optional*):
             Returned when `output_hidden_states=True` for a text model: the deep block's text-token states after
             its final norm (nothing uses them; they help to debug the text path).
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Returned when `output_attentions=True`: every layer's attention weights (batch_size, heads, L, L), block by
+            block in forward order, over the block's sequence (its token order; the deep block's text prefix first).
     """
 
     loss: torch.Tensor | None = None
@@ -88,6 +92,7 @@ class StarFlowOutput(ModelOutput):
     block_logdets: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     text_hidden_states: torch.Tensor | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
@@ -103,20 +108,6 @@ class StarFlowBlockCache:
 
 
 # -------------------------------------------------------------------------------------------- layers
-class StarFlowRMSNorm(nn.Module):
-    """Apple's final RMSNorm, in float32, scaled by (1 + weight): a zero weight is the plain normalisation."""
-
-    def __init__(self, width: int, eps: float = RMS_NORM_EPS):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(width))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden if hidden.dtype == torch.float64 else hidden.float()  # float64 left alone, for exact checks
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * (1 + self.weight.to(x.dtype))).type_as(hidden)
-
-
 class StarFlowAttention(nn.Module):
     """Pre-norm causal self-attention with 3-axis RoPE on queries and keys."""
 
@@ -136,11 +127,12 @@ class StarFlowAttention(nn.Module):
         cache: KVCache | None = None,
         position: int = 0,
         temperatures: tuple[float, ...] = (1.0,),
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden` (B, n, W) holds sequence positions `position .. position + n - 1` with rotary `rotation`
         (n, head_dim / 2; `apply_rope`); with `cache` they also attend to every cached position before them. The
         rows come in equal groups (the guidance branches), group i with its attention logits divided by
-        `temperatures[i]` (Apple's `attn_temp`)."""
+        `temperatures[i]` (Apple's `attn_temp`). Returns the output and, with `output_attentions`, the weights."""
         batch, length, width = hidden.shape
         qkv = self.qkv(layer_norm_fp32(self.norm, hidden))
         heads = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2)
@@ -150,8 +142,8 @@ class StarFlowAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, position)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, _ = grouped_causal_attention(query, key, value, temperatures, implementation)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+        out, weights = grouped_causal_attention(query, key, value, temperatures, implementation, output_attentions)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
 class StarFlowLayer(GradientCheckpointingLayer):
@@ -162,11 +154,13 @@ class StarFlowLayer(GradientCheckpointingLayer):
         self.attention = StarFlowAttention(config, width)
         self.mlp = FlowMLP(width, config.mlp_ratio)
 
-    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention then MLP, each added to its input; the other arguments are [`StarFlowAttention.forward`]'s
-        (the rotary `rotation`, then `cache`, `position`, `temperatures`)."""
-        hidden = hidden + self.attention(hidden, *args, **kwargs)
-        return hidden + self.mlp(hidden)
+        (the rotary `rotation`, then `cache`, `position`, `temperatures`, `output_attentions`), and so are the
+        attention weights returned."""
+        attended, weights = self.attention(hidden, *args, **kwargs)
+        hidden = hidden + attended
+        return hidden + self.mlp(hidden), weights
 
 
 # ------------------------------------------------------------------------------------------- condition
@@ -214,7 +208,7 @@ class StarFlowBlock(nn.Module):
         self.proj_in = FlowLinear(patch_dim, width)
         self.proj_txt = FlowLinear(config.text_hidden_size, width) if reads_text else None
         self.layers = nn.ModuleList(StarFlowLayer(config, width) for _ in range(num_layers))
-        self.final_norm = StarFlowRMSNorm(width)
+        self.final_norm = RMSNormFp32(width)  # Apple's final norm
         self.proj_out = FlowLinear(width, 2 * patch_dim)
 
     @property
@@ -233,16 +227,20 @@ class StarFlowBlock(nn.Module):
         start: int,
         cache: StarFlowBlockCache | None = None,
         temperatures: tuple[float, ...] = (1.0,),
+        attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """All layers on rows at sequence positions `start ..` (text prefix included), then the final norm; the
-        rows' branch groups have the attention `temperatures`."""
+        rows' branch groups have the attention `temperatures`. With `attentions`, each layer's attention weights are
+        appended to it."""
         rotation = rope.rows(start, hidden.shape[1])
         for i, layer in enumerate(self.layers):
-            if cache is None and temperatures == (1.0,):
-                hidden = layer(hidden, rotation)  # the training path: checkpointed when enabled
+            if cache is None and temperatures == (1.0,):  # the training path: checkpointed when enabled
+                hidden, weights = layer(hidden, rotation, output_attentions=attentions is not None)
             else:
                 layer_cache = None if cache is None else cache.layers[i]
-                hidden = layer(hidden, rotation, cache=layer_cache, position=start, temperatures=temperatures)
+                hidden, weights = layer(hidden, rotation, cache=layer_cache, position=start, temperatures=temperatures)
+            if attentions is not None:
+                attentions.append(weights)
         return self.final_norm(hidden)
 
     def affine(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,17 +258,22 @@ class StarFlowBlock(nn.Module):
         return torch.cat([sos, tokens[:, :-1]], dim=1)
 
     def forward(
-        self, x: torch.Tensor, text: torch.Tensor | None, rope: RotaryTable
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor | None,
+        rope: RotaryTable,
+        attentions: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, T, D) tokens in raster order -> (z in raster order, -log scale (B, T, D) in this block's order,
-        the text states after the final norm or None). `rope` covers [text; image] positions."""
+        the text states after the final norm or None). `rope` covers [text; image] positions; with `attentions`,
+        each layer's attention weights are appended to it."""
         s = self.permute(x)
         hidden = self.proj_in(self.sequence_inputs(s))
         text_length = 0
         if self.reads_text:
             text_length = text.shape[1]
             hidden = torch.cat([self.proj_txt(text.to(hidden.dtype)), hidden], dim=1)
-        hidden = self.transformer(hidden, rope, 0)
+        hidden = self.transformer(hidden, rope, 0, attentions=attentions)
         text_states, hidden = hidden[:, :text_length], hidden[:, text_length:]
         scale, shift = self.affine(hidden)
         up = scale.dtype
@@ -390,7 +393,7 @@ def check_text(config: StarFlowConfig, text: Any, batch: int, name: str) -> torc
 
 
 # ---------------------------------------------------------------------------------------------- models
-class StarFlowPreTrainedModel(PreTrainedModel):
+class StarFlowPreTrainedModel(FlowModelMixin, PreTrainedModel):
     config: StarFlowConfig
     config_class = StarFlowConfig
     base_model_prefix = "starflow"
@@ -400,19 +403,13 @@ class StarFlowPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["StarFlowBlock"]
     _supports_sdpa = True
 
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # The attention layers read `config._attn_implementation` at every call, so `set_attn_implementation`
-        # takes effect at once (transformers' source heuristic looks for its AttentionInterface and would say no).
-        return True
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Apple's initialisation: PyTorch's defaults, a standard normal start token, a zero output projection
         # weight (every block starts as the identity map) and a zero RMSNorm weight (used as 1 + weight).
         if init_torch_defaults(module):
             return
-        if isinstance(module, StarFlowRMSNorm):
+        if isinstance(module, RMSNormFp32):
             init.zeros_(module.weight)
         elif isinstance(module, StarFlowBlock):
             init.normal_(module.sos_embed, std=1.0)
@@ -490,6 +487,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         encoder_hidden_states: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> StarFlowOutput | tuple:
         r"""
         Map latents to z with the exact log-likelihood.
@@ -502,11 +500,12 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 Text embeddings with padding rows zeroed (the flow itself takes no mask). Required for a text model.
             output_hidden_states (`bool`, *optional*): return the patch grid after every block.
             return_dict (`bool`, *optional*): return a [`StarFlowOutput`] rather than a tuple.
+            output_attentions (`bool`, *optional*): return every layer's attention weights (computed with the
+                explicit softmax for the call, whatever `attn_implementation` is).
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, return_dict, output_attentions = self.output_options(
+            output_hidden_states, return_dict, output_attentions
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         check_latents(self.config, pixel_values, "pixel_values")
         batch, _, height, width = pixel_values.shape
         text = self._text(encoder_hidden_states, batch, "encoder_hidden_states")
@@ -516,10 +515,10 @@ class StarFlowModel(StarFlowPreTrainedModel):
         rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)
 
         x = grid.flatten(1, 2)
-        outputs, block_logdets, text_states = [grid], [], None
+        outputs, block_logdets, text_states, attentions = [grid], [], None, [] if output_attentions else None
         for block in self.blocks:
             block_rope = rope if block.reads_text else rope.tail(grid_h * grid_w)
-            x, logdet_tokens, block_text = block(x, text if block.reads_text else None, block_rope)
+            x, logdet_tokens, block_text = block(x, text if block.reads_text else None, block_rope, attentions)
             block_logdets.append(logdet_tokens.sum(dim=(1, 2)))
             outputs.append(x.unflatten(1, (grid_h, grid_w)))
             text_states = block_text if block_text is not None else text_states
@@ -543,6 +542,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
             block_logdets=tuple(block_logdets),
             hidden_states=tuple(outputs) if output_hidden_states else None,
             text_hidden_states=text_states if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 

@@ -29,6 +29,7 @@ from .guidance import Guidance, GuidanceRule, check_positive_number, guide
 from .layers import (
     FlowLinear,
     FlowMLP,
+    FlowModelMixin,
     KVCache,
     at_least_fp32,
     check_attention_implementation,
@@ -64,7 +65,7 @@ class TarFlowOutput(ModelOutput):
             The patch sequence after each flow block, returned when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Attention weights (batch, heads, T, T) of every layer, block by block, each in its block's patch
-            order; returned when `output_attentions=True` (eager attention).
+            order; returned when `output_attentions=True`.
     """
 
     loss: torch.Tensor | None = None
@@ -268,7 +269,7 @@ class TarFlowBlock(nn.Module):
         return guide(condition.guidance, log_scale, shift, weight)
 
 
-class TarFlowPreTrainedModel(PreTrainedModel):
+class TarFlowPreTrainedModel(FlowModelMixin, PreTrainedModel):
     config: TarFlowConfig
     config_class = TarFlowConfig
     base_model_prefix = "tarflow"
@@ -398,19 +399,12 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 Class per image; -1 or `None` selects the unconditional (mean class embedding) branch.
             output_hidden_states (`bool`, *optional*): return the patch sequence after every block.
             return_dict (`bool`, *optional*): return a [`TarFlowOutput`] rather than a tuple.
-            output_attentions (`bool`, *optional*): return every layer's attention weights (needs
-                `attn_implementation="eager"`).
+            output_attentions (`bool`, *optional*): return every layer's attention weights (computed with the
+                explicit softmax for the call, whatever `attn_implementation` is).
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states, return_dict, output_attentions = self.output_options(
+            output_hidden_states, return_dict, output_attentions
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                "output_attentions=True needs the eager attention implementation: load the model with "
-                f"attn_implementation='eager' (it runs {self.config._attn_implementation!r})"
-            )
         self._check_images(pixel_values)
         labels = self.prepare_class_labels(class_labels, pixel_values.shape[0])
 
