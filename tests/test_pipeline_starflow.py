@@ -597,3 +597,36 @@ def test_prompts_encode_without_a_transformer():
     assert embeds.shape[:2] == (2, 128) and negative.shape == embeds.shape
     torch.testing.assert_close(embeds, full, rtol=0, atol=0)
     torch.testing.assert_close(negative, full_negative, rtol=0, atol=0)
+
+
+def test_embeddings_of_another_text_length_are_fitted_to_the_transformers():
+    """The flow reads text padded to its `max_text_length` (16 here); embeddings padded to another length (as
+    `encode_prompt` without a transformer pads to 128) are fitted to it: zero rows added or cut, the same images."""
+    _, model, expected = reference()
+    pipe = make_pipe()
+    arguments = {"latents": expected["noise"][:1], "denoise": False, "output_type": "latent"}
+    from_prompt = pipe("w5 w7", negative_prompt="w9", **arguments).images
+    for length in (model.config.max_text_length + 9, 4):  # "w5 w7 </s>" is 3 tokens
+        embeds = pipe.encode_prompt("w5 w7", do_classifier_free_guidance=False, max_sequence_length=length)[0]
+        negative = pipe.encode_prompt("w9", do_classifier_free_guidance=False, max_sequence_length=length)[0]
+        assert embeds.shape[1] == length
+        images = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **arguments).images
+        assert_close(images, from_prompt, f"embeddings of {length} tokens vs the prompt", tolerance=1e-5)
+    # Text past the model's length is not cut: those embeddings reach the flow as they are.
+    long = pipe.encode_prompt(" ".join(f"w{i}" for i in range(10, 40)), do_classifier_free_guidance=False,
+                              max_sequence_length=40)[0]  # fmt: skip
+    assert pipe.encode_prompt(None, prompt_embeds=long, do_classifier_free_guidance=False)[0].shape[1] == 40
+
+
+def test_a_variant_the_transformer_lacks_loads_its_own_weights(tmp_path):
+    """diffusers' rule for `variant=`: a component saved without the variant loads its own weights; a variant that
+    no component has is diffusers' ValueError, before anything loads."""
+    pipe = private_pipe()
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    weights = tmp_path / "transformer" / "model.fp16.safetensors"
+    weights.rename(weights.with_name("model.safetensors"))
+    loaded = StarFlowPipeline.from_pretrained(tmp_path, variant="fp16")
+    for key, tensor in pipe.transformer.state_dict().items():
+        torch.testing.assert_close(loaded.transformer.state_dict()[key], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="variant=bf16"):
+        StarFlowPipeline.from_pretrained(tmp_path, variant="bf16")

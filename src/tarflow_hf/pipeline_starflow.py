@@ -99,6 +99,18 @@ class StarFlowPipelineOutput(BaseOutput):
     stats: SamplingStats | None = None
 
 
+def fit_text_length(embeds: torch.Tensor, length: int | None) -> torch.Tensor:
+    """`embeds` (batch, tokens, hidden) at `length` text tokens, the length the flow was trained to read (None: as
+    they are): shorter ones get zero rows (the padding, as encoding zeroes it), longer ones lose trailing rows that are
+    all padding; text past `length` is kept. So prompts encoded to another length (without a transformer,
+    `encode_prompt` pads to 128) give the flow what encoding at its own length gives."""
+    if length is None or embeds.shape[1] == length:
+        return embeds
+    if embeds.shape[1] < length:
+        return torch.cat([embeds, embeds.new_zeros(embeds.shape[0], length - embeds.shape[1], embeds.shape[2])], 1)
+    return embeds if embeds[:, length:].any() else embeds[:, :length]
+
+
 class PromptMixin:
     """Text conditioning of a STARFlow pipeline: prompts -> the T5 embeddings the flow reads (Apple's
     `utils.encode_text`), their checks, and one embedding row per image for the likelihood tools."""
@@ -148,7 +160,8 @@ class PromptMixin:
                 *optional*): precomputed embeddings (padding rows zeroed), used instead of encoding.
             max_sequence_length (`int`, *optional*): the text length; the transformer's `max_text_length` by
                 default (128 without a transformer; the negative prompt is padded to the length of `prompt_embeds`
-                when those are given).
+                when those are given). Without it, embeddings of another length (given, or encoded without a
+                transformer) are fitted to the transformer's (`fit_text_length`).
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`, each `(batch * num_images_per_prompt, text_length, hidden)` in
@@ -163,21 +176,32 @@ class PromptMixin:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             default_length = DEFAULT_TEXT_LENGTH if transformer is None else transformer.config.max_text_length
             prompt_embeds = self._encode(prompts, device, max_sequence_length or default_length)
+        text_length = None if transformer is None or max_sequence_length else transformer.config.max_text_length
+        prompt_embeds = fit_text_length(prompt_embeds, text_length)
         batch_size, length = prompt_embeds.shape[:2]
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
         if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        if negative_prompt_embeds is None:
-            negative_prompt = "" if negative_prompt is None else negative_prompt
-            negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != batch_size:
-                raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries for {batch_size} prompts; pass one or one per prompt"
-                )
-            negative_prompt_embeds = self._encode(negatives, device, length)
-        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            negative_prompt_embeds = None
+        else:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self._encode_negative(negative_prompt, batch_size, device, length)
+            negative_prompt_embeds = fit_text_length(negative_prompt_embeds, text_length).to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        # One return of both (diffusers reads the names `encode_prompt` returns, as `__call__`'s arguments).
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_negative(
+        self, negative_prompt: PromptInput, batch_size: int, device: torch.device, length: int
+    ) -> torch.Tensor:
+        """The negative prompts' embeddings, one per prompt (the empty prompt by default), `length` tokens long."""
+        negative_prompt = "" if negative_prompt is None else negative_prompt
+        negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch_size:
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries for {batch_size} prompts; pass one or one per prompt"
+            )
+        return self._encode(negatives, device, length)
 
     def check_prompt_inputs(
         self,

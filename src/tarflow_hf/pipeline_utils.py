@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.errors import StrictDataclassError
 
@@ -33,6 +34,8 @@ PACKAGED = __name__ == "tarflow_hf.pipeline_utils"
 Generator = torch.Generator | list[torch.Generator] | None
 Callback = Callable[..., Any] | PipelineCallback | MultiPipelineCallbacks | None
 PUSH_ARGUMENTS = ("repo_id", "token", "private", "commit_message", "create_pr")
+# diffusers logs the loading of each component on its pipeline loader's logger; the transformer's is logged there too.
+LOADING_LOGGER = logging.get_logger("diffusers.pipelines.pipeline_utils")
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -357,6 +360,7 @@ class FlowPipelineMixin:
         """
         if PACKAGED and Path(pretrained_model_name_or_path).is_dir():
             importlib.import_module(f"{__package__}.registry").check_pipeline_folder(pretrained_model_name_or_path)
+            _check_variant(Path(pretrained_model_name_or_path), kwargs.get("variant"))
         if PACKAGED and kwargs.get("transformer") is None:
             kwargs.pop("transformer", None)
             kwargs["transformer"] = cls._load_transformer(pretrained_model_name_or_path, kwargs)
@@ -370,17 +374,25 @@ class FlowPipelineMixin:
             dtype = dtype.get("transformer", dtype.get("default"))
         passed = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant")
         options = {key: kwargs[key] for key in passed if kwargs.get(key) is not None}
+        folder = Path(pretrained_model_name_or_path) / "transformer"
+        if "variant" in options and folder.is_dir() and not _has_variant(folder, options["variant"]):
+            del options["variant"]  # as diffusers loads a component without the variant's files: its own weights
         device_map = kwargs.pop("device_map", None)
         if device_map is not None:
             options["device_map"] = device_map
         model_class = getattr(module, cls._transformer_class)
         try:
-            return model_class.from_pretrained(
+            model = model_class.from_pretrained(
                 pretrained_model_name_or_path, subfolder="transformer", dtype=dtype or torch.float32, **options
             )
         except StrictDataclassError as error:  # a config field of the wrong type: huggingface_hub's message
             details = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
             raise ValueError(f"{pretrained_model_name_or_path}/transformer/config.json: {details}") from None
+        LOADING_LOGGER.info(
+            f"Loaded transformer as {model_class.__name__} from `transformer` subfolder of "
+            f"{pretrained_model_name_or_path}."
+        )
+        return model
 
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
@@ -395,6 +407,24 @@ class FlowPipelineMixin:
             if isinstance(sampler, list) and len(sampler) == 2 and sampler[1] is not None:
                 config["sampler"] = [f"{__package__}.samplers", sampler[1]]
         return config
+
+
+def _has_variant(folder: Path, variant: str) -> bool:
+    """Whether `folder` holds files of weights `variant` (`model.fp16.safetensors`): diffusers' test."""
+    return any(
+        len(parts) > 2 and parts[1].startswith(variant) for parts in (p.name.split(".") for p in folder.iterdir())
+    )
+
+
+def _check_variant(folder: Path, variant: str | None) -> None:
+    """diffusers' `ValueError` for a `variant` no component of the pipeline folder has, before anything loads."""
+    if variant is None:
+        return
+    if not any(sub.is_dir() and _has_variant(sub, variant) for sub in folder.iterdir()):
+        raise ValueError(
+            f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+            f"available. ({folder} has no component saved with that variant.)"
+        )
 
 
 _CALL_STATES = threading.local()
