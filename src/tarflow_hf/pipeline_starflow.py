@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, T5EncoderMode
 from .guidance import GuidanceRule
 from .images import ImageInput, to_tensor
 from .layers import WeightPacking  # noqa: F401 (the samplers' import: diffusers copies direct imports only)
+from .lora import LoraMixin
 from .pipeline_utils import (
     PACKAGED,
     FlowPipelineMixin,
@@ -253,7 +254,7 @@ class PromptMixin:
         return embeds
 
 
-class StarFlowPipeline(FlowPipelineMixin, PromptMixin, DiffusionPipeline):
+class StarFlowPipeline(LoraMixin, FlowPipelineMixin, PromptMixin, DiffusionPipeline):
     r"""
     Pipeline for text-to-image generation with STARFlow, and what only a normalizing flow can do: the exact
     log-likelihood of an image's latent under a caption, and zero-shot captioning by Bayes' rule over candidate

@@ -35,6 +35,7 @@ from .guidance import GuidanceRule
 from .images import ImageInput, to_tensor
 from .labels import aliases, ids_for_names, label2id, resolve_class_ids
 from .layers import WeightPacking  # noqa: F401 (the samplers' import: diffusers copies direct imports only)
+from .lora import LoraMixin
 from .pipeline_utils import (
     PACKAGED,
     FlowPipelineMixin,
@@ -144,7 +145,7 @@ class ClassLabelsMixin:
         return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
 
 
-class TarFlowPipeline(FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
+class TarFlowPipeline(LoraMixin, FlowPipelineMixin, ClassLabelsMixin, DiffusionPipeline):
     r"""
     Pipeline for TarFlow ("Normalizing Flows are Capable Generative Models", Zhai et al. 2024): image generation
     with classifier-free guidance, and what only a normalizing flow can do, exact log-likelihoods, an invertible
