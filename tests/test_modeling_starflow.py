@@ -166,6 +166,15 @@ def test_denoise_matches_apple(name):
     assert_close(denoised, expected["denoised"], f"{name} denoised")
 
 
+def test_a_denoising_step_that_overflows_is_refused():
+    model = random_model()
+    size = model.config.sample_size
+    text = torch.randn(2, model.config.max_text_length, model.config.text_hidden_size)
+    with pytest.raises(FloatingPointError, match="denoising step produced non-finite values"):
+        model.denoise(torch.full((2, model.config.in_channels, size, size), 1e30), text)
+    assert torch.isfinite(model.denoise(torch.randn(2, model.config.in_channels, size, size), text)).all()
+
+
 def test_non_square_latents_match_apple():
     meta, model, expected = reference("sf_variant")
     assert meta["aspect"]["latent_hw"] == list(expected["aspect_x"].shape[2:])

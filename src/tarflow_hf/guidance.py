@@ -196,10 +196,16 @@ def row_weights(guidance: Guidance | None, num_rows: int, device: torch.device) 
 def guide(
     guidance: Guidance | None, log_scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine [cond; uncond] rows of (a, b) into B guided rows with the guidance's rule (unguided: as given)."""
+    """Combine [cond; uncond] rows of (a, b) into B guided rows with the guidance's rule (unguided: as given).
+
+    Under autocast the rule runs in the projection's dtype, as Apple's bf16 sampling does (so its samples are
+    reproduced); a model whose weights are half precision gets the rule in float32 (Apple has no such mode, and the
+    rule's differences of nearby values are where half precision loses most)."""
     if guidance is None or not guidance.active:
         return log_scale, shift
-    if isinstance(weight, torch.Tensor):  # combined in the projection's dtype, as Apple does
+    if not torch.is_autocast_enabled(log_scale.device.type) and log_scale.dtype.itemsize < 4:
+        log_scale, shift = log_scale.float(), shift.float()
+    if isinstance(weight, torch.Tensor):
         weight = weight.to(log_scale.dtype)
     a_cond, a_uncond = log_scale.chunk(2)
     b_cond, b_uncond = shift.chunk(2)

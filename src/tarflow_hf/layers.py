@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +50,84 @@ def weight_packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+# ATen's CPU int8 weight-only kernel (`torch._weight_int8pack_mm`) needs the inner dimension in multiples of this.
+INT8_KERNEL_BLOCK = 16
+# Rows from which the int8 product runs as a bfloat16 matrix product on the weight converted to bfloat16 (scaled
+# after): the kernel is built for a few rows (a decoding step's) and its time grows with the rows, about 2.4x the
+# converted product's at 256 rows (a text prefix) and 3.6x at 1152 (the denoising step's pass), while the conversion
+# costs one pass over the weight, which the kernel beats below about 64 rows (3072-wide layers, 2-core EPYC).
+INT8_KERNEL_MAX_ROWS = 64
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 matrix, per-row scales) of a weight quantized to int8 per output row (torchao's int8 weight-only
+    configuration), or None for any other weight. Read from the tensor's own storage, without a copy, and checked
+    against its `dequantize()`, so a layout this code does not know is simply not used."""
+    if type(weight) is nn.Parameter or type(weight) is torch.Tensor or not hasattr(weight, "dequantize"):
+        return None
+    if weight.dim() != 2 or weight.shape[1] % INT8_KERNEL_BLOCK:
+        return None  # the kernel reads the inner dimension in blocks of 16: other widths give wrong results
+    for holder in (weight, getattr(weight, "tensor_impl", None)):
+        values = next((getattr(holder, name) for name in ("qdata", "int_data") if hasattr(holder, name)), None)
+        scale = getattr(holder, "scale", None)
+        if values is None or scale is None or values.dtype != torch.int8 or values.shape != weight.shape:
+            continue
+        scale = scale.reshape(-1)
+        dequantized = values.to(scale.dtype) * scale[:, None]
+        if scale.numel() == weight.shape[0] and torch.equal(dequantized, weight.dequantize()):
+            return values, scale
+    return None
+
+
+class _Int8WeightLinear(torch.autograd.Function):
+    """x @ (int8 * scale).T with ATen's int8 weight-only kernel (from `INT8_KERNEL_MAX_ROWS` rows on, as a bfloat16
+    product with the converted weight); its gradient for x (the score-denoising step takes one) from the dequantized
+    weight. The weight itself is frozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(values, scale)
+        # The kernel's fast path on CPU takes bfloat16 activations (float32 ones run about 20x slower).
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if flat.shape[0] < INT8_KERNEL_MAX_ROWS:
+            out = torch._weight_int8pack_mm(flat, values, scale.to(torch.bfloat16))
+        else:  # (x @ int8.T) * scale: each output column has its row's scale
+            out = F.linear(flat, values.to(torch.bfloat16)) * scale.to(torch.bfloat16)
+        return out.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        values, scale = ctx.saved_tensors
+        return grad @ (values.to(grad.dtype) * scale[:, None].to(grad.dtype)), None, None
+
+
+def int8_linear(x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (int8 * scale).T + bias, through ATen's int8 weight-only kernel."""
+    out = _Int8WeightLinear.apply(x, *rows)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 class FlowLinear(nn.Linear):
-    """`nn.Linear` (same parameters, same checkpoints) that a `WeightPacking` context can run on packed weights."""
+    """`nn.Linear` (same parameters, same checkpoints) that a `WeightPacking` context can run on packed weights, and
+    that runs int8 weight-only quantized weights (torchao's) with ATen's int8 kernel on CPU."""
+
+    _int8: tuple[int, tuple[torch.Tensor, torch.Tensor] | None] | None = None  # (id of the weight read, its rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and (rows := self._int8_rows()) is not None:
+            return int8_linear(x, rows, self.bias)
         packing = _ACTIVE_PACKING.get()
         # Autocast rounds F.linear's operands; the packed product would not.
         plain = packing is None or self not in packing.layers or x.dtype is not torch.float32 or not x.is_cpu
         if plain or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return F.linear(x, self.weight, self.bias)
         return packing.linear(self, x)
+
+    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`int8_rows` of the current weight, read once per weight (quantizing replaces the weight object)."""
+        if self._int8 is None or self._int8[0] != id(self.weight):
+            self._int8 = (id(self.weight), int8_rows(self.weight))
+        return self._int8[1]
 
 
 class WeightPacking:
@@ -81,6 +150,7 @@ class WeightPacking:
             layer
             for layer in module.modules()
             if isinstance(layer, FlowLinear)
+            and type(layer.weight) is nn.Parameter  # not a quantized tensor
             and layer.weight.dtype == torch.float32
             and layer.weight.is_cpu
             and not hasattr(layer, "_hf_hook")
@@ -287,6 +357,17 @@ class FlowModelMixin:
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.blocks[0].proj_in = value
 
+    @staticmethod
+    def checked_denoised(images: torch.Tensor) -> torch.Tensor:
+        """The score step's result, refused when not finite (NaN would reach the saved images as grey)."""
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(
+                "the denoising step produced non-finite values: the samples lie where the log-likelihood overflows "
+                "(often a high guidance_scale, or half-precision weights); pass denoise=False, a lower "
+                "guidance_scale, or float32 weights"
+            )
+        return images
+
     def output_options(
         self, output_hidden_states: bool | None, return_dict: bool | None, output_attentions: bool | None
     ) -> tuple[bool, bool, bool]:
@@ -330,6 +411,8 @@ __all__ = [
     "distinct_rows",
     "grouped_causal_attention",
     "init_torch_defaults",
+    "int8_linear",
+    "int8_rows",
     "layer_norm_fp32",
     "weight_packing_available",
 ]

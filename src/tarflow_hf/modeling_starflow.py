@@ -686,7 +686,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 log_likelihood = self(x, None if text is None else text[i : i + 1].clone()).log_likelihood
                 (score,) = torch.autograd.grad(log_likelihood.sum(), x)
             outputs.append((x + strength * sigma**2 * score).detach())
-        return torch.cat(outputs)
+        return self.checked_denoised(torch.cat(outputs))
 
 
 __all__ = ["StarFlowConfig", "StarFlowModel", "StarFlowOutput", "StarFlowPreTrainedModel"]

@@ -192,7 +192,7 @@ class TarFlowBlock(nn.Module):
     def embed(self, patches: torch.Tensor, positions: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """Transformer input for `patches` (B, L, D) with their rows of the position table (1, L, W). The additions
         run in Apple's order (projection + position, then + class), so half-precision results match too."""
-        hidden = self.proj_in(patches) + positions
+        hidden = self.proj_in(patches.to(self.proj_in.weight.dtype)) + positions
         if condition is not None and condition.shape[0] != hidden.shape[0]:  # guidance: both branches' rows
             hidden = hidden.repeat(condition.shape[0] // hidden.shape[0], 1, 1)
         return hidden if condition is None else hidden + condition
@@ -468,7 +468,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
 
         Returns:
             `torch.Tensor` of shape `(batch_size, num_channels, image_size, image_size)`: images in model space,
-            nominally [-1, 1], not clipped.
+            nominally [-1, 1], not clipped; float32 whatever the weights' precision (float64 for a float64 model).
         """
         self._check_latents(latents)
         rule = GuidanceRule.parse(guidance_rule, self.config.default_guidance_rule)
@@ -478,7 +478,10 @@ class TarFlowModel(TarFlowPreTrainedModel):
         batch = latents.shape[0]
         labels = self.prepare_class_labels(class_labels, batch)
         stats = SamplingStats()
-        x = latents.to(self.prior_variance) * self.prior_variance.sqrt()  # the model's device and dtype
+        # The trajectory stays in float32 whatever the weights (float64 for a float64 model): half-precision weights
+        # round each block's prediction, not the sample carried from block to block.
+        precision = torch.float64 if self.prior_variance.dtype == torch.float64 else torch.float32
+        x = latents.to(self.device, precision) * self.prior_variance.to(precision).sqrt()
         for step, block in enumerate(reversed(self.blocks)):
             condition = block.sampling_condition(labels, batch, Guidance(scale_at(step), rule), temperature)
             inverted, record = sampler.invert_block(block, block.permute(x), condition, step)
@@ -532,7 +535,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
                 log_likelihood = self(chunk, chunk_labels).log_likelihood
                 (score,) = torch.autograd.grad(log_likelihood.sum(), chunk)
             outputs.append((chunk + strength * sigma**2 * score).detach())
-        return torch.cat(outputs)
+        return self.checked_denoised(torch.cat(outputs))
 
 
 __all__ = ["TarFlowConfig", "TarFlowModel", "TarFlowOutput", "TarFlowPreTrainedModel"]

@@ -380,6 +380,13 @@ class FlowPipelineMixin:
         device_map = kwargs.pop("device_map", None)
         if device_map is not None:
             options["device_map"] = device_map
+        quantization = kwargs.get("quantization_config")  # diffusers' PipelineQuantizationConfig, for every component
+        if quantization is not None and hasattr(quantization, "_resolve_quant_config"):
+            # The transformer is a transformers model: its part of the pipeline's configuration, as transformers'.
+            transformer_config = quantization._resolve_quant_config(is_diffusers=False, module_name="transformer")
+            if transformer_config is not None:
+                options["quantization_config"] = transformer_config
+            kwargs["quantization_config"] = _without_transformer(quantization)  # diffusers quantizes the others
         model_class = getattr(module, cls._transformer_class)
         try:
             model = model_class.from_pretrained(
@@ -407,6 +414,22 @@ class FlowPipelineMixin:
             if isinstance(sampler, list) and len(sampler) == 2 and sampler[1] is not None:
                 config["sampler"] = [f"{__package__}.samplers", sampler[1]]
         return config
+
+
+def _without_transformer(quantization: Any) -> Any:
+    """A `PipelineQuantizationConfig` for the components other than the transformer (which the pipeline loads
+    itself), or None when it names no other."""
+    import copy
+
+    if not quantization.quant_mapping and not quantization.components_to_quantize:
+        return quantization  # every component: diffusers does the others
+    others = copy.copy(quantization)
+    if quantization.quant_mapping:
+        others.quant_mapping = {name: c for name, c in quantization.quant_mapping.items() if name != "transformer"}
+        return others if others.quant_mapping else None
+    names = [name for name in quantization.components_to_quantize or [] if name != "transformer"]
+    others.components_to_quantize = names
+    return others if names else None
 
 
 def _has_variant(folder: Path, variant: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -61,7 +62,14 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+def _quiet_optional_libraries() -> None:
+    """A command's errors are one line: torchao, when installed for a torch it was not built against, announces on
+    import that it skips its C++ kernels (a fact about the installation, not about the command)."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
 def _execute(prog: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    _quiet_optional_libraries()
     try:
         return run(args) or 0
     except USER_ERRORS as error:

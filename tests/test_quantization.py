@@ -1,0 +1,169 @@
+"""Models at the sizes people run them: bf16 weights and int8 weight-only quantization (torchao, through
+transformers' `TorchAoConfig` and diffusers' `PipelineQuantizationConfig`), for both families and every sampler."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_model
+from diffusers import PipelineQuantizationConfig
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
+from transformers import TorchAoConfig
+
+import tarflow_hf
+from tarflow_hf import (
+    BlockJacobiSampler,
+    JacobiSampler,
+    NewtonSampler,
+    SequentialSampler,
+    StarFlowPipeline,
+    TarFlowModel,
+    TarFlowPipeline,
+)
+from tarflow_hf.classifier import load_classifier
+from tarflow_hf.layers import INT8_KERNEL_MAX_ROWS, FlowLinear, WeightPacking, int8_linear, int8_rows
+
+SAMPLERS = [SequentialSampler(), JacobiSampler(tolerance=1e-3), NewtonSampler(tolerance=1e-3), BlockJacobiSampler()]
+
+
+def int8_config() -> TorchAoConfig:
+    return TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
+
+
+def flow_linears(model: torch.nn.Module) -> list[FlowLinear]:
+    return [module for module in model.modules() if isinstance(module, FlowLinear)]
+
+
+# ------------------------------------------------------------------------------------------ the int8 kernel
+@pytest.mark.parametrize("version", [1, 2])  # torchao's two layouts (1: AffineQuantizedTensor, 2: Int8Tensor)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_are_torchaos_own_and_the_kernel_computes_their_product(dtype, version):
+    layer = torch.nn.Linear(64, 48).to(dtype)
+    quantize_(layer, Int8WeightOnlyConfig(version=version))
+    values, scale = int8_rows(layer.weight)
+    assert values.dtype == torch.int8 and values.shape == (48, 64) and scale.shape == (48,)
+    dequantized = layer.weight.dequantize().float()
+    torch.testing.assert_close((values.to(scale.dtype) * scale[:, None]).float(), dequantized, rtol=0, atol=0)
+    x = torch.randn(5, 3, 64, dtype=dtype, requires_grad=True)
+    out = int8_linear(x, (values, scale), layer.bias)
+    expected = torch.nn.functional.linear(x.detach().float(), dequantized, layer.bias.float())
+    # bfloat16 activations inside the kernel: about 3 significant digits of the largest output
+    torch.testing.assert_close(out.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
+    out.sum().backward()  # the score step differentiates through it
+    torch.testing.assert_close(x.grad.float(), dequantized.sum(0).expand(5, 3, 64), atol=1e-2, rtol=1e-2)
+
+
+def test_many_rows_run_as_a_bf16_product_of_the_converted_weight(monkeypatch):
+    """A text prefix or the denoising pass (hundreds of rows) runs 2-4x faster as a bf16 product than through ATen's
+    int8 kernel, which is built for a decoding step's few rows; both give the product to bf16's precision."""
+    layer = torch.nn.Linear(64, 48)
+    quantize_(layer, Int8WeightOnlyConfig(version=2))
+    values, scale = int8_rows(layer.weight)
+    dequantized = layer.weight.dequantize().float()
+    kernel, kernel_rows = torch._weight_int8pack_mm, []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *rest: kernel_rows.append(len(x)) or kernel(x, *rest))
+    for rows in (INT8_KERNEL_MAX_ROWS - 1, INT8_KERNEL_MAX_ROWS, 300):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        out = int8_linear(x, (values, scale), layer.bias)
+        expected = torch.nn.functional.linear(x.float(), dequantized, layer.bias.float())
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+        torch.testing.assert_close(out.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
+    assert kernel_rows == [INT8_KERNEL_MAX_ROWS - 1]
+
+
+def test_widths_the_kernel_cannot_take_stay_with_torchao():
+    """ATen's kernel reads the inner dimension in blocks of 16; a 24-wide weight would come out wrong there."""
+    layer = torch.nn.Linear(24, 32)
+    quantize_(layer, Int8WeightOnlyConfig(version=2))
+    assert int8_rows(layer.weight) is None
+    assert int8_rows(torch.nn.Linear(32, 8).weight) is None  # a plain weight
+
+
+# ------------------------------------------------------------------------------------- loading and sampling
+@pytest.fixture(scope="module")
+def tarflow_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("quantization") / "tarflow"
+    TarFlowPipeline(transformer=random_model(seed=4, hidden_size=64, head_dim=16)).save_pretrained(folder)
+    return folder
+
+
+def test_an_int8_model_loads_every_weight_from_the_file_and_samples(tarflow_folder):
+    plain = TarFlowModel.from_pretrained(tarflow_folder, subfolder="transformer")
+    model = TarFlowModel.from_pretrained(tarflow_folder, subfolder="transformer", quantization_config=int8_config())
+    by_hand = copy.deepcopy(plain)
+    quantize_(by_hand, Int8WeightOnlyConfig(version=2), filter_fn=lambda module, name: isinstance(module, FlowLinear))
+    for (name, mine), theirs in zip(model.state_dict().items(), by_hand.state_dict().values(), strict=True):
+        if hasattr(mine, "dequantize"):  # every weight came from the file, quantized as torchao does it
+            torch.testing.assert_close(mine.dequantize(), theirs.dequantize(), rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+    quantized = [layer for layer in flow_linears(model) if hasattr(layer.weight, "dequantize")]
+    assert len(quantized) >= len(flow_linears(model)) - 1  # all but the first block's input projection
+    assert not WeightPacking(model).layers  # packing steps aside for quantized weights
+    noise = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(0))
+    for sampler in SAMPLERS:
+        exact = plain.inverse(noise, [0, 1, 2, 0], guidance_scale=2.0, sampler=sampler)
+        images = model.inverse(noise, [0, 1, 2, 0], guidance_scale=2.0, sampler=sampler)
+        assert torch.isfinite(images).all() and (images - exact).abs().mean() < 0.05, sampler
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_stay_half_and_every_sampler_runs(tarflow_folder, dtype):
+    pipe = TarFlowPipeline.from_pretrained(tarflow_folder, dtype=dtype)
+    reference = TarFlowPipeline.from_pretrained(tarflow_folder)
+    assert {parameter.dtype for parameter in pipe.transformer.parameters()} == {dtype}
+    noise = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(1))
+    for sampler in SAMPLERS:
+        kwargs = dict(class_labels=[0, 1, 2, 0], latents=noise, guidance_scale=2.0, sampler=sampler)
+        raw = pipe(**kwargs, output_type="latent").images
+        assert raw.dtype == torch.float32  # the trajectory and the guidance stay in float32
+        error = (raw - reference(**kwargs, output_type="latent").images).abs().mean()
+        assert error < 0.05, (sampler, error)
+
+
+def test_pipeline_quantization_configs_quantize_the_transformer(tarflow_folder):
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
+    pipe = TarFlowPipeline.from_pretrained(tarflow_folder, quantization_config=config)
+    assert sum(int8_rows(layer.weight) is not None for layer in flow_linears(pipe.transformer)) >= 8
+    assert pipe(class_labels=[1], output_type="pt").images.isfinite().all()
+
+
+def test_starflow_samples_with_int8_and_bf16_weights():
+    from test_pipeline_starflow import make_pipe, reference
+
+    _, _, expected = reference()
+    arguments = dict(prompt_embeds=expected["y_cond"], negative_prompt_embeds=expected["y_neg"],
+                     latents=expected["noise"], guidance_scale=3.0, output_type="latent")  # fmt: skip
+    exact = make_pipe()(**arguments).images
+    with tempfile.TemporaryDirectory() as folder:
+        make_pipe().save_pretrained(folder)
+        config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
+        for options in (dict(dtype=torch.bfloat16), dict(dtype=torch.bfloat16, quantization_config=config)):
+            pipe = StarFlowPipeline.from_pretrained(folder, **options)
+            pipe.set_progress_bar_config(disable=True)
+            for sampler in (SequentialSampler(), JacobiSampler(tolerance=1e-2, sequential_blocks=1)):
+                latents = pipe(**arguments, sampler=sampler).images
+                assert (latents - exact).abs().max() < 0.1 * exact.abs().max(), (options, sampler)
+
+
+def test_the_bundled_model_draws_recognisable_digits_in_bf16_and_int8():
+    """The bundled model's digits judged by the independent classifier: bf16 and int8 weights as good as float32
+    on the same 100 seeds (the benchmark's 1,000-sample figures: docs/benchmarks.md)."""
+    classifier = load_classifier(tarflow_hf.BUNDLED_CLASSIFIER)
+    labels = torch.arange(10).repeat_interleave(10)
+
+    def accuracy(pipe: TarFlowPipeline) -> float:
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator().manual_seed(seed) for seed in range(len(labels))]
+        images = pipe(class_labels=labels.tolist(), generator=generators, output_type="pt").images
+        return (classifier.predict((images * 255).round() / 127.5 - 1) == labels).float().mean().item()
+
+    float32 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL))
+    bfloat16 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, dtype=torch.bfloat16))
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
+    int8 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config))
+    assert float32 >= 0.97 and bfloat16 >= float32 - 0.02 and int8 >= float32 - 0.02, (float32, bfloat16, int8)
