@@ -4,6 +4,7 @@ config-carrying components."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -513,3 +514,99 @@ def test_the_first_blocks_run_exactly_whatever_the_sampler():
     for sampler in (NewtonSampler(sequential_blocks=2), BlockJacobiSampler(sequential_blocks=2)):
         _, stats = model.inverse(noise, [0, 1], sampler=sampler, return_stats=True)
         assert stats.sequential_blocks == [True, True, False], sampler
+
+
+# ------------------------------------------------------------------------------------ a capturable sequential step
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def starflow_case():
+    from test_modeling_starflow import random_model as starflow_model
+
+    model = starflow_model()
+    config = model.config
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    text, negative = torch.randn(2, 2, config.max_text_length, config.text_hidden_size, generator=generator)
+    return model, (latents, text, negative), {"guidance_scale": 3.0}
+
+
+def tarflow_case():
+    model = random_model(num_blocks=3, seed=2)
+    with torch.no_grad():
+        for block in model.blocks:  # far from the identity, so that the steps matter
+            block.proj_out.weight.normal_(0.0, 0.05)
+    latents = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(3))
+    return model, (latents, [0, 1, 2]), {"guidance_scale": 2.0, "guidance_rule": GuidanceRule(schedule="linear")}
+
+
+@pytest.mark.parametrize("case", [tarflow_case, starflow_case])
+def test_a_compiled_sequential_step_gives_the_same_samples(case):
+    """The sequential step compiles whole (`fullgraph`: no value read on the host, which would break the graph), to
+    one graph per block whatever the number of tokens (no shape changes between them), reused by later calls; the
+    samples are the step-by-step sampler's, to the rounding of attention over a full-length cache. The backend is
+    the compiler's front end without code generation (CUDA graphs need a GPU; the capture conditions are the same)."""
+    model, inputs, options = case()
+    exact = model.inverse(*inputs, **options)
+    sampler = SequentialSampler(compile_mode="default", compile_backend="aot_eager")
+    before = compiled_graphs()
+    first = model.inverse(*inputs, sampler=sampler, **options)
+    graphs = compiled_graphs() - before
+    assert 1 <= graphs <= len(model.blocks)
+    again = model.inverse(*inputs, sampler=sampler, **options)
+    assert compiled_graphs() - before == graphs
+    torch.testing.assert_close(first, exact, atol=2e-5, rtol=0)
+    assert torch.equal(again, first)
+
+
+def test_the_static_cache_step_matches_the_growing_cache():
+    """Uncompiled, the static step is the sequential sampler: full-length keys with a mask read what the growing
+    cache reads."""
+    model, inputs, options = tarflow_case()
+    exact = model.inverse(*inputs, **options)
+
+    class Static(SequentialSampler):
+        def invert(self, block, z, condition):
+            return samplers.sample_sequential_static(block, z, condition)
+
+    torch.testing.assert_close(model.inverse(*inputs, sampler=Static(), **options), exact, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", [tarflow_case, starflow_case])
+def test_the_captured_step_reads_no_value_on_the_host(case):
+    """What the compiler captures of a step holds no host read of a device value (`.item()`, `int(tensor)`: a
+    device synchronisation inside a CUDA graph) and no symbolic sizes (a shape that changes between tokens)."""
+    graphs = []
+
+    def recorder(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    step = torch.compile(samplers.static_step, backend=recorder, fullgraph=True, dynamic=False)
+
+    class Recorded(SequentialSampler):
+        def invert(self, block, z, condition):
+            return samplers.sample_sequential_static(block, z, condition, step)
+
+    model, inputs, options = case()
+    torch.testing.assert_close(
+        model.inverse(*inputs, sampler=Recorded(), **options), model.inverse(*inputs, **options), atol=2e-5, rtol=0
+    )
+    assert 1 <= len(graphs) <= len(model.blocks)
+    for graph in graphs:
+        assert not re.search(r"\.item\(|_local_scalar_dense|sym_", graph.code), graph.code
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile_mode": "fast"}, "compile_mode must be None or one of"),
+        ({"compile_backend": ""}, "compile_backend must be the name"),
+    ],
+)
+def test_compile_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        SequentialSampler(**options)

@@ -114,6 +114,8 @@ class FlowLinear(nn.Linear):
     _int8: tuple[int, tuple[torch.Tensor, torch.Tensor] | None] | None = None  # (id of the weight read, its rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled step: the compiler's own kernels, no packing
+            return F.linear(x, self.weight, self.bias)
         if x.is_cpu and (rows := self._int8_rows()) is not None:
             return int8_linear(x, rows, self.bias)
         packing = _ACTIVE_PACKING.get()
@@ -200,26 +202,57 @@ class WeightPacking:
 
 
 class KVCache:
-    """Keys and values of one attention layer, written in place at absolute positions."""
+    """Keys and values of one attention layer, written in place at absolute positions.
 
-    def __init__(self, max_length: int):
+    `static`: buffers of the full length from the first write, positions given as 0-d tensors and everything
+    returned at full length with a mask (`visible`), so that a sampling step keeps its shapes from token to token
+    and never reads a position on the host: what `torch.compile` needs to capture it as one CUDA graph."""
+
+    def __init__(self, max_length: int, static: bool = False):
         self.max_length = max_length
+        self.static = static
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, position: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, heads, L, head_dim) keys and values at `position .. position + L - 1` and return everything up
-        to there. Writing over a position replaces what was there (parallel samplers recompute a window)."""
+        to there (static: the whole buffers). Writing over a position replaces what was there (parallel samplers
+        recompute a window)."""
         if self.keys is None:
-            # Allocated on first use so the cache takes whatever dtype autocast gives the projections.
+            # Allocated on first use so the cache takes whatever dtype autocast gives the projections; a static
+            # cache is zeroed, since its unwritten positions are read (with zero weight: NaN would still spread).
             batch, heads, _, head_dim = keys.shape
             shape = (batch, heads, self.max_length, head_dim)
-            self.keys = keys.new_empty(shape)
-            self.values = values.new_empty(shape)
+            allocate = keys.new_zeros if self.static else keys.new_empty
+            self.keys, self.values = allocate(shape), allocate(shape)
+        if self.static:
+            index = position + torch.arange(keys.shape[2], device=keys.device)
+            self.keys.index_copy_(2, index, keys)
+            self.values.index_copy_(2, index, values)
+            return self.keys, self.values
         end = position + keys.shape[2]
         self.keys[:, :, position:end] = keys
         self.values[:, :, position:end] = values
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def visible(self, position: int | torch.Tensor, length: int) -> torch.Tensor | None:
+        """A static cache's attention mask (length, max_length) for queries at `position ..`: True where a query
+        may look (its own position and those before); None for a growing cache, whose causal mask is implied."""
+        if not self.static:
+            return None
+        device = self.keys.device
+        last = position + torch.arange(length, device=device)
+        return torch.arange(self.max_length, device=device) <= last[:, None]
+
+
+def rows_at(table: torch.Tensor, start: int | torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    """`length` rows of `table` along `dim` from `start`, a Python int (a slice) or a 0-d tensor (read on the
+    device, for a static sampling step)."""
+    if isinstance(start, torch.Tensor):
+        return table.index_select(dim, start + torch.arange(length, device=table.device))
+    return table.narrow(dim, start, length)
 
 
 def check_attention_implementation(name: str | None) -> str:
@@ -237,16 +270,18 @@ def grouped_causal_attention(
     temperatures: tuple[float, ...] = (1.0,),
     implementation: str = "sdpa",
     output_attentions: bool = False,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`causal_attention` over rows that come in equal groups (the guidance branches), group i with its attention
     logits divided by `temperatures[i]`: one call when all are equal, else one per group (the temperature goes
     into the kernel's scale, as in Apple's separate passes)."""
     head_scale = query.shape[-1] ** -0.5
     if len(set(temperatures)) == 1:
-        return causal_attention(query, key, value, implementation, output_attentions, head_scale / temperatures[0])
+        scale = head_scale / temperatures[0]
+        return causal_attention(query, key, value, implementation, output_attentions, scale, visible)
     groups = zip(*(part.chunk(len(temperatures)) for part in (query, key, value)), strict=True)
     parts = [
-        causal_attention(q, k, v, implementation, output_attentions, head_scale / temperature)
+        causal_attention(q, k, v, implementation, output_attentions, head_scale / temperature, visible)
         for (q, k, v), temperature in zip(groups, temperatures, strict=True)
     ]
     weights = torch.cat([part[1] for part in parts]) if output_attentions else None
@@ -260,26 +295,27 @@ def causal_attention(
     implementation: str = "sdpa",
     output_attentions: bool = False,
     scale: float | None = None,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of `query` (B, H, L, d) over `key`/`value` (B, H, S, d) with S >= L: the queries are the
-    last L positions, so query i sees keys 0 .. S - L + i. `scale` multiplies the logits (default d ** -0.5; an
-    attention temperature T is `scale = d ** -0.5 / T`, applied here rather than to the queries so that half
-    precision rounds as Apple's code does). Returns (output, attention weights or None); the weights need the
-    eager implementation."""
+    last L positions, so query i sees keys 0 .. S - L + i; or, given `visible` (L, S), the keys it marks (a static
+    cache). `scale` multiplies the logits (default d ** -0.5; an attention temperature T is `scale = d ** -0.5 /
+    T`, applied here rather than to the queries so that half precision rounds as Apple's code does). Returns
+    (output, attention weights or None); the weights need the eager implementation."""
     length, keys = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "sdpa" and not output_attentions:
-        mask, is_causal = None, False
-        if length > 1 and keys == length:
+        mask, is_causal = visible, False
+        if visible is None and length > 1 and keys == length:
             is_causal = True
-        elif length > 1:  # a window after cached positions: lower-right aligned keeps fused kernels usable on GPU
-            mask = causal_lower_right(length, keys)
+        elif visible is None and length > 1:  # a window after cached positions: lower-right aligned keeps fused
+            mask = causal_lower_right(length, keys)  # kernels usable on GPU
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale)
         return out, None
     scores = (query @ key.transpose(-2, -1)) * scale
-    if length > 1:
+    if visible is not None or length > 1:
         allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(~(allowed if visible is None else visible), float("-inf"))
     # Softmax in float32 at least, as the fused kernels do (float64 stays float64 for exact checks).
     weights = (scores if scores.dtype == torch.float64 else scores.float()).softmax(dim=-1).type(query.dtype)
     return weights @ value, weights if output_attentions else None
@@ -414,5 +450,6 @@ __all__ = [
     "int8_linear",
     "int8_rows",
     "layer_norm_fp32",
+    "rows_at",
     "weight_packing_available",
 ]

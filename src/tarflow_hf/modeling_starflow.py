@@ -102,9 +102,9 @@ class StarFlowBlockCache:
     rewind is implicit). `offset` is the length of the text prefix: image sequence position t lives at
     `offset + t`."""
 
-    def __init__(self, num_layers: int, max_length: int, offset: int = 0):
+    def __init__(self, num_layers: int, max_length: int, offset: int = 0, static: bool = False):
         self.offset = offset
-        self.layers = [KVCache(max_length) for _ in range(num_layers)]
+        self.layers = [KVCache(max_length, static) for _ in range(num_layers)]
 
 
 # -------------------------------------------------------------------------------------------- layers
@@ -125,7 +125,7 @@ class StarFlowAttention(nn.Module):
         hidden: torch.Tensor,
         rotation: torch.Tensor,
         cache: KVCache | None = None,
-        position: int = 0,
+        position: int | torch.Tensor = 0,
         temperatures: tuple[float, ...] = (1.0,),
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,8 +141,11 @@ class StarFlowAttention(nn.Module):
         value = heads[:, 2 * self.num_heads :]
         if cache is not None:
             key, value = cache.update(key, value, position)
+        visible = None if cache is None else cache.visible(position, length)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, weights = grouped_causal_attention(query, key, value, temperatures, implementation, output_attentions)
+        out, weights = grouped_causal_attention(
+            query, key, value, temperatures, implementation, output_attentions, visible
+        )
         return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
@@ -224,7 +227,7 @@ class StarFlowBlock(nn.Module):
         self,
         hidden: torch.Tensor,
         rope: RotaryTable,
-        start: int,
+        start: int | torch.Tensor,
         cache: StarFlowBlockCache | None = None,
         temperatures: tuple[float, ...] = (1.0,),
         attentions: list[torch.Tensor] | None = None,
@@ -281,7 +284,9 @@ class StarFlowBlock(nn.Module):
         return self.permute(z), -torch.log(scale), text_states if self.reads_text else None
 
     # --------------------------------------------------------------------------------- sampler interface
-    def new_cache(self, condition: StarFlowCondition, batch_size: int, num_tokens: int) -> StarFlowBlockCache:
+    def new_cache(
+        self, condition: StarFlowCondition, batch_size: int, num_tokens: int, static: bool = False
+    ) -> StarFlowBlockCache:
         """A key/value cache for `num_tokens` sequence positions of one inverse of this block; the deep block's
         text prefix is run into it first (with the attention temperature, as Apple's sequential decoder does), so
         sequence position t sits at L + t.
@@ -291,7 +296,7 @@ class StarFlowBlock(nn.Module):
         (every text token of every row through the deep block), so a batch of N images of one prompt computes 2 rows
         instead of 2N."""
         text_length = condition.text_length if self.reads_text else 0
-        cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, offset=text_length)
+        cache = StarFlowBlockCache(len(self.layers), text_length + num_tokens, text_length, static)
         if text_length:
             temperatures = condition.temperatures
             groups = [(condition.text, temperatures[0])]
@@ -319,7 +324,7 @@ class StarFlowBlock(nn.Module):
     def affine_span(
         self,
         tokens: torch.Tensor,
-        position: int,
+        position: int | torch.Tensor,
         cache: StarFlowBlockCache | None,
         condition: StarFlowCondition,
         weight: torch.Tensor | float = 0.0,

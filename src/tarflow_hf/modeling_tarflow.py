@@ -36,6 +36,7 @@ from .layers import (
     grouped_causal_attention,
     init_torch_defaults,
     layer_norm_fp32,
+    rows_at,
 )
 from .samplers import FlowSampler, SamplingStats, get_sampler
 
@@ -100,7 +101,7 @@ class TarFlowAttention(nn.Module):
         self,
         hidden: torch.Tensor,
         cache: KVCache | None = None,
-        position: int = 0,
+        position: int | torch.Tensor = 0,
         temperatures: tuple[float, ...] = (1.0,),
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,8 +114,11 @@ class TarFlowAttention(nn.Module):
         query, key, value = qkv.view(batch, length, 3 * self.num_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         if cache is not None:
             key, value = cache.update(key, value, position)
+        visible = None if cache is None else cache.visible(position, length)
         implementation = check_attention_implementation(self.config._attn_implementation)
-        out, weights = grouped_causal_attention(query, key, value, temperatures, implementation, output_attentions)
+        out, weights = grouped_causal_attention(
+            query, key, value, temperatures, implementation, output_attentions, visible
+        )
         return self.proj(out.transpose(1, 2).reshape(batch, length, width)), weights
 
 
@@ -201,7 +205,7 @@ class TarFlowBlock(nn.Module):
         self,
         hidden: torch.Tensor,
         caches: Sequence[KVCache] | None = None,
-        position: int = 0,
+        position: int | torch.Tensor = 0,
         temperatures: tuple[float, ...] = (1.0,),
         attentions: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -250,19 +254,21 @@ class TarFlowBlock(nn.Module):
             rows = torch.cat([conditional, self.class_condition(None, batch)])
         return TarFlowCondition(rows, guidance, temperatures)
 
-    def new_cache(self, condition: TarFlowCondition, batch_size: int, num_tokens: int) -> list[KVCache]:
-        return [KVCache(num_tokens) for _ in self.layers]
+    def new_cache(
+        self, condition: TarFlowCondition, batch_size: int, num_tokens: int, static: bool = False
+    ) -> list[KVCache]:
+        return [KVCache(num_tokens, static) for _ in self.layers]
 
     def affine_span(
         self,
         tokens: torch.Tensor,
-        position: int,
+        position: int | torch.Tensor,
         cache: list[KVCache] | None,
         condition: TarFlowCondition,
         weight: torch.Tensor | float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Guided (a, b) for patches `position + 1 ..` from patches `position ..` (B, n, D) and the cache."""
-        positions = self.position_table()[:, position : position + tokens.shape[1]]
+        positions = rows_at(self.position_table(), position, tokens.shape[1])
         hidden = self.embed(tokens, positions, condition.class_rows)
         hidden = self.transformer(hidden, cache, position, condition.temperatures)
         log_scale, shift = self.scale_shift(self.proj_out(hidden))

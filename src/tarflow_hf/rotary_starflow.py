@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .configuration_starflow import StarFlowConfig
+from .layers import rows_at
 
 
 def rope_angles(config: StarFlowConfig, height: int, width: int, text_length: int) -> torch.Tensor:
@@ -61,8 +62,8 @@ class RotaryTable:
         angles = angles.double() if dtype == torch.float64 else angles
         return cls(torch.polar(torch.ones_like(angles), angles))
 
-    def rows(self, start: int, length: int) -> torch.Tensor:
-        return self.rotation[start : start + length]
+    def rows(self, start: int | torch.Tensor, length: int) -> torch.Tensor:
+        return rows_at(self.rotation, start, length, dim=0)
 
     def tail(self, length: int) -> RotaryTable:
         """The last `length` positions: the image part, for a block without the text prefix."""

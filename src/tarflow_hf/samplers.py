@@ -201,16 +201,47 @@ class FlowSampler(SchedulerMixin, ConfigMixin):
 
 class SequentialSampler(FlowSampler):
     """Exact: token t + 1 from tokens 0..t, one at a time, earlier keys and values read from the cache (the
-    original code's sampler, and the default)."""
+    original code's sampler, and the default).
+
+    Args:
+        compile_mode (`str`, *optional*): run each step through `torch.compile` with this mode; on CUDA,
+            `"reduce-overhead"` captures it as a CUDA graph, replayed token after token (the step keeps its shapes
+            and never waits for the device: a full-length static cache, positions as device tensors). The first
+            call of each block compiles. None runs the steps as they come.
+        compile_backend (`str`, defaults to `"inductor"`): `torch.compile`'s backend (the mode applies to inductor).
+    """
 
     name = "sequential"
+    COMPILE_MODES: ClassVar[tuple[str, ...]] = (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+        "max-autotune-no-cudagraphs",
+    )
 
     @register_to_config
-    def __init__(self) -> None:
-        pass
+    def __init__(self, compile_mode: str | None = None, compile_backend: str = "inductor") -> None:
+        if compile_mode is not None and compile_mode not in self.COMPILE_MODES:
+            raise ValueError(f"compile_mode must be None or one of {self.COMPILE_MODES}, got {compile_mode!r}")
+        if not isinstance(compile_backend, str) or not compile_backend:
+            raise ValueError(f"compile_backend must be the name of a torch.compile backend, got {compile_backend!r}")
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self._compiled_step = None
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
-        return sample_sequential(block, z, condition)
+        if self.compile_mode is None:
+            return sample_sequential(block, z, condition)
+        return sample_sequential_static(block, z, condition, self.compiled_step())
+
+    def compiled_step(self) -> Any:
+        """`static_step` compiled once per sampler (`torch.compile` keeps one graph per block it meets)."""
+        if self._compiled_step is None:
+            mode = self.compile_mode if self.compile_backend == "inductor" else None
+            self._compiled_step = torch.compile(
+                static_step, backend=self.compile_backend, mode=mode, fullgraph=True, dynamic=False
+            )
+        return self._compiled_step
 
 
 class JacobiSampler(FlowSampler):
@@ -344,6 +375,44 @@ def sample_sequential(
             weight = guidance.weight * (t + 1) / rows
         log_scale, shift = block.affine_span(x[:, t : t + 1], t, cache, condition, weight)
         x[:, t + 1 : t + 2] = affine_inverse(x[:, t + 1 : t + 2], log_scale, shift)
+    return x, BlockRecord(0, num_tokens - 1, 0.0, num_tokens - 1)
+
+
+def static_step(
+    block: AffineBlock,
+    token: torch.Tensor,
+    latent: torch.Tensor,
+    position: torch.Tensor,
+    cache: Any,
+    condition: BlockCondition,
+    weight: torch.Tensor | float,
+) -> torch.Tensor:
+    """Token t + 1 from token t (B, 1, D) at `position` (a 0-d tensor) and latent t + 1, on a static cache: the
+    same shapes at every token and no value read on the host, so that a compiler can capture it whole."""
+    log_scale, shift = block.affine_span(token, position, cache, condition, weight)
+    return affine_inverse(latent, log_scale, shift)
+
+
+def sample_sequential_static(
+    block: AffineBlock, z: torch.Tensor, condition: BlockCondition, step: Any = static_step
+) -> tuple[torch.Tensor, BlockRecord]:
+    """`sample_sequential` on a static cache, one `step` (`static_step`, or it compiled) per token. The first
+    runs as it is: it allocates the cache's buffers, which the compiled steps then write in place."""
+    batch, num_tokens, _ = z.shape
+    x = z.clone()
+    cache = block.new_cache(condition, batch, num_tokens, static=True)
+    weights = row_weights(condition.guidance, num_tokens - 1, z.device)
+    per_row = isinstance(weights, torch.Tensor)
+    weight = weights[:, :1].clone() if per_row else weights
+    position = torch.zeros((), dtype=torch.long, device=z.device)
+    token = x[:, :1].clone()
+    for t in range(num_tokens - 1):
+        if per_row:
+            weight.copy_(weights[:, t : t + 1])
+        run = static_step if t == 0 else step
+        token = run(block, token, z[:, t + 1 : t + 2].clone(), position, cache, condition, weight)
+        x[:, t + 1 : t + 2] = token
+        position += 1
     return x, BlockRecord(0, num_tokens - 1, 0.0, num_tokens - 1)
 
 
