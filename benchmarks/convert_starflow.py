@@ -6,18 +6,16 @@
 A random checkpoint in Apple's format (width 3072, heads of 64, 5 shallow blocks of 2 layers, a deep block of
 `--deep-layers` layers (24 released), 128 text tokens of width 2048, Apple's deprecated buffers included) is written
 with `torch.save`, then converted by the command line in a child process (`tarflow-hf convert --transformer-only`)
-and back (`--reverse`), each timed, with the child's peak resident memory. The converter memory-maps the file and
-assigns its tensors to a model built on the meta device, so the peak should stay near one copy of the weights.
+and back (`--reverse`), each timed, with that child's own peak resident memory (`benchmarks.memory`). The converter
+memory-maps the file and assigns its tensors to a model built on the meta device, so the peak should stay near one
+copy of the weights. Resident memory counts the pages of the memory-mapped file that the child has read.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.convert_starflow import deprecated_buffers, expected_apple_shapes
 
+from .memory import run_module_measuring_peak
 from .timing import Results, report
 
 
@@ -37,14 +36,6 @@ def random_checkpoint(config: StarFlowConfig, path: Path) -> int:
         state[key] = buffers[key] if key in buffers else torch.empty(shape).normal_(0.0, 0.02)
     torch.save(state, path)
     return path.stat().st_size
-
-
-def timed_child(arguments: list[str]) -> tuple[float, float]:
-    """Run `python -m tarflow_hf ...`; return (seconds, peak resident memory of the children so far in GiB)."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tarflow_hf", *arguments], check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -63,14 +54,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["layout"] = f"widths 3072, blocks [2, 2, 2, 2, 2, {args.deep_layers}]"
         results["elements"] = sum(torch.Size(shape).numel() for shape in expected_apple_shapes(config).values())
         results["checkpoint_gib"] = size
-        seconds, peak = timed_child(["convert", str(checkpoint), str(converted), "--transformer-only"])
-        results["convert_seconds"] = seconds
-        results["convert_peak_gib"] = peak
-        results["convert_peak_vs_file"] = peak / size
-        # The children's peak is a high-water mark over both runs: the larger of the two.
-        seconds, peak = timed_child(["convert", "--reverse", str(converted), str(back)])
-        results["reverse_seconds"] = seconds
-        results["peak_gib_either_run"] = peak
+        runs = {
+            "convert": ["convert", str(checkpoint), str(converted), "--transformer-only"],
+            "reverse": ["convert", "--reverse", str(converted), str(back)],
+        }
+        for name, arguments in runs.items():
+            seconds, peak_mib = run_module_measuring_peak("tarflow_hf", arguments)
+            results[f"{name}_seconds"] = seconds
+            results[f"{name}_peak_gib"] = peak_mib / 1024
+            results[f"{name}_peak_vs_file"] = peak_mib / 1024 / size
     return report(results, args.json)
 
 

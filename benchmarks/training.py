@@ -6,9 +6,9 @@
 
 Speed: both implementations in this process, their training steps timed round-robin (`timing.round_robin`), so
 each round's pair runs back to back, each first in half of the rounds; the speed-up is the median of the rounds'
-ratios. Peak memory (max RSS on CPU, the allocator's peak on GPU): each implementation in a process of its own,
-one warm-up step and one measured step, so that the peak is its own. Apple's code is loaded from the given
-checkout at run time, never copied.
+ratios. Peak memory (peak resident memory on CPU, `benchmarks.memory`; the allocator's peak on GPU): each
+implementation in a process of its own, one warm-up step and one measured step, so that the peak is its own.
+Apple's code is loaded from the given checkout at run time, never copied.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from tarflow_hf import TarFlowConfig, TarFlowModel
 
 from .apple_model import build_apple_tarflow, load_ml_tarflow
+from .memory import peak_resident_mib
 from .sampling import PRESETS
 from .timing import Results, record_speedup, report, round_robin, synchronizer
 
@@ -109,7 +109,7 @@ def peak_memory_mib(args: argparse.Namespace) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_resident_mib()
 
 
 def peak_memory_in_child(argv: list[str], impl: str) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -51,6 +52,15 @@ def test_paired_speedup_is_the_median_of_each_rounds_ratio():
     times = {"fast": [1.0, 2.0, 4.0], "slow": [3.0, 2.0, 8.0]}  # rounds' ratios 3, 1, 2
     assert timing.paired_speedup(times, "fast", "slow") == 2.0
     assert timing.per_round_ratios(times, "fast", "slow") == "3.00, 1.00, 2.00"
+
+
+def test_a_childs_peak_memory_is_its_own_not_the_parents():
+    memory = benchmark("memory")
+    parent_peak = memory.peak_resident_mib()  # this process has torch loaded: hundreds of MiB
+    seconds, child_peak = memory.run_module_measuring_peak("platform", [])  # prints a line, a few MiB
+    assert 0 < child_peak < parent_peak / 4 and seconds > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        memory.run_module_measuring_peak("benchmarks.no_such_module", [])
 
 
 def test_tarflow_sampling_benchmark_on_the_tiny_preset(tmp_path):
