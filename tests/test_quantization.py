@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import random_model, tiny_config
 from diffusers import PipelineQuantizationConfig
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 from transformers import TorchAoConfig
@@ -167,3 +167,54 @@ def test_the_bundled_model_draws_recognisable_digits_in_bf16_and_int8():
     config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
     int8 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config))
     assert float32 >= 0.97 and bfloat16 >= float32 - 0.02 and int8 >= float32 - 0.02, (float32, bfloat16, int8)
+
+
+MEMORY_PROBE = """
+import sys, threading, time, torch
+from tarflow_hf import TarFlowModel, TarFlowPipeline
+
+def anonymous_mb():  # the process's own memory; pages of the memory-mapped file are the page cache's
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon"))
+
+peak, done = [anonymous_mb()], threading.Event()
+def watch():
+    while not done.is_set():
+        peak.append(anonymous_mb())
+        time.sleep(0.001)
+
+baseline = anonymous_mb()
+watcher = threading.Thread(target=watch)
+watcher.start()
+how, folder = sys.argv[1], sys.argv[2]
+if how == "model":
+    model = TarFlowModel.from_pretrained(folder + "/transformer", dtype=torch.bfloat16)
+elif how == "pipeline":
+    model = TarFlowPipeline.from_pretrained(folder, dtype=torch.bfloat16).transformer
+else:
+    model = TarFlowPipeline.from_pretrained(folder).to(torch.bfloat16).transformer
+done.set()
+watcher.join()
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+dtypes = {str(p.dtype) for p in model.parameters()}
+print(weights, max(peak) - baseline, *dtypes)
+"""
+
+
+@pytest.mark.parametrize("how", ["model", "pipeline", "pipeline.to"])
+def test_bf16_loading_never_holds_the_weights_in_float32(tmp_path, how):
+    """A float32 folder loaded as bf16 (`dtype=` to `from_pretrained`, or `pipe.to(torch.bfloat16)` after a float32
+    load) peaks at the bf16 weights' size in the process's own memory, not the float32 copy's twice that size: the
+    float32 file is memory-mapped (page cache) and converted tensor by tensor. Measured in a fresh process."""
+    import subprocess
+    import sys
+
+    config = tiny_config(image_size=32, num_channels=3, patch_size=4, hidden_size=512, num_blocks=4, layers_per_block=3)
+    TarFlowPipeline(transformer=TarFlowModel(config)).save_pretrained(tmp_path / "pipe")
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, how, str(tmp_path / "pipe")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights, peak, dtype = done.stdout.split()
+    assert dtype == "torch.bfloat16" and float(weights) > 30
+    assert float(peak) <= 1.2 * float(weights) + 8, f"peak {peak} MB for {weights} MB of bf16 weights"
