@@ -85,6 +85,20 @@ def test_packed_linear_agrees_with_nn_linear_and_packs_on_the_second_call():
     assert layers.active_packing() is None and not packing.packed and packing.packed_bytes == 0
 
 
+def test_bf16_weights_are_packed_by_onednn_with_the_same_products():
+    """bfloat16 weights take oneDNN's pre-packed product where the CPU has bfloat16 instructions (this machine and
+    CI's do): the very numbers `addmm` gives, from the second call on."""
+    layer, x = packing_layer().to(torch.bfloat16), torch.randn(2, 1, 96, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), WeightPacking(layer) as packing:
+        outs = [layer(x) for _ in range(3)]
+        assert len(packing.packed) == (1 if layers.bf16_packing_available() else 0)
+        assert all(packed.is_mkldnn for packed in packing.packed.values())
+    for out in outs:
+        assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    assert layers.bf16_packing_available() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def test_torch_here_has_mkl_packing():
     """The speed-up needs MKL (x86 Linux/Windows wheels); the CI machine's torch has it, so the packed path above is
     really exercised there. Elsewhere (Apple silicon) the layers stay plain, which the test above also covers."""

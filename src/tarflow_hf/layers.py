@@ -50,6 +50,11 @@ def weight_packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def bf16_packing_available() -> bool:
+    """oneDNN's pre-packed bfloat16 product: x86 CPUs with bfloat16 instructions (AVX-512 BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 # ATen's CPU int8 weight-only kernel (`torch._weight_int8pack_mm`) needs the inner dimension in multiples of this.
 INT8_KERNEL_BLOCK = 16
 # Rows from which the int8 product runs as a bfloat16 matrix product on the weight converted to bfloat16 (scaled
@@ -120,7 +125,7 @@ class FlowLinear(nn.Linear):
             return int8_linear(x, rows, self.bias)
         packing = _ACTIVE_PACKING.get()
         # Autocast rounds F.linear's operands; the packed product would not.
-        plain = packing is None or self not in packing.layers or x.dtype is not torch.float32 or not x.is_cpu
+        plain = packing is None or self not in packing.layers or x.dtype != self.weight.dtype or not x.is_cpu
         if plain or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
             return F.linear(x, self.weight, self.bias)
         return packing.linear(self, x)
@@ -133,16 +138,18 @@ class FlowLinear(nn.Linear):
 
 
 class WeightPacking:
-    """While active (`with WeightPacking(block):`), the float32 CPU `FlowLinear` layers of a module compute
-    inference (no gradients) from MKL-packed copies of their weights.
+    """While active (`with WeightPacking(block):`), the float32 and bfloat16 CPU `FlowLinear` layers of a module
+    compute inference (no gradients) from pre-packed copies of their weights: MKL's for float32, oneDNN's for
+    bfloat16 (the same products as `addmm`'s, bit for bit).
 
     A decoding step multiplies a handful of rows (images x guidance branches) by every weight matrix, which is
     bound by reading the weights: plain `addmm` streams them at about half the memory bandwidth, MKL's pre-packed
-    product 1.2-2.5x faster on a 2-core Xeon (benchmarks/sampling.py). A packing serves one row count, so it is
-    made the second time a layer sees that count (one-off shapes such as a prompt prefix are not worth it), within
-    `budget_bytes` for all layers together (default: `PACKING_BUDGET_BYTES`, 1 GiB), and dropped on exit.
+    float32 product 1.2-2.5x faster on a 2-core Xeon, oneDNN's bfloat16 one about 2x (`benchmarks.weight_formats`).
+    A packing serves one row count, so it is made the second time a layer sees that count (one-off shapes such as a
+    prompt prefix are not worth it), within `budget_bytes` for all layers together (default: `PACKING_BUDGET_BYTES`,
+    1 GiB), and dropped on exit.
     Everything else (gradients, autocast, other dtypes or devices, torch without MKL, layers under accelerate's
-    offload hooks) runs as `nn.Linear` does. Results differ from `addmm`'s by float32 rounding (relative 1e-6).
+    offload hooks) runs as `nn.Linear` does. float32 results differ from `addmm`'s by rounding (relative 1e-6).
 
     A packing belongs to the thread (the context) that entered it: calls sampling the same model at once each pack
     for themselves, so a call's products do not depend on what runs beside it."""
@@ -153,7 +160,7 @@ class WeightPacking:
             for layer in module.modules()
             if isinstance(layer, FlowLinear)
             and type(layer.weight) is nn.Parameter  # not a quantized tensor
-            and layer.weight.dtype == torch.float32
+            and layer.weight.dtype in packable_dtypes()
             and layer.weight.is_cpu
             and not hasattr(layer, "_hf_hook")
         }
@@ -164,7 +171,7 @@ class WeightPacking:
         self._token = None
 
     def __enter__(self) -> WeightPacking:
-        if weight_packing_available():
+        if self.layers:
             self._token = _ACTIVE_PACKING.set(self)
         return self
 
@@ -186,7 +193,11 @@ class WeightPacking:
         weight = layer.weight
         if self.packed_bytes + 4 * weight.numel() * weight.element_size() > self.budget_bytes:
             return None
-        packed = self.packed[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        if weight.dtype == torch.bfloat16:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        else:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        self.packed[key] = packed
         self.packed_bytes += packed.numel() * packed.element_size()
         return packed
 
@@ -195,7 +206,14 @@ class WeightPacking:
         packed = self.packed.get((layer, rows))
         if packed is None and (packed := self._pack(layer, rows)) is None:
             return F.linear(x, layer.weight, layer.bias)
+        if packed.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
         return torch.ops.mkl._mkl_linear(x, packed, layer.weight, layer.bias, rows)
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes `WeightPacking` packs on this machine."""
+    return (torch.float32,) * weight_packing_available() + (torch.bfloat16,) * bf16_packing_available()
 
 
 # ------------------------------------------------------------------------------------------------- attention
@@ -442,6 +460,7 @@ __all__ = [
     "WeightPacking",
     "active_packing",
     "at_least_fp32",
+    "bf16_packing_available",
     "causal_attention",
     "check_attention_implementation",
     "distinct_rows",
