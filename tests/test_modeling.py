@@ -63,7 +63,7 @@ def test_denoise_does_not_depend_on_batching():
 def test_a_denoising_step_that_overflows_is_refused():
     """Far from the data the log-likelihood overflows and its gradient is NaN: one line instead of grey images."""
     model = random_model()
-    with pytest.raises(FloatingPointError, match="denoising step produced non-finite values.*denoise=False"):
+    with pytest.raises(FloatingPointError, match=r"denoising step produced non-finite values.*denoise=False"):
         model.denoise(torch.full((2, 1, 8, 8), 1e30), [0, 1])
     assert torch.isfinite(model.denoise(torch.rand(2, 1, 8, 8), [0, 1])).all()
 
