@@ -600,11 +600,35 @@ def test_the_captured_step_reads_no_value_on_the_host(case):
         assert not re.search(r"\.item\(|_local_scalar_dense|sym_", graph.code), graph.code
 
 
+def test_int8_steps_compiled_with_frozen_weights_match_eager_and_follow_weight_changes(caplog):
+    """Inductor with the weights frozen in (its int8 kernels): STARFlow's int8 samples match the eager int8 ones,
+    its 4-channel input layer included (a width the int8 kernel cannot take: it crashed the process); weights
+    changed in place afterwards are noticed and compiled again instead of sampling with the old ones."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model, inputs, options = starflow_case()
+    model = model.to(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig())
+    assert model.blocks[0].proj_in.weight.shape[1] % 16 != 0
+    sampler = SequentialSampler(compile_mode="default", freeze_weights=True)
+    before = model.inverse(*inputs, sampler=sampler, **options)
+    torch.testing.assert_close(before, model.inverse(*inputs, **options), atol=0.15, rtol=0)
+    with torch.no_grad():
+        model.blocks[0].final_norm.weight.mul_(3.0)  # in place: the frozen graph holds the old values
+    with caplog.at_level("WARNING"):
+        changed = model.inverse(*inputs, sampler=sampler, **options)
+    assert "recompiling" in caplog.text
+    assert (changed - before).abs().max() > 0.5  # the change matters: the old graph would be far off
+    torch.testing.assert_close(changed, model.inverse(*inputs, **options), atol=0.15, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"compile_mode": "fast"}, "compile_mode must be None or one of"),
         ({"compile_backend": ""}, "compile_backend must be the name"),
+        ({"freeze_weights": True}, "freeze_weights=True needs a compile_mode with the inductor backend"),
+        ({"compile_mode": "default", "freeze_weights": 1}, "freeze_weights must be True or False, got 1"),
     ],
 )
 def test_compile_options_are_checked(options, message):

@@ -451,10 +451,13 @@ def test_parallel_samplers_report_their_passes(pipe, sampler):
 def test_each_samplers_options_come_from_its_constructor():
     for name, cls in SAMPLERS.items():
         parameters = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+        parameters = [p for p in parameters if p.name not in sampling.SERVER_ONLY_OPTIONS]
         options = sampling.sampler_options(name)
         assert [(o.name, o.default) for o in options] == [(p.name, p.default) for p in parameters]
         assert all(option.help for option in options), name  # a one-line explanation for each
         assert sampling.SAMPLER_HELP[name]
+    assert not {option.name for option in sampling.sampler_options("sequential")} & sampling.SERVER_ONLY_OPTIONS
+    assert sampling.build_sampler("sequential", {"compile_mode": "max-autotune"}).compile_mode is None
     jacobi = {option.name: option for option in sampling.sampler_options("jacobi")}
     assert jacobi["window"].kind is int and jacobi["window"].optional and jacobi["tolerance"].kind is float
 

@@ -54,6 +54,9 @@ OPTION_HELP = {
     "block_size": "patches per chunk.",
     "threshold": "a chunk stops once its relative change is below this: smaller is closer to exact, and slower.",
 }
+# How steps run on the server's hardware is the server's choice: a visitor never triggers a compile (tens of
+# seconds and a graph cache per choice), so these constructor arguments are not on the page.
+SERVER_ONLY_OPTIONS = frozenset({"compile_mode", "compile_backend"})
 GUIDANCE_TARGET_HELP = "what guidance changes: each patch's scale, its shift, or both (TarFlow's default)."
 GUIDANCE_SCHEDULE_HELP = "constant: the same guidance for every patch; linear: growing from none at the first patch."
 UNCONDITIONAL_TEMPERATURE_HELP = (
@@ -78,11 +81,14 @@ class SamplerOption:
 
 
 def sampler_options(name: str) -> list[SamplerOption]:
-    """The options of sampler `name`: its class's constructor arguments, with their types and defaults."""
+    """The options of sampler `name` a visitor sets: its class's constructor arguments (but the server's own,
+    `SERVER_ONLY_OPTIONS`), with their types and defaults."""
     init = SAMPLERS[name].__init__
     hints = typing.get_type_hints(init)
     options = []
     for parameter in list(inspect.signature(init).parameters.values())[1:]:
+        if parameter.name in SERVER_ONLY_OPTIONS:
+            continue
         hint = hints.get(parameter.name, type(parameter.default))
         arguments = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kind = next(argument for argument in arguments if argument is not type(None))

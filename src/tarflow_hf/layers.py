@@ -120,7 +120,12 @@ class FlowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled step: the compiler's own kernels, no packing
-            return F.linear(x, self.weight, self.bias)
+            weight = self.weight
+            if type(weight) not in (nn.Parameter, torch.Tensor) and weight.shape[1] % INT8_KERNEL_BLOCK:
+                # inductor would hand a quantized weight to the int8 kernel, which reads the inner dimension in
+                # blocks of 16 (it crashes on STARFlow's 4-channel input layer)
+                weight = weight.dequantize()
+            return F.linear(x, weight, self.bias)
         if x.is_cpu and (rows := self._int8_rows()) is not None:
             return int8_linear(x, rows, self.bias)
         packing = _ACTIVE_PACKING.get()

@@ -1,0 +1,30 @@
+"""benchmarks/weight_formats.py on its tiny preset, without Apple's code: every weight format of both families is
+timed against our float32 sampler, lands near it, and the JSON file holds what was printed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_benchmarks import benchmark
+
+weight_formats = benchmark("weight_formats")
+
+
+def test_every_weight_format_of_both_families_is_timed_and_lands_near_float32(tmp_path):
+    path = tmp_path / "results.json"
+    results = weight_formats.main(["--preset", "tiny", "--repeats", "2", "--threads", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    for family in ("tarflow", "starflow"):
+        assert results[f"{family}_deviations_from"] == "float32"  # no Apple checkout given
+        assert results[f"{family}_int8_compile_seconds"] > 0
+        for name in ("bf16", "int8", "int8_compiled"):
+            assert results[f"{family}_{name}_seconds"] > 0
+            assert results[f"{family}_{name}_speedup_over_float32"] > 0
+            assert len(results[f"{family}_{name}_speedup_over_float32_per_round"].split(", ")) == 2
+            assert 0 < results[f"{family}_{name}_max_abs_deviation"] < 0.2, (family, name)
+
+
+def test_an_unknown_family_is_one_line():
+    with pytest.raises(SystemExit, match="--families 'tarflow,dit': give some of tarflow, starflow"):
+        weight_formats.main(["--preset", "tiny", "--families", "tarflow,dit"])
