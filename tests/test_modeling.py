@@ -192,7 +192,7 @@ def test_labels_on_unconditional_model_are_refused():
         ),
         ({"sampler": "jacobi:tolerance=0"}, "tolerance must be a finite number > 0, got 0"),
         ({"sampler": "block_jacobi:block_size=2.5"}, "block_size must be an integer >= 1, got 2.5"),
-        ({"sampler": "jacobi:sequential_blocks=-1"}, "sequential_blocks must be an integer >= 0, got -1"),
+        ({"sampler": "jacobi:sequential_blocks=-1"}, "sequential_blocks must be an integer >= 0 or None, got -1"),
     ],
 )
 def test_bad_sampling_options(kwargs, message):

@@ -495,8 +495,8 @@ def test_sampler_names_and_specs():
         (lambda: JacobiSampler(tolerance=float("nan")), "tolerance must be a finite number > 0"),
         (lambda: JacobiSampler(window=0), "window must be an integer >= 1 or None, got 0"),
         (lambda: JacobiSampler(window=2.5), "window must be an integer >= 1 or None, got 2.5"),
-        (lambda: JacobiSampler(sequential_blocks=-1), "sequential_blocks must be an integer >= 0, got -1"),
-        (lambda: JacobiSampler(sequential_blocks=True), "sequential_blocks must be an integer >= 0, got True"),
+        (lambda: JacobiSampler(sequential_blocks=-1), "sequential_blocks must be an integer >= 0 or None, got -1"),
+        (lambda: JacobiSampler(sequential_blocks=True), "sequential_blocks must be an integer >= 0 or None, got True"),
         (lambda: BlockJacobiSampler(block_size=0), "block_size must be an integer >= 1, got 0"),
         (lambda: BlockJacobiSampler(threshold="1e-3"), "threshold must be a finite number > 0, got '1e-3'"),
         (lambda: BlockJacobiSampler(max_iterations=None), "max_iterations must be an integer >= 1, got None"),
@@ -598,6 +598,18 @@ def test_the_captured_step_reads_no_value_on_the_host(case):
     assert 1 <= len(graphs) <= len(model.blocks)
     for graph in graphs:
         assert not re.search(r"\.item\(|_local_scalar_dense|sym_", graph.code), graph.code
+
+
+def test_a_compiled_sampler_serves_more_kinds_of_blocks_than_the_compilers_recompile_limit():
+    """Blocks of other shapes are graphs of their own, and the compiler keeps at most `recompile_limit` graphs per
+    function: each block compiles a copy of the step, or a process that samples a few models (a Space switching
+    them, float32 then bf16) would stop with an error."""
+    sampler = SequentialSampler(compile_mode="default", compile_backend="eager")
+    for heads in range(1, torch._dynamo.config.recompile_limit + 2):
+        model = random_model(hidden_size=16 * heads, num_blocks=1)
+        noise = torch.randn(1, 16, 4) * 0.5
+        exact = model.inverse(noise, [0])
+        torch.testing.assert_close(model.inverse(noise, [0], sampler=sampler), exact, atol=2e-5, rtol=0)
 
 
 def test_int8_steps_compiled_with_frozen_weights_match_eager_and_follow_weight_changes(caplog):

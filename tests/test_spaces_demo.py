@@ -481,8 +481,10 @@ def test_the_page_shows_the_chosen_samplers_options_with_their_defaults(demo):
 
 def test_the_sampler_panel_composes_the_chosen_samplers_spec():
     values = {"sampler_choice": "jacobi", "jacobi__tolerance": 0.001, "jacobi__window": 4.0,
-              "jacobi__max_iterations": None, "jacobi__sequential_blocks": 0, "newton__tolerance": 5.0}  # fmt: skip
+              "jacobi__max_iterations": None, "jacobi__sequential_blocks": None, "newton__tolerance": 5.0}  # fmt: skip
     assert components.compose_sampler(values) == "jacobi:tolerance=0.001,window=4"
+    every_block = components.compose_sampler(values | {"jacobi__sequential_blocks": 0})
+    assert every_block == "jacobi:tolerance=0.001,window=4,sequential_blocks=0"
     with pytest.raises(ValueError, match="window must be an integer >= 1"):
         components.compose_sampler(values | {"jacobi__window": 0.5})
     with pytest.raises(ValueError, match="needs a value"):

@@ -136,9 +136,12 @@ def sampling_rows(config: Any, text_to_image: bool, sampler: FlowSampler, num_im
     """Estimated transformer rows for sampling `num_images` images. Blocks run in sampling order; the first
     `sampler.sequential_blocks` run token by token. Guidance doubles a block's rows: every block of a TarFlow,
     only the first (the deep, text-conditioned block) of a STARFlow."""
+    exact_blocks = sampler.sequential_blocks
+    if exact_blocks is None:  # the model's choice: STARFlow's deep block, first in sampling order
+        exact_blocks = 1 if text_to_image else 0
     per_image = 0
     for step in range(config.num_blocks):
-        sequential = step < sampler.sequential_blocks
+        sequential = step < exact_blocks
         cost = 1 if sequential else rows_per_token(sampler, config.patch_dim)
         branches = 2 if guided and (step == 0 or not text_to_image) else 1
         per_image += cost * branches

@@ -50,13 +50,13 @@ OPTION_HELP = {
     "max_iterations": "correction passes before it falls back to one patch at a time; empty: no limit.",
     ("block_jacobi", "max_iterations"): "correction passes per chunk, at most.",
     "sequential_blocks": "flow blocks (in sampling order) decoded exactly, one patch at a time, before the sampler "
-    "takes over.",
+    "takes over; empty: the model's choice (STARFlow's deep block, none of TarFlow's).",
     "block_size": "patches per chunk.",
     "threshold": "a chunk stops once its relative change is below this: smaller is closer to exact, and slower.",
 }
 # How steps run on the server's hardware is the server's choice: a visitor never triggers a compile (tens of
 # seconds and a graph cache per choice), so these constructor arguments are not on the page.
-SERVER_ONLY_OPTIONS = frozenset({"compile_mode", "compile_backend"})
+SERVER_ONLY_OPTIONS = frozenset({"compile_mode", "compile_backend", "freeze_weights"})
 GUIDANCE_TARGET_HELP = "what guidance changes: each patch's scale, its shift, or both (TarFlow's default)."
 GUIDANCE_SCHEDULE_HELP = "constant: the same guidance for every patch; linear: growing from none at the first patch."
 UNCONDITIONAL_TEMPERATURE_HELP = (

@@ -199,9 +199,9 @@ class StarFlowCondition:
 # ----------------------------------------------------------------------------------------------- block
 class StarFlowBlock(nn.Module):
     """One autoregressive affine flow step over the token sequence, read reversed when `reverse_order`. The deep
-    block (`reads_text`) runs its layers on [text prefix; image tokens]."""
+    block of a text model (`reads_text`) runs its layers on [text prefix; image tokens]."""
 
-    def __init__(self, config: StarFlowConfig, width: int, num_layers: int, reverse_order: bool, reads_text: bool):
+    def __init__(self, config: StarFlowConfig, width: int, num_layers: int, reverse_order: bool, deep: bool):
         super().__init__()
         self.config = config
         self.reverse_order = reverse_order
@@ -209,8 +209,9 @@ class StarFlowBlock(nn.Module):
         patch_dim = config.patch_dim
         self.sos_embed = nn.Parameter(torch.empty(1, 1, patch_dim))
         self.proj_in = FlowLinear(patch_dim, width)
-        self.proj_txt = FlowLinear(config.text_hidden_size, width) if reads_text else None
+        self.proj_txt = FlowLinear(config.text_hidden_size, width) if deep and config.has_text else None
         self.layers = nn.ModuleList(StarFlowLayer(config, width) for _ in range(num_layers))
+        self.decode_sequentially = deep  # compute-bound passes: parallel samplers decode it exactly by default
         self.final_norm = RMSNormFp32(width)  # Apple's final norm
         self.proj_out = FlowLinear(width, 2 * patch_dim)
 
@@ -451,9 +452,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
             width = config.deep_hidden_size if deep else config.hidden_size
             # Apple's seq_order L2R: even blocks read the tokens reversed, odd blocks as they are.
             layers = config.layers_per_block[i]
-            blocks.append(
-                StarFlowBlock(config, width, layers, reverse_order=i % 2 == 0, reads_text=deep and config.has_text)
-            )
+            blocks.append(StarFlowBlock(config, width, layers, reverse_order=i % 2 == 0, deep=deep))
         self.blocks = nn.ModuleList(blocks)
         self.post_init()
 
@@ -585,7 +584,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
                 block, both guidance branches and the text prefix (Apple's `attn_temp`). Unlike Apple's Jacobi
                 decoder, which ignores it, every sampler here applies it.
             sampler (`FlowSampler` or `str`, *optional*): how each block is inverted (`tarflow_hf.samplers`); the
-                exact `SequentialSampler` when None. `JacobiSampler(sequential_blocks=1)` keeps the deep block exact
+                exact `SequentialSampler` when None. The parallel samplers keep the deep block exact by default
                 and iterates the shallow ones: the fastest parallel setting on a CPU.
             callback (`Callable[[int, torch.Tensor], torch.Tensor | None]`, *optional*): called after each block (in
                 sampling order: step 0 is the deep block) with its step index and the current latents (B, C, H, W);

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -158,11 +159,18 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> i
 # ------------------------------------------------------------------------------------------------ components
 class FlowSampler(SchedulerMixin, ConfigMixin):
     """Base of the samplers: inverts one block (`invert_block`), the first `sequential_blocks` blocks in sampling
-    order exactly whatever the sampler (a deep block whose passes are bound by compute is best decoded once)."""
+    order exactly whatever the sampler; with `sequential_blocks=None`, the blocks that say they are best decoded
+    once (`decode_sequentially`: STARFlow's deep block, whose passes are bound by compute)."""
 
     config_name = "sampler_config.json"
     name: ClassVar[str]
-    sequential_blocks: int = 0
+    sequential_blocks: int | None = 0
+
+    def decodes_exactly(self, block: AffineBlock, step: int) -> bool:
+        """Whether the `step`-th block in sampling order runs token by token whatever this sampler does."""
+        if self.sequential_blocks is None:
+            return bool(getattr(block, "decode_sequentially", False))
+        return step < self.sequential_blocks
 
     def invert_block(
         self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition, step: int = 0
@@ -175,7 +183,7 @@ class FlowSampler(SchedulerMixin, ConfigMixin):
         result is copied out of it, an ordinary tensor that autograd may use afterwards (the denoising step does)."""
         packing = WeightPacking(block) if isinstance(block, nn.Module) else contextlib.nullcontext()
         with packing, torch.inference_mode():
-            if step < self.sequential_blocks:
+            if self.decodes_exactly(block, step):
                 x, record = sample_sequential(block, z, condition)
             else:
                 x, record = self.invert(block, z, condition)
@@ -212,8 +220,8 @@ class SequentialSampler(FlowSampler):
         freeze_weights (`bool`, defaults to False): with inductor, compile the weights in as constants (inductor's
             `freezing`), so that they are laid out for its kernels once: int8 weight-only weights then run on its
             int8 kernels, on a CPU about 2x faster than eager int8 or bf16 (`benchmarks.weight_formats`). For
-            inference only; weights changed in place afterwards (`load_state_dict`, `fuse_lora`) are noticed at the
-            next block and recompiled, which clears `torch.compile`'s caches (`torch._dynamo.reset`).
+            inference only; a block whose weights changed afterwards (`load_state_dict`, `fuse_lora`) is compiled
+            again when it is next sampled.
     """
 
     name = "sequential"
@@ -239,39 +247,40 @@ class SequentialSampler(FlowSampler):
         self.compile_mode = compile_mode
         self.compile_backend = compile_backend
         self.freeze_weights = freeze_weights
-        self._compiled_step = None
-        self._frozen: dict[int, tuple[tuple[int, int], ...]] = {}  # id(block) -> its weights when compiled
+        self._compiled: dict[int, tuple[Any, Any, Any]] = {}  # id(block) -> (its weights, step copy, compiled)
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
         if self.compile_mode is None:
             return sample_sequential(block, z, condition)
-        if self.freeze_weights:
-            self._check_frozen_weights(block)
-        return sample_sequential_static(block, z, condition, self.compiled_step())
+        return sample_sequential_static(block, z, condition, self.compiled_step(block))
 
-    def compiled_step(self) -> Any:
-        """`static_step` compiled once per sampler (`torch.compile` keeps one graph per block it meets)."""
-        if self._compiled_step is None:
-            if self.compile_backend != "inductor":
-                options = dict(mode=None)
-            elif self.freeze_weights:
-                options = dict(options={**torch._inductor.list_mode_options(self.compile_mode), "freezing": True})
-            else:
-                options = dict(mode=self.compile_mode)
-            self._compiled_step = torch.compile(
-                static_step, backend=self.compile_backend, fullgraph=True, dynamic=False, **options
-            )
-        return self._compiled_step
-
-    def _check_frozen_weights(self, block: nn.Module) -> None:
-        """Frozen graphs hold the weights they were compiled with: when a block's weights were replaced or changed
-        in place since, compile again (the graphs are cached by the function, so the caches are cleared)."""
-        weights = tuple((tensor.data_ptr(), tensor._version) for tensor in (*block.parameters(), *block.buffers()))
-        known = self._frozen.setdefault(id(block), weights)
-        if known != weights:
+    def compiled_step(self, block: AffineBlock) -> Any:
+        """`static_step` compiled for `block`, once. Each block gets a copy of the function with a code object of
+        its own: the compiler keeps its graphs per code object, at most `recompile_limit` (8) of them, and every
+        block is a graph. Frozen graphs hold the weights they were compiled with, so a block whose weights were
+        replaced or changed in place since is compiled again."""
+        weights = _weights_fingerprint(block) if self.freeze_weights else None
+        known = self._compiled.get(id(block))
+        if known is not None and known[0] == weights:
+            return known[2]
+        if known is not None:
             logger.warning("the weights changed since this sampler froze them into its compiled steps: recompiling")
-            torch._dynamo.reset()
-            self._frozen = {id(block): weights}
+            torch._C._dynamo.eval_frame.reset_code(known[1].__code__)  # free the stale graph and its weights
+        step = types.FunctionType(static_step.__code__.replace(), static_step.__globals__, static_step.__name__)
+        if self.compile_backend != "inductor":
+            options = dict(mode=None)
+        elif self.freeze_weights:
+            options = dict(options={**torch._inductor.list_mode_options(self.compile_mode), "freezing": True})
+        else:
+            options = dict(mode=self.compile_mode)
+        compiled = torch.compile(step, backend=self.compile_backend, fullgraph=True, dynamic=False, **options)
+        self._compiled[id(block)] = (weights, step, compiled)
+        return compiled
+
+
+def _weights_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Where each weight lives and how often it was changed in place (`_version`)."""
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in (*module.parameters(), *module.buffers()))
 
 
 class JacobiSampler(FlowSampler):
@@ -285,8 +294,9 @@ class JacobiSampler(FlowSampler):
         window (`int`, *optional*): tokens iterated together after the settled prefix; default all of them (fewest
             passes). A smaller window computes less per pass.
         max_iterations (`int`, *optional*): passes per block after which the rest goes one token at a time.
-        sequential_blocks (`int`, defaults to 0): run the first blocks in sampling order exactly. `1` keeps
-            STARFlow's deep block exact and iterates the shallow ones: the fastest parallel setting on a CPU.
+        sequential_blocks (`int`, *optional*): run the first blocks in sampling order exactly. None (default): the
+            blocks best decoded once, STARFlow's deep block (its passes are bound by compute; its shallow blocks
+            settle in a few passes); none of TarFlow's. 0 iterates every block.
     """
 
     name = "jacobi"
@@ -297,12 +307,12 @@ class JacobiSampler(FlowSampler):
         tolerance: float = 1e-4,
         window: int | None = None,
         max_iterations: int | None = None,
-        sequential_blocks: int = 0,
+        sequential_blocks: int | None = None,
     ) -> None:
         self.tolerance = check_positive_number("tolerance", tolerance)
         self.window = _check_int("window", window, 1, optional=True)
         self.max_iterations = _check_int("max_iterations", max_iterations, 1, optional=True)
-        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0, optional=True)
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
         return sample_jacobi(block, z, condition, self.tolerance, self.window, self.max_iterations)
@@ -314,15 +324,15 @@ class NewtonSampler(FlowSampler):
 
     Args:
         tolerance (`float`, defaults to 1e-4): as `JacobiSampler`'s.
-        sequential_blocks (`int`, defaults to 0): as `JacobiSampler`'s.
+        sequential_blocks (`int`, *optional*): as `JacobiSampler`'s.
     """
 
     name = "newton"
 
     @register_to_config
-    def __init__(self, tolerance: float = 1e-4, sequential_blocks: int = 0) -> None:
+    def __init__(self, tolerance: float = 1e-4, sequential_blocks: int | None = None) -> None:
         self.tolerance = check_positive_number("tolerance", tolerance)
-        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0, optional=True)
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
         return sample_newton(block, z, condition, self.tolerance)
@@ -335,19 +345,23 @@ class BlockJacobiSampler(FlowSampler):
         block_size (`int`, defaults to 16): tokens per chunk.
         threshold (`float`, defaults to 1e-3): a chunk stops iterating once its relative change drops below this.
         max_iterations (`int`, defaults to 32): passes per chunk at most.
-        sequential_blocks (`int`, defaults to 0): as `JacobiSampler`'s.
+        sequential_blocks (`int`, defaults to 0): as `JacobiSampler`'s, but Apple's default: every block iterated.
     """
 
     name = "block_jacobi"
 
     @register_to_config
     def __init__(
-        self, block_size: int = 16, threshold: float = 1e-3, max_iterations: int = 32, sequential_blocks: int = 0
+        self,
+        block_size: int = 16,
+        threshold: float = 1e-3,
+        max_iterations: int = 32,
+        sequential_blocks: int | None = 0,
     ) -> None:
         self.block_size = _check_int("block_size", block_size, 1)
         self.threshold = check_positive_number("threshold", threshold)
         self.max_iterations = _check_int("max_iterations", max_iterations, 1)
-        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0)
+        self.sequential_blocks = _check_int("sequential_blocks", sequential_blocks, 0, optional=True)
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
         return sample_block_jacobi(block, z, condition, self.block_size, self.threshold, self.max_iterations)

@@ -426,8 +426,8 @@ def convert(parser: argparse.ArgumentParser) -> None:
 # `tarflow_hf.guidance`: written out here so that `--help` imports no torch).
 SAMPLER_HELP = (
     "how each flow block is inverted, NAME[:key=value,...]: sequential (exact, the default), "
-    "jacobi[:tolerance=1e-4,window=N,max_iterations=N,sequential_blocks=0] (parallel; about 1e-2 in bf16), "
-    "newton[:tolerance=1e-4,sequential_blocks=0] (fewer passes, far more compute), "
+    "jacobi[:tolerance=1e-4,window=N,max_iterations=N,sequential_blocks=N] (parallel; about 1e-2 in bf16), "
+    "newton[:tolerance=1e-4,sequential_blocks=N] (fewer passes, far more compute), "
     "block_jacobi[:block_size=16,threshold=1e-3,max_iterations=32,sequential_blocks=0] (Apple's, approximate)"
 )
 GUIDANCE_RULE_HELP = (
