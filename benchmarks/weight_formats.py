@@ -12,12 +12,13 @@ branches) by every weight, so it is bound by reading the weights: bf16 reads hal
 quarter. Apple's decoder runs the two guidance branches as two passes (each reading every weight), ours as one.
 
 Ours: `SequentialSampler()` with each weight format (bf16 through `.to(torch.bfloat16)`, int8 through torchao's
-int8 weight-only quantization of the bf16 model, as `TorchAoConfig` loads it), and int8 with the steps compiled
-with the weights frozen in (`SequentialSampler(compile_mode="max-autotune-no-cudagraphs", freeze_weights=True)`:
-inductor's int8 kernels; its compile time is reported apart). Timed round-robin (`timing.round_robin`); every
-speed-up is the median of the rounds' ratios to Apple's float32 run in the same round. Deviations: the largest
-absolute difference from Apple's float32 output (model space; random weights amplify bf16 rounding through the
-1024 sequential steps, so these are upper bounds of what trained weights give).
+int8 weight-only quantization of the bf16 model, as `TorchAoConfig` loads it), and bf16 and int8 with the steps
+compiled with the weights frozen in (`SequentialSampler(compile_mode=..., freeze_weights=True)`, by default
+"max-autotune-no-cudagraphs": inductor picks its own kernels, weight-only int8 ones among them; compile times are
+reported apart). Timed round-robin (`timing.round_robin`); every speed-up is the median of the rounds' ratios to
+Apple's float32 run in the same round. Deviations: the largest absolute difference from Apple's float32 output
+(model space; random weights amplify bf16 rounding through the 1024 sequential steps, so these are upper bounds of
+what trained weights give).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ PRESETS = {
     ),
 }
 GUIDANCE_SCALE = {"tarflow": 2.0, "starflow": 4.6}  # Apple's g = 1 and cfg 3.6
-COMPILED = dict(compile_mode="max-autotune-no-cudagraphs", freeze_weights=True)
 Sample = Callable[[], torch.Tensor]
 
 
@@ -75,24 +75,29 @@ def bf16_autocast() -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def our_samplers(inverse: Callable[[torch.nn.Module, SequentialSampler], torch.Tensor], model: torch.nn.Module):
-    """Ours with each weight format, and int8 compiled with its weights frozen in (compiled here, once)."""
+def our_samplers(
+    inverse: Callable[[torch.nn.Module, SequentialSampler], torch.Tensor], model: torch.nn.Module, compile_mode: str
+):
+    """Ours with each weight format, eager and compiled with the weights frozen in (compiled here, once: the
+    seconds that took are returned)."""
     bf16, int8 = copy.deepcopy(model).to(torch.bfloat16), int8_weights(model)
-    compiled = SequentialSampler(**COMPILED)
-    start = time.perf_counter()
-    inverse(int8, compiled)
-    compile_seconds = time.perf_counter() - start
+    compiled, compile_seconds = SequentialSampler(compile_mode=compile_mode, freeze_weights=True), {}
+    for name, weights in (("bf16", bf16), ("int8", int8)):
+        start = time.perf_counter()
+        inverse(weights, compiled)
+        compile_seconds[name] = time.perf_counter() - start
     exact = SequentialSampler()
     samplers = {
         "float32": lambda: inverse(model, exact),
         "bf16": lambda: inverse(bf16, exact),
         "int8": lambda: inverse(int8, exact),
+        "bf16_compiled": lambda: inverse(bf16, compiled),
         "int8_compiled": lambda: inverse(int8, compiled),
     }
     return samplers, compile_seconds
 
 
-def tarflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], float]:
+def tarflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], dict[str, float]]:
     config = TarFlowConfig(**PRESETS[args.preset]["tarflow"], num_blocks=args.blocks, num_classes=3)
     torch.manual_seed(0)
     model = TarFlowModel(config).eval()
@@ -105,7 +110,7 @@ def tarflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], float
     def inverse(flow: TarFlowModel, sampler: SequentialSampler) -> torch.Tensor:
         return flow.inverse(noise, labels, guidance_scale=scale, sampler=sampler).float()
 
-    samplers, compile_seconds = our_samplers(inverse, model)
+    samplers, compile_seconds = our_samplers(inverse, model, args.compile_mode)
     if args.ml_tarflow:
         apple = build_apple_tarflow(load_ml_tarflow(args.ml_tarflow), model)
         apple_bf16 = apple_with_bf16_weights(apple)
@@ -119,14 +124,14 @@ def tarflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], float
     return samplers, compile_seconds
 
 
-def starflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], float]:
+def starflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], dict[str, float]]:
     options = SimpleNamespace(preset=PRESETS[args.preset]["starflow"], batch_size=1)
     run = sampling_starflow.StarFlowRun(SimpleNamespace(**vars(options), guidance_scale=GUIDANCE_SCALE["starflow"]))
 
     def inverse(flow: torch.nn.Module, sampler: SequentialSampler) -> torch.Tensor:
         return flow.inverse(run.noise, run.text, run.negative, run.guidance_scale, sampler=sampler).float()
 
-    samplers, compile_seconds = our_samplers(inverse, run.model)
+    samplers, compile_seconds = our_samplers(inverse, run.model, args.compile_mode)
     if args.ml_starflow:
         apple_float32 = run.originals(args.ml_starflow, 16, 1e-3)["original"]
         apple = sampling_starflow.build_apple_starflow(sampling_starflow.load_ml_starflow(args.ml_starflow), run.model)
@@ -141,11 +146,14 @@ def starflow_samplers(args: argparse.Namespace) -> tuple[dict[str, Sample], floa
     return samplers, compile_seconds
 
 
-def measure(family: str, samplers: dict[str, Sample], compile_seconds: float, repeats: int, results: Results):
+def measure(
+    family: str, samplers: dict[str, Sample], compile_seconds: dict[str, float], repeats: int, results: Results
+):
     """Round-robin timings of `samplers`; each one's seconds, its speed-up over Apple's float32 run and over our
     float32 one, and its deviation from Apple's float32 output (ours in float32 where Apple's code is absent)."""
     rounds = round_robin(samplers, repeats)
-    results[f"{family}_int8_compile_seconds"] = compile_seconds
+    for name, seconds in compile_seconds.items():
+        results[f"{family}_{name}_compile_seconds"] = seconds
     reference = "apple_float32" if "apple_float32" in samplers else "float32"
     results[f"{family}_deviations_from"] = reference
     for name in samplers:
@@ -155,7 +163,7 @@ def measure(family: str, samplers: dict[str, Sample], compile_seconds: float, re
             deviation = (rounds.results[name] - rounds.results[reference]).abs().max()
             results[f"{family}_{name}_max_abs_deviation"] = float(deviation)
     if reference != "float32":
-        for name in ("bf16", "int8", "int8_compiled"):
+        for name in ("bf16", "int8", "bf16_compiled", "int8_compiled"):
             record_speedup(results, f"{family}_{name}_speedup_over_float32", rounds, name, "float32")
 
 
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int, default=1, help="TarFlow blocks of 1024 tokens (released: 8)")
     parser.add_argument("--ml-tarflow", type=Path, help="checkout of apple/ml-tarflow (its code is timed too)")
     parser.add_argument("--ml-starflow", type=Path, help="checkout of apple/ml-starflow (its code is timed too)")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile's mode")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (even: each pair first in half)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -247,35 +247,42 @@ class SequentialSampler(FlowSampler):
         self.compile_mode = compile_mode
         self.compile_backend = compile_backend
         self.freeze_weights = freeze_weights
-        self._compiled: dict[int, tuple[Any, Any, Any]] = {}  # id(block) -> (its weights, step copy, compiled)
+        self._compiled: dict[Any, tuple[Any, Any, Any]] = {}  # kind of block -> (its weights, step copy, compiled)
 
     def invert(self, block: AffineBlock, z: torch.Tensor, condition: BlockCondition) -> tuple[Any, BlockRecord]:
         if self.compile_mode is None:
             return sample_sequential(block, z, condition)
-        return sample_sequential_static(block, z, condition, self.compiled_step(block))
+        # Inductor reads `freezing` from its global configuration when it compiles (the first steps), not from
+        # torch.compile's options: there it would leave the weight-only int8 kernels unused.
+        frozen = torch._inductor.config.patch(freezing=True) if self.freeze_weights else contextlib.nullcontext()
+        with frozen:
+            return sample_sequential_static(block, z, condition, self.compiled_step(block))
 
     def compiled_step(self, block: AffineBlock) -> Any:
-        """`static_step` compiled for `block`, once. Each block gets a copy of the function with a code object of
-        its own: the compiler keeps its graphs per code object, at most `recompile_limit` (8) of them, and every
-        block is a graph. Frozen graphs hold the weights they were compiled with, so a block whose weights were
-        replaced or changed in place since is compiled again."""
+        """`static_step` compiled for blocks like `block`. Each kind of block (its weights' names, shapes and
+        types; with frozen weights, each block) gets a copy of the function with a code object of its own: the
+        compiler keeps at most `recompile_limit` (8) graphs per code object, and a process may sample many kinds.
+        Frozen graphs hold the weights they were compiled with, so a block whose weights were replaced or changed
+        in place since is compiled again."""
+        key = id(block) if self.freeze_weights else _structure(block)
         weights = _weights_fingerprint(block) if self.freeze_weights else None
-        known = self._compiled.get(id(block))
+        known = self._compiled.get(key)
         if known is not None and known[0] == weights:
             return known[2]
         if known is not None:
             logger.warning("the weights changed since this sampler froze them into its compiled steps: recompiling")
             torch._C._dynamo.eval_frame.reset_code(known[1].__code__)  # free the stale graph and its weights
         step = types.FunctionType(static_step.__code__.replace(), static_step.__globals__, static_step.__name__)
-        if self.compile_backend != "inductor":
-            options = dict(mode=None)
-        elif self.freeze_weights:
-            options = dict(options={**torch._inductor.list_mode_options(self.compile_mode), "freezing": True})
-        else:
-            options = dict(mode=self.compile_mode)
-        compiled = torch.compile(step, backend=self.compile_backend, fullgraph=True, dynamic=False, **options)
-        self._compiled[id(block)] = (weights, step, compiled)
+        mode = self.compile_mode if self.compile_backend == "inductor" else None
+        compiled = torch.compile(step, backend=self.compile_backend, mode=mode, fullgraph=True, dynamic=False)
+        self._compiled[key] = (weights, step, compiled)
         return compiled
+
+
+def _structure(module: nn.Module) -> tuple[Any, ...]:
+    """What a compiled graph of `module` depends on besides its weights' values."""
+    tensors = (*module.named_parameters(), *module.named_buffers())
+    return (type(module), *((name, tuple(t.shape), t.dtype, type(t)) for name, t in tensors))
 
 
 def _weights_fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
