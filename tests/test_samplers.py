@@ -616,10 +616,9 @@ def test_int8_steps_compiled_with_frozen_weights_match_eager_and_follow_weight_c
     """Inductor with the weights frozen in (its int8 kernels): STARFlow's int8 samples match the eager int8 ones,
     its 4-channel input layer included (a width the int8 kernel cannot take: it crashed the process); weights
     changed in place afterwards are noticed and compiled again instead of sampling with the old ones."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
     from test_modeling_starflow import random_model as starflow_model
     from test_modeling_starflow import small_config
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     _, inputs, options = starflow_case()
     # 4-channel latents, patch 1: STARFlow's released input and output widths, narrower than the int8 kernels take
