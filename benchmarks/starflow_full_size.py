@@ -6,6 +6,7 @@ float32 decoder timed against ours on the same weights and noise.
     python -m benchmarks.starflow_full_size --ml-starflow /tmp/ml-starflow --workdir /tmp/starflow-full --threads 1 \\
         --json /tmp/starflow_full_size.json        # the released size: 40 GB of files, 20 GB of memory, 2 hours
     python -m benchmarks.starflow_full_size --width 64 --deep-layers 2 --image-size 64    # seconds (the CI test)
+    python -m benchmarks.starflow_full_size --ml-starflow /tmp/ml-starflow --workdir /tmp/starflow-full --device cuda
 
 Stages, each child in a process of its own (`benchmarks.stage_memory`: time, peak resident and anonymous memory);
 `--stages` picks some, `--keep` keeps the files and results for a later run:
@@ -22,9 +23,8 @@ Stages, each child in a process of its own (`benchmarks.stage_memory`: time, pea
   sequential_blocks=1)`.
 - `deep_tokens`: Apple's float32 `Model.reverse` and ours (float32, bf16, int8) on the deep block's first 64 tokens.
 
-Offloading: `enable_model_cpu_offload` moves components between the CPU and an accelerator; on a CPU-only machine
-both are the same memory, so it cannot lower the peak. The samplings instead load the text encoder alone, encode,
-free it, and only then load the transformer and the VAE, so the text encoder never adds to the transformer's memory.
+Offloading: on a CPU-only machine `enable_model_cpu_offload` cannot lower the peak (both sides are the same memory);
+the samplings load the text encoder alone, encode, free it, and only then load the transformer and the VAE.
 """
 
 from __future__ import annotations
@@ -57,36 +57,31 @@ from tarflow_hf.convert_starflow import RELEASED_YAML, SUPPORTED_FLAGS, VAE_DOWN
 from tarflow_hf.convert_starflow import hf_to_apple_state_dict as apple_layout
 from tarflow_hf.fileio import write_text_atomic
 from tarflow_hf.modeling_starflow import StarFlowModel
-from tarflow_hf.samplers import FlowSampler, JacobiSampler, SequentialSampler, sample_sequential
+from tarflow_hf.samplers import FlowSampler, JacobiSampler, SequentialSampler
 
 from .apple_model import load_ml_starflow
 from .stage_memory import GB, Phases, available_gb, in_child, machine, memory_status, timed
+from .starflow_deep_tokens import DeepInputs, apple_deep_tokens, our_deep_tokens
 from .timing import report
 
 RELEASED_WIDTH = 3072
 RELEASED_YAML_FILE = "configs/starflow_3B_t2i_256x256.yaml"
-# Tokens of the deep block that Apple's decoder and ours are timed on (the whole block takes 1024).
-DEEP_TOKENS = 64
-# Output projections drawn with std OUTPUT_STD / sqrt(width): outputs of std about 0.5 over the normalised hidden
-# states, so every block moves its tokens by a softly clipped scale and shift (std 0.02 would give outputs of 1.1 at
-# width 3072, which compound over six blocks).
+DEEP_TOKENS = 64  # of the deep block's 1024, timed for Apple's decoder and ours
+# Output projections drawn with std OUTPUT_STD / sqrt(width): outputs of std about 0.5, so every block moves its
+# tokens by a softly clipped scale and shift (std 0.02 gives 1.1 at width 3072, compounding over six blocks).
 OUTPUT_STD = 0.5
 SEED = 0
-# A caption of a common length (40 words; padded to the model's 128 text tokens) in the stand-in vocabulary.
-PROMPT = " ".join(f"w{(7919 * i) % 32000 + 100}" for i in range(40))
+PROMPT = " ".join(f"w{(7919 * i) % 32000 + 100}" for i in range(40))  # 40 stand-in words (padded to 128 tokens)
 
-# google/flan-t5-xl's config.json (T5 v1.1 XL; checked against the Hub file as remembered: d_model 2048, d_ff 5120,
-# d_kv 64, 24 layers, 32 heads, vocab 32128, gated-gelu with gelu_new, relative attention 32 buckets / max distance
-# 128, layer_norm_epsilon 1e-6, untied embeddings, pad 0, eos 1; stored in float32). Only the encoder is built.
+# google/flan-t5-xl's config.json (T5 v1.1 XL: gated-gelu with gelu_new, relative attention 32 buckets / distance
+# 128, untied embeddings; float32 weights). Only the encoder is built.
 FLAN_T5_XL = dict(
     vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
     dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-6, dropout_rate=0.1, initializer_factor=1.0,
     tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
 )  # fmt: skip
-# stabilityai/sd-vae-ft-ema's config.json (checked against the Hub file as remembered: block_out_channels 128, 256,
-# 512, 512, four Down/UpEncoderBlock2D, 2 layers per block, 4 latent channels, 32 norm groups, silu, sample_size 256;
-# scaling_factor 0.18215 is diffusers' default, which the file leaves out).
+# stabilityai/sd-vae-ft-ema's config.json (scaling_factor 0.18215 is diffusers' default, which the file leaves out).
 SD_VAE_FT_EMA = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -344,7 +339,7 @@ def encode(paths: Paths, phases: Phases) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds
 
 
-def sample(layout: Layout, paths: Paths, weights: str, sampler: str) -> dict[str, Any]:
+def sample(layout: Layout, paths: Paths, weights: str, sampler: str, device: str = "cpu") -> dict[str, Any]:
     """One image end to end: encode (text encoder alone), load the transformer and VAE, invert the flow, denoise,
     decode. The per-block times come from the pipeline's step callback, the denoising step's from the model."""
     from tarflow_hf import StarFlowPipeline
@@ -354,6 +349,8 @@ def sample(layout: Layout, paths: Paths, weights: str, sampler: str) -> dict[str
     with phases("load_transformer"):
         pipe = StarFlowPipeline.from_pretrained(paths.pipeline, text_encoder=None, tokenizer=None,
                                                 **transformer_options(weights))  # fmt: skip
+    pipe = pipe.to(device)
+    prompt_embeds, negative_embeds = prompt_embeds.to(device), negative_embeds.to(device)
     pipe.set_progress_bar_config(disable=True)
     block_ends, denoising, flow_latents = [], [], []
 
@@ -364,9 +361,10 @@ def sample(layout: Layout, paths: Paths, weights: str, sampler: str) -> dict[str
             flow_latents.append(tensors["latents"].clone())
         return {}
 
+    noise = prior_noise(layout).to(device)
     with phases("sample"), timed(pipe.transformer, "denoise", denoising):
         start = time.perf_counter()
-        output = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=prior_noise(layout),
+        output = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=noise,
                       sampler=SAMPLERS[sampler], callback_on_step_end=on_block)  # fmt: skip
     name = f"{weights}_{sampler}"
     paths.outputs.mkdir(exist_ok=True)
@@ -385,52 +383,6 @@ def sample(layout: Layout, paths: Paths, weights: str, sampler: str) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------- deep tokens
-class DeepTokensDone(Exception):
-    """Raised by `FirstDeepTokens` with the deep block's first tokens (`args[0]`): nothing more is sampled."""
-
-
-class FirstDeepTokens(SequentialSampler):
-    """The sequential sampler on the deep block's first `DEEP_TOKENS` tokens, then a stop. A token depends only on
-    those before it, so these are exactly the first tokens of a whole sequential inverse."""
-
-    def invert(self, block: Any, z: torch.Tensor, condition: Any) -> tuple[torch.Tensor, Any]:
-        x, _ = sample_sequential(block, z[:, : DEEP_TOKENS + 1], condition)
-        raise DeepTokensDone(x[:, 1:].clone())
-
-
-@dataclass
-class DeepInputs:
-    """The same noise, text and guidance for Apple's decoder and ours: the prompt's text rows (the first 41 of 128
-    filled, the rest padding zeros, as T5's masked output) and the empty prompt's (one row)."""
-
-    noise: torch.Tensor
-    text: torch.Tensor
-    negative: torch.Tensor
-    guidance_scale: float
-
-    @classmethod
-    def build(cls, config: StarFlowConfig, layout: Layout) -> DeepInputs:
-        generator = torch.Generator().manual_seed(SEED + 4)
-        text = torch.zeros(1, config.max_text_length, config.text_hidden_size)
-        filled = min(len(PROMPT.split()) + 1, config.max_text_length)
-        text[:, :filled] = torch.randn(1, filled, config.text_hidden_size, generator=generator)
-        negative = torch.zeros_like(text)
-        negative[:, 0] = torch.randn(config.text_hidden_size, generator=generator)
-        return cls(prior_noise(layout, config.in_channels), text, negative, config.default_guidance_scale)
-
-
-def our_deep_tokens(model: StarFlowModel, inputs: DeepInputs) -> tuple[torch.Tensor, float]:
-    """(our first deep-block tokens, seconds per token: the text prefix's pass left out)."""
-    prefix: list[float] = []
-    start = time.perf_counter()
-    with timed(model.blocks[-1], "new_cache", prefix):
-        try:
-            model.inverse(inputs.noise, inputs.text, inputs.negative, inputs.guidance_scale, sampler=FirstDeepTokens())
-        except DeepTokensDone as done:
-            (tokens,) = done.args
-    return tokens.float(), (time.perf_counter() - start - sum(prefix)) / tokens.shape[1]
-
-
 def apple_from_checkpoint(module: ModuleType, paths: Paths, text_width: int) -> torch.nn.Module:
     """Apple's `Model` with the `.pth`'s tensors, memory-mapped (Apple's loading copies them; this keeps a single
     copy, the file's), built without initialising its weights (never written, so never resident)."""
@@ -439,32 +391,6 @@ def apple_from_checkpoint(module: ModuleType, paths: Paths, text_width: int) -> 
         apple = module.Model(**apple_model_arguments(paths.yaml, text_width))
     apple.load_state_dict(torch.load(paths.checkpoint, mmap=True, weights_only=True), assign=True)
     return apple.eval()
-
-
-def apple_deep_tokens(module: ModuleType, apple: torch.nn.Module, inputs: DeepInputs) -> tuple[torch.Tensor, float]:
-    """Apple's `Model.reverse` (float32, Apple's cfg g = guidance_scale - 1) stopped after the deep block's first
-    tokens: its own token loop (`tqdm.trange`) limited to them, the shallow blocks skipped. -> (tokens in raster
-    order, seconds per token without the text prefix's pass)."""
-    prefix: list[float] = []
-
-    class FirstSteps:
-        @staticmethod
-        def trange(steps: int, **_: Any) -> range:
-            return range(min(steps, DEEP_TOKENS))
-
-    saved_tqdm, module.tqdm = module.tqdm, FirstSteps
-    object.__setattr__(apple, "reverse_shallow", lambda x, *args, **kwargs: x)
-    start = time.perf_counter()
-    try:
-        with torch.no_grad(), timed(apple.blocks[-1], "reverse_step_condition", prefix):
-            both = torch.cat([inputs.text, inputs.negative])
-            x = apple.reverse(inputs.noise, both, guidance=inputs.guidance_scale - 1.0)
-    finally:
-        module.tqdm = saved_tqdm
-        object.__delattr__(apple, "reverse_shallow")
-    seconds = time.perf_counter() - start - sum(prefix)
-    tokens = x.permute(0, 2, 3, 1).flatten(1, 2)[:, :DEEP_TOKENS]  # patch 1: a token is a pixel's channels
-    return tokens, seconds / tokens.shape[1]
 
 
 def touch(module: torch.nn.Module) -> None:
@@ -491,15 +417,17 @@ def deep_tokens(args: argparse.Namespace, layout: Layout, paths: Paths) -> dict[
     and noise. Each of ours is timed in `args.rounds` rounds with Apple's, back to back, each first in half of
     them; its speed-up is the median of the rounds' ratios (the machine's speed drifts: see `timing`)."""
     module = load_ml_starflow(args.ml_starflow) if args.ml_starflow else None
-    apple = None if module is None else apple_from_checkpoint(module, paths, layout.t5()["d_model"])
+    apple = None if module is None else apple_from_checkpoint(module, paths, layout.t5()["d_model"]).to(args.device)
     if apple is not None:
         touch(apple.blocks[-1])
-    results: dict[str, Any] = {"tokens": DEEP_TOKENS, "rounds": args.rounds}
+    results: dict[str, Any] = {"tokens": args.deep_tokens, "rounds": args.rounds}
     reference, inputs, apple_seconds = None, None, []
     for name, load_ours in our_models(paths).items():
-        model = load_ours().eval()
+        model = load_ours().eval().to(args.device)
         touch(model.blocks[-1])
-        inputs = inputs or DeepInputs.build(model.config, layout)
+        noise = prior_noise(layout, model.config.in_channels)
+        words = len(PROMPT.split())
+        inputs = inputs or DeepInputs.build(model.config, noise, words, SEED + 4, args.deep_tokens).to(args.device)
         runs = {name: partial(our_deep_tokens, model, inputs)}
         if apple is not None:
             runs["apple"] = partial(apple_deep_tokens, module, apple, inputs)
@@ -551,7 +479,9 @@ def stage_work(args: argparse.Namespace, layout: Layout, paths: Paths) -> dict[s
             "load_pretrained": lambda: load(paths, single_file=False),
             "load_single_file": lambda: load(paths, single_file=True),
         },
-        "sample": {name: (lambda s=setting: sample(layout, paths, *s)) for name, setting in sample_runs.items()},
+        "sample": {
+            name: (lambda s=setting: sample(layout, paths, *s, args.device)) for name, setting in sample_runs.items()
+        },
         "deep_tokens": {"deep_tokens": lambda: deep_tokens(args, layout, paths)},
     }
 
@@ -656,8 +586,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deep-layers", type=int, default=24, help="layers of the deep block (released: 24)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (released: 256)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    parser.add_argument("--deep-tokens", type=int, default=DEEP_TOKENS, help="deep-block tokens timed (issue: 64)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the deep-token timings (even: fair)")
     parser.add_argument("--threads", type=int, help="torch threads of every stage (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the samplings and deep tokens run (e.g. cuda)")
     parser.add_argument("--workdir", type=Path, help="where the files go (default: a new folder under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the files (and results) for a later --stages run")
     parser.add_argument("--json", type=Path, help="also write the results here")

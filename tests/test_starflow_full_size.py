@@ -99,23 +99,6 @@ def test_without_keep_only_what_the_run_wrote_is_removed(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- the pieces
-def test_the_first_deep_tokens_are_those_of_a_whole_sequential_inverse():
-    config = StarFlowConfig(sample_size=4, hidden_size=64, layers_per_block=[1, 2], head_dim=32,
-                            text_hidden_size=16, max_text_length=8)  # fmt: skip
-    torch.manual_seed(0)
-    model = StarFlowModel(config).eval()
-    full_size.random_output_projections(model.blocks, 64)
-    layout = full_size.Layout(width=64, deep_layers=2, image_size=32)
-    inputs = full_size.DeepInputs.build(config, layout)
-    tokens, seconds = full_size.our_deep_tokens(model, inputs)
-    after_deep_block = []
-    model.inverse(inputs.noise, inputs.text, inputs.negative, inputs.guidance_scale,
-                  callback=lambda step, latents: after_deep_block.append(latents) if step == 0 else None)  # fmt: skip
-    expected = model.patchify(after_deep_block[0]).flatten(1, 2)  # the deep block reads the tokens in raster order
-    assert tokens.shape == (1, 16, 4) and seconds > 0
-    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
-
-
 def test_the_written_yaml_is_apples_format_with_the_layout_in_it(tmp_path):
     layout = full_size.Layout(width=128, deep_layers=3, image_size=64)
     path = tmp_path / "config.yaml"
