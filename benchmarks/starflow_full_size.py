@@ -467,7 +467,7 @@ def paired_rounds(
 # ------------------------------------------------------------------------------------------------- the run
 def stage_work(args: argparse.Namespace, layout: Layout, paths: Paths) -> dict[str, dict[str, Callable[[], Any]]]:
     """Each stage's children: their names (the results' prefixes) and what each runs."""
-    sample_runs = {f"{weights}_{sampler}": (weights, sampler) for weights, sampler in SETTINGS}
+    sample_runs = {f"{w}_{s}": (w, s) for w, s in SETTINGS if f"{w}_{s}" in args.settings}
     return {
         "checkpoint": {"checkpoint": lambda: make_checkpoint(args, layout, paths)},
         "components": {"components": lambda: make_components(layout, paths)},
@@ -586,6 +586,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deep-layers", type=int, default=24, help="layers of the deep block (released: 24)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (released: 256)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    names = [f"{weights}_{sampler}" for weights, sampler in SETTINGS]
+    parser.add_argument("--settings", default=",".join(names), help=f"the samplings, of {', '.join(names)}")
     parser.add_argument("--deep-tokens", type=int, default=DEEP_TOKENS, help="deep-block tokens timed (issue: 64)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the deep-token timings (even: fair)")
     parser.add_argument("--threads", type=int, help="torch threads of every stage (default: torch's)")
@@ -598,6 +600,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for stage in args.stages:
         if stage not in STAGES:
             parser.error(f"--stages: {stage!r} is not a stage; the stages are {', '.join(STAGES)}")
+    args.settings = [setting.strip() for setting in args.settings.split(",") if setting.strip()]
+    if unknown := set(args.settings) - set(names):
+        parser.error(f"--settings: {', '.join(sorted(unknown))} not among {', '.join(names)}")
     checks = {"--width": (args.width, 64), "--image-size": (args.image_size, VAE_DOWNSAMPLING),
               "--deep-layers": (args.deep_layers, 1), "--rounds": (args.rounds, 1)}  # fmt: skip
     for flag, (value, step) in checks.items():

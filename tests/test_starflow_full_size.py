@@ -108,3 +108,11 @@ def test_the_written_yaml_is_apples_format_with_the_layout_in_it(tmp_path):
     assert settings.get("img_size") == 64 and settings.get("txt_size") == RELEASED_YAML["txt_size"]
     config = full_size.our_config(path, text_width=96)
     assert (config.hidden_size, config.sample_size, config.text_hidden_size) == (128, 8, 96)
+
+
+def test_an_unknown_setting_is_one_line_naming_the_settings(capsys):
+    with pytest.raises(SystemExit):
+        full_size.main([*SMALL, "--settings", "bf16_sequential,fp8_sequential"])
+    assert (
+        "--settings: fp8_sequential not among bf16_sequential, bf16_jacobi, int8_sequential" in capsys.readouterr().err
+    )
