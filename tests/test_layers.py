@@ -1,6 +1,7 @@
 """The layers shared by both families: eager and SDPA attention agree, windows after a cache are causal, packed
 weights give plain `nn.Linear` results and only where they should."""
 
+import contextlib
 import threading
 
 import pytest
@@ -184,3 +185,36 @@ def test_concurrent_samplers_compute_exactly_what_they_compute_alone():
         for sample_ in mine:
             torch.testing.assert_close(sample_, solo, atol=0, rtol=0)
     assert layers.active_packing() is None
+
+
+# ------------------------------------------------------------------------------------------ checkpointed layers
+def saved_bytes_of_denoising(
+    model: torch.nn.Module, images: torch.Tensor, labels: list[int]
+) -> tuple[int, torch.Tensor]:
+    """(bytes autograd keeps for the denoising step's backward, the denoised images)."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        denoised = model.denoise(images, labels)
+    return sum(saved), denoised
+
+
+def test_the_denoising_step_recomputes_each_layer_instead_of_keeping_its_activations(monkeypatch):
+    """The score step's backward recomputes each transformer layer (the released STARFlow's attention activations
+    took more memory than its bf16 weights): far fewer bytes kept, the same gradient, and the layers' own
+    checkpointing settings (a user's, for training) as they were."""
+    model = random_model(num_blocks=2, layers_per_block=3)
+    model.gradient_checkpointing_enable()  # a user's setting for training, which the step must leave as it was
+    images = torch.rand(2, 1, 8, 8)
+    kept, denoised = saved_bytes_of_denoising(model, images, [0, 1])
+    layer = model.blocks[0].layers[0]
+    assert layer.gradient_checkpointing and not layer.training and layer._gradient_checkpointing_func is not None
+    monkeypatch.setattr("tarflow_hf.modeling_tarflow.checkpointed_layers", lambda model: contextlib.nullcontext())
+    model.gradient_checkpointing_disable()
+    kept_without, denoised_without = saved_bytes_of_denoising(model, images, [0, 1])
+    assert kept < kept_without / 3
+    torch.testing.assert_close(denoised, denoised_without, rtol=0, atol=0)

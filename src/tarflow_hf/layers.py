@@ -11,7 +11,10 @@ function covers the forward pass, a decoding step and a window after the cache.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 # Packed copies of the weights a sampler may hold at once (MKL's packed layout takes about 3x the weight's bytes);
@@ -461,6 +465,30 @@ class FlowModelMixin:
             config.return_dict if return_dict is None else return_dict,
             config.output_attentions if output_attentions is None else output_attentions,
         )
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module) -> Iterator[None]:
+    """Meanwhile a backward pass through `model` recomputes each transformer layer instead of keeping its activations
+    (transformers' gradient checkpointing, switched on for the layers alone, the model staying in eval mode): the
+    denoising step's score, an inference-time gradient, held about 10 GB of the released STARFlow's attention
+    activations, more than its bf16 weights. The recomputed layer is the same computation: the same gradient."""
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    names = ("gradient_checkpointing", "_gradient_checkpointing_func")
+    saved = [(*(vars(layer).get(name) for name in names), layer.training) for layer in layers]
+    recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    try:
+        for layer in layers:  # `training` of the layer object only: its submodules stay as they are
+            layer.gradient_checkpointing, layer._gradient_checkpointing_func, layer.training = True, recompute, True
+        yield
+    finally:
+        for layer, (enabled, function, training) in zip(layers, saved, strict=True):
+            layer.training = training
+            for name, value in zip(names, (enabled, function), strict=True):
+                if value is None:
+                    vars(layer).pop(name, None)
+                else:
+                    setattr(layer, name, value)
 
 
 def init_torch_defaults(module: nn.Module) -> bool:

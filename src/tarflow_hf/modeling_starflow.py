@@ -34,6 +34,7 @@ from .layers import (
     KVCache,
     RMSNormFp32,
     check_attention_implementation,
+    checkpointed_layers,
     distinct_rows,
     grouped_causal_attention,
     init_torch_defaults,
@@ -685,7 +686,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         outputs = []
         for i in range(latents.shape[0]):
             # Inference mode (a caller's `torch.inference_mode()`) would make the step's gradient impossible.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), checkpointed_layers(self):
                 x = latents[i : i + 1].clone().detach().requires_grad_(True)
                 log_likelihood = self(x, None if text is None else text[i : i + 1].clone()).log_likelihood
                 (score,) = torch.autograd.grad(log_likelihood.sum(), x)

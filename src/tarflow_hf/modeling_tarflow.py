@@ -33,6 +33,7 @@ from .layers import (
     KVCache,
     at_least_fp32,
     check_attention_implementation,
+    checkpointed_layers,
     grouped_causal_attention,
     init_torch_defaults,
     layer_norm_fp32,
@@ -535,7 +536,7 @@ class TarFlowModel(TarFlowPreTrainedModel):
         for start in range(0, images.shape[0], batch_size):
             # Inference mode (a caller's `torch.inference_mode()`) would make the step's gradient impossible, and
             # tensors made in it cannot enter autograd: clones made outside it can.
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), checkpointed_layers(self):
                 chunk = images[start : start + batch_size].clone().detach().requires_grad_(True)
                 chunk_labels = None if labels is None else labels[start : start + batch_size].clone()
                 log_likelihood = self(chunk, chunk_labels).log_likelihood
