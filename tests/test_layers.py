@@ -218,3 +218,22 @@ def test_the_denoising_step_recomputes_each_layer_instead_of_keeping_its_activat
     kept_without, denoised_without = saved_bytes_of_denoising(model, images, [0, 1])
     assert kept < kept_without / 3
     torch.testing.assert_close(denoised, denoised_without, rtol=0, atol=0)
+
+
+def test_a_half_precision_decoding_step_attends_as_the_fused_kernel_does():
+    """One bf16 query row over cached keys (a slice of a longer cache, as the sampler reads it) runs as two plain
+    products on a CPU: the fused kernel's result to bf16's rounding, a visibility mask honoured, and under autocast
+    the fused kernel itself (Apple's bf16 samples)."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 1, 16, generator=generator).bfloat16()
+    cache = torch.randn(2, 2, 4, 32, 16, generator=generator).bfloat16()
+    key, value = cache[0, :, :, :20], cache[1, :, :, :20]
+    fused = torch.nn.functional.scaled_dot_product_attention(query.float(), key.float(), value.float())
+    out, _ = causal_attention(query, key, value)
+    torch.testing.assert_close(out.float(), fused, atol=2e-2, rtol=0)
+    visible = torch.arange(32) <= 19  # a static cache: the first 20 positions of 32
+    masked, _ = causal_attention(query, cache[0], cache[1], visible=visible[None])
+    torch.testing.assert_close(masked, out, atol=1e-2, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = causal_attention(query, key, value)
+    assert torch.equal(autocast, torch.nn.functional.scaled_dot_product_attention(query, key, value))
