@@ -64,15 +64,12 @@ class ActiveCalls:
     def counted(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn` (a handler that runs the model) counted here, its failures turned into messages."""
 
+        refusing = checked(fn)
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             with self:
-                try:
-                    return fn(*args, **kwargs)
-                except gr.Error:
-                    raise
-                except Exception as error:
-                    raise as_refusal(fn, error) from None
+                return refusing(*args, **kwargs)
 
         return wrapper
 

@@ -118,27 +118,12 @@ def wire_estimate(
 
     inputs = {"num_images": controls.num_images, "guidance_scale": controls.guidance, **controls.panel.inputs()}
     outputs = [controls.panel.spec, controls.estimate, controls.num_images, controls.button]
+    listener = dict(inputs_kwargs=inputs, queue=False, show_progress="hidden", api_visibility="private")
     for component in inputs.values():
-        component.input(
-            refresh,
-            [space.model_state],
-            outputs,
-            inputs_kwargs=inputs,
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        component.input(refresh, [space.model_state], outputs, **listener)
 
     def after(event: Any) -> Any:
-        return event.then(
-            refresh,
-            [space.model_state],
-            outputs,
-            inputs_kwargs=inputs,
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        return event.then(refresh, [space.model_state], outputs, **listener)
 
     def estimate(num_images: int, guidance_scale: float, sampler: str) -> str:
         """The expected time of a request to the served model, and how many images its sampler allows."""

@@ -353,10 +353,10 @@ def causal_attention(
 
 
 def _half_decoding_step_on_cpu(query: torch.Tensor) -> bool:
-    """One query row per sequence in bf16 or fp16 on a CPU, where the fused kernel takes 4-6x the time of
-    `_half_decoding_attention` (1.3 ms against 0.3 ms for 2 rows, 12 heads, 512 cached keys): a decoding step with
-    half-precision weights spent half its time in it. Not under autocast, which keeps Apple's own kernels and so its
-    bf16 samples."""
+    """One query row per sequence in bf16 or fp16 on a CPU, where the fused kernel takes several times the time of
+    `_half_decoding_attention`: a decoding step with half-precision weights spent half its time in it (profiled at
+    the AFHQ-256 width; `benchmarks.weight_formats` times the whole steps). Not under autocast, which keeps Apple's
+    own kernels and so its bf16 samples."""
     half = query.dtype in (torch.bfloat16, torch.float16)
     return query.shape[2] == 1 and query.is_cpu and half and not torch.is_autocast_enabled("cpu")
 
