@@ -7,9 +7,16 @@ import threading
 import pytest
 import torch
 from conftest import random_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tarflow_hf import TarFlowModel, layers
-from tarflow_hf.layers import FlowLinear, WeightPacking, causal_attention, weight_packing_available
+from tarflow_hf.layers import (
+    NATIVE_HALF_MAX_ROWS,
+    FlowLinear,
+    WeightPacking,
+    causal_attention,
+    weight_packing_available,
+)
 
 
 @pytest.mark.parametrize(("queries", "keys"), [(7, 7), (3, 10), (1, 5)])
@@ -220,10 +227,12 @@ def test_the_denoising_step_recomputes_each_layer_instead_of_keeping_its_activat
     torch.testing.assert_close(denoised, denoised_without, rtol=0, atol=0)
 
 
-def test_a_half_precision_decoding_step_attends_as_the_fused_kernel_does():
+def test_a_half_precision_decoding_step_attends_as_the_fused_kernel_does(monkeypatch):
     """One bf16 query row over cached keys (a slice of a longer cache, as the sampler reads it) runs as two plain
-    products on a CPU: the fused kernel's result to bf16's rounding, a visibility mask honoured, and under autocast
-    the fused kernel itself (Apple's bf16 samples)."""
+    products on a CPU with bf16 instructions: the fused kernel's result to bf16's rounding, a visibility mask
+    honoured, and under autocast the fused kernel itself (Apple's bf16 samples). Without them the fused kernel is the
+    faster and stays."""
+    monkeypatch.setattr(layers, "half_products_native", lambda dtype: True)  # where the two products are taken
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 1, 16, generator=generator).bfloat16()
     cache = torch.randn(2, 2, 4, 32, 16, generator=generator).bfloat16()
@@ -237,3 +246,77 @@ def test_a_half_precision_decoding_step_attends_as_the_fused_kernel_does():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast, _ = causal_attention(query, key, value)
     assert torch.equal(autocast, torch.nn.functional.scaled_dot_product_attention(query, key, value))
+
+
+# ----------------------------------------------------------------------- half precision without its instructions
+class Products(TorchDispatchMode):
+    """The matrix products that run (backward ones too): (operator, operand dtypes, rows of the first operand)."""
+
+    NAMES = ("mm", "addmm", "bmm", "baddbmm", "_weight_int8pack_mm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[torch.dtype, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.NAMES or "scaled_dot_product" in name:
+            tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+            self.seen.append((name, tuple(tensor.dtype for tensor in tensors), tensors[-2].shape[-2]))
+        return func(*args, **(kwargs or {}))
+
+
+def without_half_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layers, "half_products_native", lambda dtype: dtype not in layers.HALF_DTYPES)
+
+
+def test_half_precision_products_run_in_float32_on_a_cpu_without_half_instructions(monkeypatch):
+    """A CPU without bf16 instructions (AVX2 only) runs ATen's bf16 product as a scalar loop: 6x float32's time at
+    1152 rows, 300x for a gradient's product. There, past a decoding step's few rows and in every backward, the
+    products run in float32 on the same bf16 values (the numbers a bf16 product gives, which accumulates in float32),
+    and the backward keeps only the bf16 tensors."""
+    without_half_instructions(monkeypatch)
+    layer = FlowLinear(64, 48).bfloat16()
+    x = torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with Products() as products:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x)
+        out.float().square().sum().backward()
+    assert products.seen and all(set(dtypes) == {torch.float32} for _, dtypes, _ in products.seen), products.seen
+    assert saved and all(tensor.dtype == torch.bfloat16 for tensor in saved)  # no float32 copy of the weight kept
+    weight, bias = (p.detach().double() for p in (layer.weight, layer.bias))
+    expected = torch.nn.functional.linear(x.detach().double(), weight, bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=0, rtol=2**-8)  # within bf16's rounding of the result
+    upstream = 2 * out.detach().double()
+    torch.testing.assert_close(x.grad.double(), upstream @ weight, atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(layer.weight.grad.double(), upstream.T @ x.detach().double(), atol=1e-2, rtol=2**-7)
+    torch.testing.assert_close(layer.bias.grad.double(), upstream.sum(0), atol=1e-2, rtol=2**-7)
+    with Products() as few, torch.no_grad():  # a decoding step: ATen's kernel reads the weight as it lies
+        layer(x[:NATIVE_HALF_MAX_ROWS])
+    assert [dtypes for _, dtypes, _ in few.seen] == [(torch.bfloat16,) * 3]
+
+
+def test_a_cpu_with_half_instructions_keeps_half_products(monkeypatch):
+    monkeypatch.setattr(layers, "half_products_native", lambda dtype: True)
+    layer = FlowLinear(64, 48).bfloat16()
+    with Products() as products:
+        layer(torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    assert products.seen and all(set(dtypes) == {torch.bfloat16} for _, dtypes, _ in products.seen)
+
+
+def test_a_bf16_denoising_step_without_half_instructions_multiplies_in_float32(monkeypatch):
+    """The score step of a bf16 model (forward, recomputation and backward over every position) on such a CPU: no
+    bf16 product of more than a decoding step's rows, attention included, and the step's result as with bf16
+    products, to bf16's precision."""
+    model = random_model(num_blocks=2, layers_per_block=2).to(torch.bfloat16)
+    images, labels = torch.rand(2, 1, 8, 8), [0, 1]
+    native = model.denoise(images, labels)
+    without_half_instructions(monkeypatch)
+    with Products() as products:
+        denoised = model.denoise(images, labels)
+    half = [(name, rows) for name, dtypes, rows in products.seen if torch.bfloat16 in dtypes]
+    assert not [entry for entry in half if entry[1] > NATIVE_HALF_MAX_ROWS], half
+    assert any("scaled_dot_product" in name for name, _, _ in products.seen)
+    torch.testing.assert_close(denoised.float(), native.float(), atol=3e-2, rtol=0)

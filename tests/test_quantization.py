@@ -23,11 +23,14 @@ from tarflow_hf import (
     StarFlowPipeline,
     TarFlowModel,
     TarFlowPipeline,
+    layers,
 )
 from tarflow_hf.classifier import load_classifier
 from tarflow_hf.layers import INT8_KERNEL_MAX_ROWS, FlowLinear, WeightPacking, int8_linear, int8_rows
 
 SAMPLERS = [SequentialSampler(), JacobiSampler(tolerance=1e-3), NewtonSampler(tolerance=1e-3), BlockJacobiSampler()]
+
+linear = torch.nn.functional.linear
 
 
 def int8_config() -> TorchAoConfig:
@@ -73,6 +76,30 @@ def test_many_rows_run_as_a_bf16_product_of_the_converted_weight(monkeypatch):
         assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
         torch.testing.assert_close(out.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
     assert kernel_rows == [INT8_KERNEL_MAX_ROWS - 1]
+
+
+def test_many_int8_rows_and_their_gradient_multiply_in_float32_without_bf16_instructions(monkeypatch):
+    """On a CPU without bf16 instructions the converted weight's bf16 product (a text prefix, the denoising pass)
+    and the gradient's product would run ATen's scalar bf16 loop: they run in float32 on the same values."""
+    monkeypatch.setattr(layers, "half_products_native", lambda dtype: dtype not in layers.HALF_DTYPES)
+    layer = torch.nn.Linear(64, 48)
+    quantize_(layer, Int8WeightOnlyConfig(version=2))
+    values, scale = int8_rows(layer.weight)
+    dequantized = layer.weight.dequantize().float()
+    x = torch.randn(300, 64, dtype=torch.bfloat16, requires_grad=True)
+    dtypes = []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda a, b, *rest: dtypes.append(a.dtype) or linear(a, b, *rest)
+    )
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: dtypes.append(a.dtype) or matmul(a, b))
+    out = int8_linear(x, (values, scale), layer.bias)
+    out.float().sum().backward()
+    assert dtypes == [torch.float32, torch.float32]  # the product, then the gradient's
+    expected = linear(x.detach().float(), dequantized, layer.bias.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(x.grad.float(), dequantized.sum(0).expand(300, 64), atol=1e-2, rtol=1e-2)
 
 
 def test_widths_the_kernel_cannot_take_stay_with_torchao():

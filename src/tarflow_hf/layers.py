@@ -59,6 +59,81 @@ def bf16_packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Rows up to which a half-precision product stays on ATen's own kernel on a CPU that `half_products_native` says
+# lacks the instructions: that kernel reads the weight in its own dtype (the fastest for a decoding step's few
+# rows) but computes in a scalar loop, so from about 24 rows on, converting to float32 wins (3.7x at 160 rows, 6.7x at
+# 1152, 167x for a gradient's product with the weight on 32 rows: a 3072-wide layer, 2-core AVX2 EPYC,
+# `benchmarks.half_products`).
+NATIVE_HALF_MAX_ROWS = 16
+
+
+def _half_instructions() -> dict[torch.dtype, bool]:
+    mkldnn = torch.ops.mkldnn if torch.backends.mkldnn.is_available() else None
+    return {
+        torch.bfloat16: bool(mkldnn and mkldnn._is_mkldnn_bf16_supported()),
+        torch.float16: bool(mkldnn and mkldnn._is_mkldnn_fp16_supported()),
+    }
+
+
+# Read once (compiled code reads the table, which its tracer cannot call the checks to make).
+_HALF_INSTRUCTIONS = _half_instructions()
+
+
+def half_products_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices with instructions made for them (oneDNN: AVX-512 for bfloat16,
+    AVX-512 FP16 or AMX for float16); always True for float32 and float64."""
+    return _HALF_INSTRUCTIONS.get(dtype, True)
+
+
+def products_in_float32(x: torch.Tensor) -> bool:
+    """Half-precision CPU tensors on a CPU without half-precision products (not under autocast, which keeps its own
+    arithmetic: Apple's): their matrix products are computed in float32 and rounded back, the same numbers a
+    native half-precision product gives (it accumulates in float32) up to the order of the sums."""
+    return (
+        x.dtype in HALF_DTYPES
+        and x.is_cpu
+        and not half_products_native(x.dtype)
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias on a CPU without half-precision products: ATen's kernel for a few rows, float32 above."""
+    if x.numel() // max(x.shape[-1], 1) <= NATIVE_HALF_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+class _HalfLinearInFloat32(torch.autograd.Function):
+    """`_half_linear` with its gradients computed in float32 too (a gradient's product with the weight has as many
+    rows as the forward's); it saves the half-precision tensors, so a backward never keeps a float32 weight."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return _half_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = (grad.float() @ weight.float()).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (flat.T @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        grad_bias = flat.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def half_linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for half-precision tensors on a CPU where `products_in_float32` holds."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        return _HalfLinearInFloat32.apply(x, weight, bias)
+    return _half_linear(x, weight, bias)
+
+
 # ATen's CPU int8 weight-only kernel (`torch._weight_int8pack_mm`) needs the inner dimension in multiples of this.
 INT8_KERNEL_BLOCK = 16
 # Rows from which the int8 product runs as a bfloat16 matrix product on the weight converted to bfloat16 (scaled
@@ -100,13 +175,17 @@ class _Int8WeightLinear(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if flat.shape[0] < INT8_KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat, values, scale.to(torch.bfloat16))
-        else:  # (x @ int8.T) * scale: each output column has its row's scale
+        elif products_in_float32(flat):  # (x @ int8.T) * scale: each output column has its row's scale
+            out = F.linear(flat.float(), values.float()) * scale.to(torch.bfloat16).float()
+        else:
             out = F.linear(flat, values.to(torch.bfloat16)) * scale.to(torch.bfloat16)
         return out.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         values, scale = ctx.saved_tensors
+        if products_in_float32(grad):
+            return (grad.float() @ (values.float() * scale[:, None].float())).to(grad.dtype), None, None
         return grad @ (values.to(grad.dtype) * scale[:, None].to(grad.dtype)), None, None
 
 
@@ -134,6 +213,8 @@ class FlowLinear(nn.Linear):
             return F.linear(x, weight, self.bias)
         if x.is_cpu and (rows := self._int8_rows()) is not None:
             return int8_linear(x, rows, self.bias)
+        if type(self.weight) is nn.Parameter and x.dtype == self.weight.dtype and products_in_float32(x):
+            return half_linear_in_float32(x, self.weight, self.bias)
         packing = _ACTIVE_PACKING.get()
         # Autocast rounds F.linear's operands; the packed product would not.
         plain = packing is None or self not in packing.layers or x.dtype != self.weight.dtype or not x.is_cpu
@@ -333,6 +414,10 @@ def causal_attention(
     (output, attention weights or None); the weights need the eager implementation."""
     length, keys = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if length > 1 and products_in_float32(query):  # half-precision attention's backward takes several times longer
+        out, weights = causal_attention(*(t.float() for t in (query, key, value)), implementation, output_attentions,
+                                        scale, visible)  # fmt: skip
+        return out.to(query.dtype), None if weights is None else weights.to(query.dtype)
     if implementation == "sdpa" and not output_attentions and _half_decoding_step_on_cpu(query):
         return _half_decoding_attention(query, key, value, scale, visible), None
     if implementation == "sdpa" and not output_attentions:
@@ -357,7 +442,7 @@ def _half_decoding_step_on_cpu(query: torch.Tensor) -> bool:
     `_half_decoding_attention`: a decoding step with half-precision weights spent half its time in it (profiled at
     the AFHQ-256 width; `benchmarks.weight_formats` times the whole steps). Not under autocast, which keeps Apple's
     own kernels and so its bf16 samples."""
-    half = query.dtype in (torch.bfloat16, torch.float16)
+    half = query.dtype in HALF_DTYPES and half_products_native(query.dtype)  # else the fused kernel is faster
     return query.shape[2] == 1 and query.is_cpu and half and not torch.is_autocast_enabled("cpu")
 
 
@@ -522,10 +607,13 @@ __all__ = [
     "check_attention_implementation",
     "distinct_rows",
     "grouped_causal_attention",
+    "half_linear_in_float32",
+    "half_products_native",
     "init_torch_defaults",
     "int8_linear",
     "int8_rows",
     "layer_norm_fp32",
+    "products_in_float32",
     "rows_at",
     "weight_packing_available",
 ]

@@ -1,0 +1,33 @@
+"""benchmarks/half_products.py: both routes of half-precision products are timed on the same work, agree to bf16's
+precision, and leave the machine's answer as it was."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_benchmarks import benchmark
+
+from tarflow_hf import layers
+
+half_products = benchmark("half_products")
+
+
+def test_both_routes_are_timed_on_the_same_work_and_agree(tmp_path):
+    machine = layers.half_products_native
+    results = half_products.main(["--width", "64", "--preset", "tiny", "--repeats", "1", "--json", str(tmp_path / "r")])
+    assert layers.half_products_native is machine  # the routes are set for the benchmark only
+    assert results["bf16_instructions"] == machine(torch.bfloat16)
+    for name in ("decoding", "text_prefix", "denoising"):
+        assert results[f"product_{name}_speedup_over_aten"] > 0
+    for name in ("sampling", "denoising"):
+        assert results[f"{name}_bf16_ours_seconds"] > 0 and results[f"{name}_speedup_over_float32"] > 0
+        assert results[f"{name}_ours_max_abs_deviation_from_aten"] < 0.05  # bf16 rounding, not another result
+    assert json.loads((tmp_path / "r").read_text()) == json.loads(json.dumps(results))
+
+
+def test_each_route_answers_as_a_machine_of_its_kind():
+    with half_products.route(native=False):
+        assert not layers.half_products_native(torch.bfloat16) and layers.half_products_native(torch.float32)
+    with half_products.route(native=True):
+        assert layers.half_products_native(torch.bfloat16)
