@@ -69,11 +69,8 @@ NATIVE_HALF_MAX_ROWS = 16
 
 
 def _half_instructions() -> dict[torch.dtype, bool]:
-    mkldnn = torch.ops.mkldnn if torch.backends.mkldnn.is_available() else None
-    return {
-        torch.bfloat16: bool(mkldnn and mkldnn._is_mkldnn_bf16_supported()),
-        torch.float16: bool(mkldnn and mkldnn._is_mkldnn_fp16_supported()),
-    }
+    fp16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return {torch.bfloat16: bool(bf16_packing_available()), torch.float16: bool(fp16)}
 
 
 # Read once (compiled code reads the table, which its tracer cannot call the checks to make).
@@ -118,7 +115,9 @@ class _HalfLinearInFloat32(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         flat = grad.reshape(-1, grad.shape[-1]).float()
-        grad_x = (grad.float() @ weight.float()).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (flat @ weight.float()).to(grad.dtype).reshape(*grad.shape[:-1], weight.shape[1])
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (flat.T @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
