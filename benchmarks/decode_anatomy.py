@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tarflow_hf import layers
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.modeling_starflow import StarFlowModel
+from tarflow_hf.products import weight_packing_available
 from tarflow_hf.samplers import AffineBlock, BlockCondition, BlockRecord, SequentialSampler
 
 from .sampling_starflow import MID_SIZE, random_model
@@ -71,7 +71,7 @@ def bandwidth(results: Results) -> None:
             F.linear(rows, weight, bias)
 
     results["products_8_rows_addmm_gb_per_s"] = gigabytes_per_second(total, plain)
-    if layers.weight_packing_available():
+    if weight_packing_available():
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(weight, STEP_ROWS) for weight in weights]
 
         def packed_products() -> None:
@@ -84,7 +84,7 @@ def bandwidth(results: Results) -> None:
 def row_scaling(results: Results, rows_tried: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
     """What a parallel pass costs next to a decoding step: packed products of the deep block's MLP shape, over
     100 MB of weights, at the row counts of windows of 1, 2, 4, 8 and 16 tokens (8 rows each)."""
-    if not layers.weight_packing_available():
+    if not weight_packing_available():
         return
     weights = streamed_weights()
     bias = torch.zeros(DEEP_WEIGHT_SHAPE[0])

@@ -1,6 +1,6 @@
 """Half-precision weights on a CPU without half-precision instructions (AVX2 only: no AVX-512 BF16, no AMX), where
 ATen multiplies bf16 matrices in a scalar loop. Our layers keep ATen's bf16 product for a decoding step's few rows
-and multiply in float32 past `layers.NATIVE_HALF_MAX_ROWS` rows and in every backward (the "float32 route"); this
+and multiply in float32 past `products.NATIVE_HALF_MAX_ROWS` rows and in every backward (the "float32 route"); this
 times that against ATen's bf16 kernels everywhere (the "bf16 route", what the layers did before) and float32
 weights, in one run:
 
@@ -15,7 +15,7 @@ weights, in one run:
   step (a forward and a backward over every position).
 
 On a CPU with half-precision instructions the library keeps ATen's kernels (the float32 route is never taken); the
-benchmark still times both routes there, by setting what `layers.half_products_native` answers.
+benchmark still times both routes there, by setting what `products.half_products_native` answers.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tarflow_hf import StarFlowConfig, layers
-from tarflow_hf.layers import half_linear_in_float32
+from tarflow_hf import StarFlowConfig, products
+from tarflow_hf.products import half_linear_in_float32
 from tarflow_hf.samplers import SequentialSampler
 
 from .sampling_starflow import PRESETS, random_model
@@ -44,12 +44,12 @@ GUIDANCE_SCALE = 4.6  # Apple's cfg 3.6
 @contextlib.contextmanager
 def route(native: bool) -> Iterator[None]:
     """Our layers as on a CPU with (`native`) or without half-precision instructions."""
-    answer = layers.half_products_native
-    layers.half_products_native = lambda dtype: native or dtype not in layers.HALF_DTYPES
+    answer = products._HALF_INSTRUCTIONS
+    products._HALF_INSTRUCTIONS = dict.fromkeys(products.HALF_DTYPES, native)
     try:
         yield
     finally:
-        layers.half_products_native = answer
+        products._HALF_INSTRUCTIONS = answer
 
 
 def in_route(native: bool, work: Callable[[], Any]) -> Callable[[], Any]:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = Results()
-    results["bf16_instructions"] = layers.half_products_native(torch.bfloat16)
+    results["bf16_instructions"] = products.half_products_native(torch.bfloat16)
     results["threads"] = torch.get_num_threads()
     time_products(args, results)
     time_model(args, results)

@@ -1,7 +1,7 @@
 """STARFlow at its released size on a CPU, end to end: Apple's text-to-image layout (3.86B parameters, width 3072,
 blocks of 2, 2, 2, 2, 2 and 24 layers, 1024 latent tokens, 128 text tokens of flan-t5-xl, sd-vae-ft-ema) built with
-Apple's code, saved as Apple ships it, converted, loaded both ways, sampled with bf16 and int8 weights, and Apple's
-float32 decoder timed against ours on the same weights and noise.
+Apple's code, saved as Apple ships it, converted, loaded both ways, sampled with bf16, int8 and int4 weights, and
+Apple's float32 decoder timed against ours on the same weights and noise.
 
     python -m benchmarks.starflow_full_size --ml-starflow /tmp/ml-starflow --workdir /tmp/starflow-full --threads 1 \\
         --json /tmp/starflow_full_size.json        # the released size: 40 GB of files, 20 GB of memory, 2 hours
@@ -18,9 +18,9 @@ Stages, each child in a process of its own (`benchmarks.stage_memory`: time, pea
   a word-level tokenizer of T5's vocabulary size, all offline.
 - `convert`: `tarflow-hf convert` of the transformer alone (its peak against the file) and of the whole pipeline.
 - `load`: `StarFlowPipeline.from_pretrained` of the converted folder and `from_single_file` of the `.pth`.
-- `sample`: one image end to end per setting: bf16 or int8 weights (diffusers' `PipelineQuantizationConfig` with
-  torchao's int8 weight-only), the sequential sampler or the fastest parallel setting, `JacobiSampler(tolerance=1e-2,
-  sequential_blocks=1)`.
+- `sample`: one image end to end per setting: bf16, int8 or int4 weights (diffusers' `PipelineQuantizationConfig`
+  with torchao's int8 or CPU int4 weight-only), the sequential sampler or the fastest parallel setting,
+  `JacobiSampler(tolerance=1e-2, sequential_blocks=1)`.
 - `deep_tokens`: Apple's float32 `Model.reverse` and ours (float32, bf16, int8) on the deep block's first 64 tokens.
 
 Offloading: on a CPU-only machine `enable_model_cpu_offload` cannot lower the peak (both sides are the same memory);
@@ -57,6 +57,7 @@ from tarflow_hf.convert_starflow import RELEASED_YAML, SUPPORTED_FLAGS, VAE_DOWN
 from tarflow_hf.convert_starflow import hf_to_apple_state_dict as apple_layout
 from tarflow_hf.fileio import write_text_atomic
 from tarflow_hf.modeling_starflow import StarFlowModel
+from tarflow_hf.products import is_quantized
 from tarflow_hf.samplers import FlowSampler, JacobiSampler, SequentialSampler
 
 from .apple_model import load_ml_starflow
@@ -91,12 +92,12 @@ SD_VAE_FT_EMA = dict(
 SMALL_T5 = dict(num_layers=2, num_heads=1, d_ff=160)
 SMALL_VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
 
-BFLOAT16, INT8 = "bf16", "int8"
+BFLOAT16, INT8, INT4 = "bf16", "int8", "int4"
 SAMPLERS: dict[str, FlowSampler] = {
     "sequential": SequentialSampler(),
     "jacobi": JacobiSampler(tolerance=1e-2, sequential_blocks=1),  # the fastest parallel setting on a CPU
 }
-SETTINGS = [(weights, sampler) for weights in (BFLOAT16, INT8) for sampler in SAMPLERS]
+SETTINGS = [(weights, sampler) for weights in (BFLOAT16, INT8, INT4) for sampler in SAMPLERS]
 STAGES = ("checkpoint", "components", "convert", "load", "sample", "deep_tokens")
 
 
@@ -295,6 +296,18 @@ def load(paths: Paths, single_file: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- sampling
+def int4_config(width: int) -> Any:
+    """torchao's int4 weight-only quantization for CPUs (ATen's int4 kernel; groups of 128 columns, 32 at a reduced
+    width), the 8-wide output projections left in bf16 (the layout cannot hold them)."""
+    from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
+    from transformers import TorchAoConfig
+
+    from tarflow_hf.products import NARROW_OUTPUT_LAYERS
+
+    config = Int4WeightOnlyOpaqueTensorConfig(group_size=128 if width % 128 == 0 else 32)
+    return TorchAoConfig(quant_type=config, modules_to_not_convert=[NARROW_OUTPUT_LAYERS])
+
+
 def int8_config() -> Any:
     """torchao's int8 weight-only quantization as transformers takes it (run by `layers.FlowLinear` with ATen's
     int8 kernel)."""
@@ -304,14 +317,15 @@ def int8_config() -> Any:
     return TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
 
 
-def transformer_options(weights: str) -> dict[str, Any]:
-    """`from_pretrained` options of a pipeline with the transformer's weights in bf16, or int8 (diffusers'
-    `PipelineQuantizationConfig`, bf16 activations: the int8 kernel's fast path), the VAE in float32."""
+def transformer_options(weights: str, width: int) -> dict[str, Any]:
+    """`from_pretrained` options of a pipeline with the transformer's weights in bf16, or int8 or int4 (diffusers'
+    `PipelineQuantizationConfig`, bf16 activations: the kernels' fast path), the VAE in float32."""
     options: dict[str, Any] = {"dtype": {"transformer": torch.bfloat16, "default": torch.float32}}
-    if weights == INT8:
+    if weights in (INT8, INT4):
         from diffusers import PipelineQuantizationConfig
 
-        options["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
+        config = int8_config() if weights == INT8 else int4_config(width)
+        options["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"transformer": config})
     return options
 
 
@@ -348,7 +362,7 @@ def sample(layout: Layout, paths: Paths, weights: str, sampler: str, device: str
     prompt_embeds, negative_embeds = encode(paths, phases)
     with phases("load_transformer"):
         pipe = StarFlowPipeline.from_pretrained(paths.pipeline, text_encoder=None, tokenizer=None,
-                                                **transformer_options(weights))  # fmt: skip
+                                                **transformer_options(weights, layout.width))  # fmt: skip
     pipe = pipe.to(device)
     prompt_embeds, negative_embeds = prompt_embeds.to(device), negative_embeds.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -378,7 +392,10 @@ def sample(layout: Layout, paths: Paths, weights: str, sampler: str, device: str
         "shallow_blocks_seconds": block_ends[-1] - block_ends[0],
         "denoise_seconds": sum(denoising),
         "transformer_passes": output.stats.transformer_passes,
-        "weights": f"{pipe.transformer.dtype}" + (" (int8 weight-only)" if weights == INT8 else ""),
+        "weights": f"{pipe.transformer.dtype}" + (f" ({weights} weight-only)" if weights != BFLOAT16 else ""),
+        "quantized_layers": sum(
+            is_quantized(module.weight) for module in pipe.transformer.modules() if isinstance(module, nn.Linear)
+        ),
     }
 
 

@@ -1,5 +1,5 @@
 """Sampling where every step reads every weight: Apple's `Model.reverse` (float32 weights, and bf16) against our
-exact sampler with float32, bf16 and int8 weights, one image with guidance, on the same weights and noise:
+exact sampler with float32, bf16, int8 and int4 weights, one image with guidance, on the same weights and noise:
 
     python -m benchmarks.weight_formats --ml-tarflow /path/to/ml-tarflow --ml-starflow /path/to/ml-starflow \\
         --threads 1 --repeats 2 --json weight_formats.json
@@ -12,7 +12,8 @@ branches) by every weight, so it is bound by reading the weights: bf16 reads hal
 quarter. Apple's decoder runs the two guidance branches as two passes (each reading every weight), ours as one.
 
 Ours: `SequentialSampler()` with each weight format (bf16 through `.to(torch.bfloat16)`, int8 through torchao's
-int8 weight-only quantization of the bf16 model, as `TorchAoConfig` loads it), and bf16 and int8 with the steps
+int8 weight-only quantization of the bf16 model, as `TorchAoConfig` loads it, int4 through its CPU int4 layout,
+eager only), and bf16 and int8 with the steps
 compiled with the weights frozen in (`SequentialSampler(compile_mode=..., freeze_weights=True)`, by default
 "max-autotune-no-cudagraphs": inductor picks its own kernels, weight-only int8 ones among them; compile times are
 reported apart). Timed round-robin (`timing.round_robin`); every speed-up is the median of the rounds' ratios to
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from tarflow_hf import TarFlowConfig, TarFlowModel
+from tarflow_hf.products import NARROW_OUTPUT_LAYERS
 from tarflow_hf.samplers import SequentialSampler
 
 from . import sampling_starflow
@@ -61,6 +64,19 @@ def int8_weights(model: torch.nn.Module) -> torch.nn.Module:
     return quantized
 
 
+def int4_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A bf16 copy of `model` with torchao's CPU int4 weight-only linear weights (groups of 128 columns, 32 where the
+    width is not a multiple of 128), the 8-wide output projections left in bf16 (the layout cannot hold them)."""
+    from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
+    from torchao.quantization import quantize_
+
+    quantized, narrow = copy.deepcopy(model).to(torch.bfloat16), re.compile(NARROW_OUTPUT_LAYERS)
+    group = 128 if model.config.hidden_size % 128 == 0 else 32
+    wide = lambda module, name: isinstance(module, torch.nn.Linear) and not narrow.match(name)  # noqa: E731
+    quantize_(quantized, Int4WeightOnlyOpaqueTensorConfig(group_size=group), filter_fn=wide)
+    return quantized
+
+
 def apple_with_bf16_weights(apple: torch.nn.Module) -> torch.nn.Module:
     """A copy of Apple's model with bf16 linear weights; it runs under CPU autocast, as Apple's scripts run on
     GPUs (its norms cast their input to float32, so they keep float32 weights)."""
@@ -80,7 +96,7 @@ def our_samplers(
 ):
     """Ours with each weight format, eager and compiled with the weights frozen in (compiled here, once: the
     seconds that took are returned)."""
-    bf16, int8 = copy.deepcopy(model).to(torch.bfloat16), int8_weights(model)
+    bf16, int8, int4 = copy.deepcopy(model).to(torch.bfloat16), int8_weights(model), int4_weights(model)
     compiled, compile_seconds = SequentialSampler(compile_mode=compile_mode, freeze_weights=True), {}
     for name, weights in (("bf16", bf16), ("int8", int8)):
         start = time.perf_counter()
@@ -91,6 +107,7 @@ def our_samplers(
         "float32": lambda: inverse(model, exact),
         "bf16": lambda: inverse(bf16, exact),
         "int8": lambda: inverse(int8, exact),
+        "int4": lambda: inverse(int4, exact),
         "bf16_compiled": lambda: inverse(bf16, compiled),
         "int8_compiled": lambda: inverse(int8, compiled),
     }
@@ -163,7 +180,7 @@ def measure(
             deviation = (rounds.results[name] - rounds.results[reference]).abs().max()
             results[f"{family}_{name}_max_abs_deviation"] = float(deviation)
     if reference != "float32":
-        for name in ("bf16", "int8", "bf16_compiled", "int8_compiled"):
+        for name in ("bf16", "int8", "int4", "bf16_compiled", "int8_compiled"):
             record_speedup(results, f"{family}_{name}_speedup_over_float32", rounds, name, "float32")
 
 

@@ -8,16 +8,16 @@ import json
 import torch
 from test_benchmarks import benchmark
 
-from tarflow_hf import layers
+from tarflow_hf import products
 
 half_products = benchmark("half_products")
 
 
 def test_both_routes_are_timed_on_the_same_work_and_agree(tmp_path):
-    machine = layers.half_products_native
+    machine = products._HALF_INSTRUCTIONS
     results = half_products.main(["--width", "64", "--preset", "tiny", "--repeats", "1", "--json", str(tmp_path / "r")])
-    assert layers.half_products_native is machine  # the routes are set for the benchmark only
-    assert results["bf16_instructions"] == machine(torch.bfloat16)
+    assert products._HALF_INSTRUCTIONS is machine  # the routes are set for the benchmark only
+    assert results["bf16_instructions"] == products.half_products_native(torch.bfloat16)
     for name in ("decoding", "text_prefix", "denoising"):
         assert results[f"product_{name}_speedup_over_aten"] > 0
     for name in ("sampling", "denoising"):
@@ -28,6 +28,6 @@ def test_both_routes_are_timed_on_the_same_work_and_agree(tmp_path):
 
 def test_each_route_answers_as_a_machine_of_its_kind():
     with half_products.route(native=False):
-        assert not layers.half_products_native(torch.bfloat16) and layers.half_products_native(torch.float32)
+        assert not products.half_products_native(torch.bfloat16) and products.half_products_native(torch.float32)
     with half_products.route(native=True):
-        assert layers.half_products_native(torch.bfloat16)
+        assert products.half_products_native(torch.bfloat16)

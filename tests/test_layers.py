@@ -10,13 +10,13 @@ from conftest import random_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tarflow_hf import TarFlowModel, layers
+from tarflow_hf import products as routes
 from tarflow_hf.layers import (
-    NATIVE_HALF_MAX_ROWS,
     FlowLinear,
     WeightPacking,
     causal_attention,
-    weight_packing_available,
 )
+from tarflow_hf.products import NATIVE_HALF_MAX_ROWS, weight_packing_available
 
 
 @pytest.mark.parametrize(("queries", "keys"), [(7, 7), (3, 10), (1, 5)])
@@ -100,11 +100,11 @@ def test_bf16_weights_are_packed_by_onednn_with_the_same_products():
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     with torch.no_grad(), WeightPacking(layer) as packing:
         outs = [layer(x) for _ in range(3)]
-        assert len(packing.packed) == (1 if layers.bf16_packing_available() else 0)
+        assert len(packing.packed) == (1 if routes.bf16_packing_available() else 0)
         assert all(packed.is_mkldnn for packed in packing.packed.values())
     for out in outs:
         assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
-    assert layers.bf16_packing_available() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert routes.bf16_packing_available() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_torch_here_has_mkl_packing():
@@ -232,7 +232,9 @@ def test_a_half_precision_decoding_step_attends_as_the_fused_kernel_does(monkeyp
     products on a CPU with bf16 instructions: the fused kernel's result to bf16's rounding, a visibility mask
     honoured, and under autocast the fused kernel itself (Apple's bf16 samples). Without them the fused kernel is the
     faster and stays."""
-    monkeypatch.setattr(layers, "half_products_native", lambda dtype: True)  # where the two products are taken
+    monkeypatch.setattr(
+        routes, "_HALF_INSTRUCTIONS", dict.fromkeys(routes.HALF_DTYPES, True)
+    )  # where the two products are taken
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 1, 16, generator=generator).bfloat16()
     cache = torch.randn(2, 2, 4, 32, 16, generator=generator).bfloat16()
@@ -267,7 +269,7 @@ class Products(TorchDispatchMode):
 
 
 def without_half_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layers, "half_products_native", lambda dtype: dtype not in layers.HALF_DTYPES)
+    monkeypatch.setattr(routes, "_HALF_INSTRUCTIONS", dict.fromkeys(routes.HALF_DTYPES, False))
 
 
 def test_half_precision_products_run_in_float32_on_a_cpu_without_half_instructions(monkeypatch):
@@ -299,7 +301,7 @@ def test_half_precision_products_run_in_float32_on_a_cpu_without_half_instructio
 
 
 def test_a_cpu_with_half_instructions_keeps_half_products(monkeypatch):
-    monkeypatch.setattr(layers, "half_products_native", lambda dtype: True)
+    monkeypatch.setattr(routes, "_HALF_INSTRUCTIONS", dict.fromkeys(routes.HALF_DTYPES, True))
     layer = FlowLinear(64, 48).bfloat16()
     with Products() as products:
         layer(torch.randn(40, 64, dtype=torch.bfloat16, requires_grad=True)).sum().backward()

@@ -26,12 +26,13 @@ from transformers import T5EncoderModel
 
 from tarflow_hf import layers
 from tarflow_hf.configuration_starflow import StarFlowConfig
-from tarflow_hf.layers import FlowLinear, weight_packing_available
+from tarflow_hf.layers import FlowLinear
 from tarflow_hf.lora import LoraMixin, add_lora_adapter, loaded_adapters
 from tarflow_hf.modeling_starflow import StarFlowModel
 from tarflow_hf.pipeline_starflow import StarFlowPipeline
 from tarflow_hf.pipeline_tarflow import TarFlowPipeline
 from tarflow_hf.pipeline_utils import FlowPipelineMixin
+from tarflow_hf.products import weight_packing_available
 from tarflow_hf.samplers import BlockJacobiSampler, JacobiSampler, NewtonSampler, SequentialSampler
 
 T5_TINY = Path(__file__).parent / "fixtures" / "starflow" / "t5_tiny"

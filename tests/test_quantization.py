@@ -1,9 +1,10 @@
-"""Models at the sizes people run them: bf16 weights and int8 weight-only quantization (torchao, through
+"""Models at the sizes people run them: bf16 weights, int8 and int4 weight-only quantization (torchao, through
 transformers' `TorchAoConfig` and diffusers' `PipelineQuantizationConfig`), for both families and every sampler."""
 
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 from diffusers import PipelineQuantizationConfig
+from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 from transformers import TorchAoConfig
 
@@ -23,10 +25,20 @@ from tarflow_hf import (
     StarFlowPipeline,
     TarFlowModel,
     TarFlowPipeline,
-    layers,
+    products,
 )
 from tarflow_hf.classifier import load_classifier
-from tarflow_hf.layers import INT8_KERNEL_MAX_ROWS, FlowLinear, WeightPacking, int8_linear, int8_rows
+from tarflow_hf.layers import FlowLinear, WeightPacking
+from tarflow_hf.products import (
+    INT4_KERNEL_MAX_ROWS,
+    INT8_KERNEL_MAX_ROWS,
+    NARROW_OUTPUT_LAYERS,
+    int4_cpu_matrix,
+    int8_linear,
+    int8_rows,
+    is_quantized,
+    quantized_matrix,
+)
 
 SAMPLERS = [SequentialSampler(), JacobiSampler(tolerance=1e-3), NewtonSampler(tolerance=1e-3), BlockJacobiSampler()]
 
@@ -35,6 +47,12 @@ linear = torch.nn.functional.linear
 
 def int8_config() -> TorchAoConfig:
     return TorchAoConfig(quant_type=Int8WeightOnlyConfig(version=2))
+
+
+def int4_config() -> TorchAoConfig:
+    """torchao's int4 weight-only configuration for CPUs (groups of 32 columns), as the README gives it."""
+    config = Int4WeightOnlyOpaqueTensorConfig(group_size=32)
+    return TorchAoConfig(quant_type=config, modules_to_not_convert=[NARROW_OUTPUT_LAYERS])
 
 
 def flow_linears(model: torch.nn.Module) -> list[FlowLinear]:
@@ -81,7 +99,7 @@ def test_many_rows_run_as_a_bf16_product_of_the_converted_weight(monkeypatch):
 def test_many_int8_rows_and_their_gradient_multiply_in_float32_without_bf16_instructions(monkeypatch):
     """On a CPU without bf16 instructions the converted weight's bf16 product (a text prefix, the denoising pass)
     and the gradient's product would run ATen's scalar bf16 loop: they run in float32 on the same values."""
-    monkeypatch.setattr(layers, "half_products_native", lambda dtype: dtype not in layers.HALF_DTYPES)
+    monkeypatch.setattr(products, "_HALF_INSTRUCTIONS", dict.fromkeys(products.HALF_DTYPES, False))
     layer = torch.nn.Linear(64, 48)
     quantize_(layer, Int8WeightOnlyConfig(version=2))
     values, scale = int8_rows(layer.weight)
@@ -108,6 +126,50 @@ def test_widths_the_kernel_cannot_take_stay_with_torchao():
     quantize_(layer, Int8WeightOnlyConfig(version=2))
     assert int8_rows(layer.weight) is None
     assert int8_rows(torch.nn.Linear(32, 8).weight) is None  # a plain weight
+
+
+# ------------------------------------------------------------------------------------------- int4 weights
+def int4_layer(columns: int = 128, rows: int = 96) -> FlowLinear:
+    layer = FlowLinear(columns, rows).bfloat16()
+    quantize_(layer, Int4WeightOnlyOpaqueTensorConfig(group_size=32))
+    assert is_quantized(layer.weight)
+    return layer
+
+
+def kernel_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The matrix ATen's int4 kernel multiplies by: its product with the identity (bf16, as the kernel gives it)."""
+    return linear(torch.eye(weight.shape[1], dtype=torch.bfloat16), weight).T
+
+
+def test_the_unpacked_int4_matrix_is_the_kernels_own():
+    layer = int4_layer()
+    matrix = int4_cpu_matrix(layer.weight)
+    assert matrix.dtype == torch.float32 and matrix.shape == (96, 128)
+    assert torch.equal(matrix.bfloat16(), kernel_matrix(layer.weight))
+    assert int4_cpu_matrix(torch.nn.Linear(128, 96).weight) is None  # a plain weight
+
+
+def test_an_int4_layout_it_cannot_read_back_is_never_misread(monkeypatch):
+    """Only a block width whose repacking gives the stored bytes back is used; failing all, the gradient's matrix
+    comes from the kernel itself (its product with the identity), still the same matrix."""
+    layer = int4_layer()
+    monkeypatch.setattr(products, "INT4_CPU_BLOCK_ROWS", (16,))  # not this machine's layout (64 or 32 rows)
+    assert int4_cpu_matrix(layer.weight) is None
+    assert torch.equal(quantized_matrix(layer.weight).bfloat16(), kernel_matrix(layer.weight))
+
+
+def test_int4_products_and_their_gradient_for_the_input():
+    """ATen's int4 kernel has no derivative; the score-denoising step takes one for the input, from the matrix."""
+    layer = int4_layer()
+    matrix = int4_cpu_matrix(layer.weight)
+    for rows in (3, INT4_KERNEL_MAX_ROWS):  # the kernel, then the unpacked matrix in float32
+        x = torch.randn(rows, 128, dtype=torch.bfloat16, requires_grad=True)
+        out = layer(x)
+        expected = linear(x.detach().float(), matrix, layer.bias.float())
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
+        torch.testing.assert_close(out.float(), expected, atol=1e-2 * expected.abs().max().item(), rtol=0)
+        out.float().sum().backward()
+        torch.testing.assert_close(x.grad.float(), matrix.sum(0).expand(rows, 128), atol=2e-2, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------- loading and sampling
@@ -138,6 +200,36 @@ def test_an_int8_model_loads_every_weight_from_the_file_and_samples(tarflow_fold
         assert torch.isfinite(images).all() and (images - exact).abs().mean() < 0.05, sampler
 
 
+def test_an_int4_model_loads_every_weight_from_the_file_samples_and_denoises(tarflow_folder):
+    """torchao's CPU int4 layout through transformers' `TorchAoConfig`: every weight torchao's own quantization of the
+    file's, every sampler near the float32 samples, and the score-denoising step's gradient through the kernel."""
+    plain = TarFlowModel.from_pretrained(tarflow_folder, subfolder="transformer")
+    options = dict(subfolder="transformer", dtype=torch.bfloat16)  # the int4 kernel's fast path: bf16 activations
+    model = TarFlowModel.from_pretrained(tarflow_folder, **options, quantization_config=int4_config())
+    by_hand = TarFlowModel.from_pretrained(tarflow_folder, **options)
+    narrow = re.compile(NARROW_OUTPUT_LAYERS)
+    quantize_(by_hand, Int4WeightOnlyOpaqueTensorConfig(group_size=32),
+              filter_fn=lambda module, name: isinstance(module, FlowLinear) and not narrow.match(name))  # fmt: skip
+    for (name, mine), theirs in zip(model.state_dict().items(), by_hand.state_dict().values(), strict=True):
+        if is_quantized(mine):
+            assert torch.equal(int4_cpu_matrix(mine), int4_cpu_matrix(theirs)), name
+        else:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+    int4 = [
+        name for name, layer in model.named_modules() if isinstance(layer, FlowLinear) and is_quantized(layer.weight)
+    ]
+    assert len(int4) == 4 * model.config.num_blocks * model.config.layers_per_block  # qkv, proj, fc1, fc2 of each
+    noise = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(0))
+    for sampler in SAMPLERS:
+        exact = plain.inverse(noise, [0, 1, 2, 0], guidance_scale=2.0, sampler=sampler)
+        images = model.inverse(noise, [0, 1, 2, 0], guidance_scale=2.0, sampler=sampler)
+        assert torch.isfinite(images).all() and (images - exact).abs().mean() < 0.1, sampler
+    denoised = model.denoise(exact, [0, 1, 2, 0])
+    expected = plain.denoise(exact, [0, 1, 2, 0])
+    step = (expected - exact).abs().mean()
+    assert step > 0 and (denoised - expected).abs().mean() < 0.2 * step
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_weights_stay_half_and_every_sampler_runs(tarflow_folder, dtype):
     pipe = TarFlowPipeline.from_pretrained(tarflow_folder, dtype=dtype)
@@ -157,9 +249,13 @@ def test_pipeline_quantization_configs_quantize_the_transformer(tarflow_folder):
     pipe = TarFlowPipeline.from_pretrained(tarflow_folder, quantization_config=config)
     assert sum(int8_rows(layer.weight) is not None for layer in flow_linears(pipe.transformer)) >= 8
     assert pipe(class_labels=[1], output_type="pt").images.isfinite().all()
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": int4_config()})
+    pipe = TarFlowPipeline.from_pretrained(tarflow_folder, quantization_config=config, dtype=torch.bfloat16)
+    assert sum(int4_cpu_matrix(layer.weight) is not None for layer in flow_linears(pipe.transformer)) >= 8
+    assert pipe(class_labels=[1], output_type="pt").images.isfinite().all()  # denoised: a gradient through int4
 
 
-def test_starflow_samples_with_int8_and_bf16_weights():
+def test_starflow_samples_with_bf16_int8_and_int4_weights():
     from test_pipeline_starflow import make_pipe, reference
 
     _, _, expected = reference()
@@ -168,17 +264,22 @@ def test_starflow_samples_with_int8_and_bf16_weights():
     exact = make_pipe()(**arguments).images
     with tempfile.TemporaryDirectory() as folder:
         make_pipe().save_pretrained(folder)
-        config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
-        for options in (dict(dtype=torch.bfloat16), dict(dtype=torch.bfloat16, quantization_config=config)):
+        int8, int4 = (
+            PipelineQuantizationConfig(quant_mapping={"transformer": c()}) for c in (int8_config, int4_config)
+        )
+        for quantization in (None, int8, int4):
+            options = dict(dtype=torch.bfloat16, quantization_config=quantization)
             pipe = StarFlowPipeline.from_pretrained(folder, **options)
             pipe.set_progress_bar_config(disable=True)
+            unpacked = [int4_cpu_matrix(layer.weight) is not None for layer in flow_linears(pipe.transformer)]
+            assert any(unpacked) == (quantization is int4)
             for sampler in (SequentialSampler(), JacobiSampler(tolerance=1e-2, sequential_blocks=1)):
                 latents = pipe(**arguments, sampler=sampler).images
                 assert (latents - exact).abs().max() < 0.1 * exact.abs().max(), (options, sampler)
 
 
-def test_the_bundled_model_draws_recognisable_digits_in_bf16_and_int8():
-    """The bundled model's digits judged by the independent classifier: bf16 and int8 weights as good as float32
+def test_the_bundled_model_draws_recognisable_digits_in_bf16_int8_and_int4():
+    """The bundled model's digits judged by the independent classifier: bf16, int8 and int4 weights as good as float32
     on the same 100 seeds (the benchmark's 1,000-sample figures: docs/benchmarks.md)."""
     classifier = load_classifier(tarflow_hf.BUNDLED_CLASSIFIER)
     labels = torch.arange(10).repeat_interleave(10)
@@ -190,10 +291,13 @@ def test_the_bundled_model_draws_recognisable_digits_in_bf16_and_int8():
         return (classifier.predict((images * 255).round() / 127.5 - 1) == labels).float().mean().item()
 
     float32 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL))
-    bfloat16 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, dtype=torch.bfloat16))
+    bf16 = torch.bfloat16
+    bfloat16 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, dtype=bf16))
     config = PipelineQuantizationConfig(quant_mapping={"transformer": int8_config()})
     int8 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config))
-    assert float32 >= 0.97 and bfloat16 >= float32 - 0.02 and int8 >= float32 - 0.02, (float32, bfloat16, int8)
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": int4_config()})
+    int4 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config, dtype=bf16))
+    assert float32 >= 0.97 and min(bfloat16, int8, int4) >= float32 - 0.02, (float32, bfloat16, int8, int4)
 
 
 MEMORY_PROBE = """

@@ -1,6 +1,6 @@
 """benchmarks/starflow_full_size.py at a reduced width, offline and without Apple's code: a random checkpoint in
 Apple's key layout (our converter's reverse), `tarflow-hf convert`, `from_single_file`, and one image each with bf16
-and int8 weights and both samplers, every stage in a child process of its own; and the pieces it measures with."""
+int8 and int4 weights and both samplers, every stage in a child process of its own; and the pieces it measures with."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def test_each_setting_draws_an_image_with_its_weights_and_sampler(run):
         name = f"{weights}_{sampler}"
         image = np.asarray(PIL.Image.open(paths.outputs / f"{name}.png"))
         assert image.shape == (64, 64, 3) and image.std() > 0, name
-        assert ("int8" in results[f"{name}_weights"]) == (weights == full_size.INT8)
+        assert (weights in results[f"{name}_weights"]) == (weights != full_size.BFLOAT16)
+        assert (results[f"{name}_quantized_layers"] >= 24) == (weights != full_size.BFLOAT16)  # qkv, proj, fc1, fc2
         passes = results[f"{name}_transformer_passes"]
         # sequential: every token of the 6 blocks; Jacobi: the deep block exact, the shallow ones in fewer passes
         assert passes == 6 * tokens if sampler == "sequential" else tokens <= passes < 6 * tokens, name
@@ -75,7 +76,7 @@ def test_each_setting_draws_an_image_with_its_weights_and_sampler(run):
         assert sum(results[f"{name}_{part}_seconds"] for part in parts) <= results[f"{name}_sample_seconds"]
         latents[name] = torch.load(paths.outputs / f"{name}_latents.pt")
     scale = latents["bf16_sequential"].abs().max()
-    for name, value in latents.items():  # int8 and Jacobi land near bf16's exact sample
+    for name, value in latents.items():  # int8, int4 and Jacobi land near bf16's exact sample
         assert torch.isfinite(value).all() and (value - latents["bf16_sequential"]).abs().max() < 0.2 * scale, name
 
 

@@ -20,7 +20,7 @@ def test_every_weight_format_of_both_families_is_timed_and_lands_near_float32(tm
     for family in ("tarflow", "starflow"):
         assert results[f"{family}_deviations_from"] == "float32"  # no Apple checkout given
         assert results[f"{family}_int8_compile_seconds"] > 0 and results[f"{family}_bf16_compile_seconds"] > 0
-        for name in ("bf16", "int8", "bf16_compiled", "int8_compiled"):
+        for name in ("bf16", "int8", "int4", "bf16_compiled", "int8_compiled"):
             assert results[f"{family}_{name}_seconds"] > 0
             assert results[f"{family}_{name}_speedup_over_float32"] > 0
             assert len(results[f"{family}_{name}_speedup_over_float32_per_round"].split(", ")) == 2

@@ -16,7 +16,6 @@ import functools
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,20 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .products import (
+    HALF_DTYPES,
+    INT8_KERNEL_BLOCK,
+    bf16_packing_available,
+    half_linear_in_float32,
+    half_products_native,
+    int8_linear,
+    int8_rows,
+    is_quantized,
+    products_in_float32,
+    quantized_linear,
+    weight_packing_available,
+)
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 # Packed copies of the weights a sampler may hold at once (MKL's packed layout takes about 3x the weight's bytes);
@@ -48,152 +61,6 @@ def active_packing() -> WeightPacking | None:
 
 
 # --------------------------------------------------------------------------------------------- linear layers
-def weight_packing_available() -> bool:
-    """MKL's packed matrix product is in torch builds with MKL (x86 Linux and Windows wheels), not on Apple
-    silicon."""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-
-
-def bf16_packing_available() -> bool:
-    """oneDNN's pre-packed bfloat16 product: x86 CPUs with bfloat16 instructions (AVX-512 BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-# Rows up to which a half-precision product stays on ATen's own kernel on a CPU that `half_products_native` says
-# lacks the instructions: that kernel reads the weight in its own dtype (the fastest for a decoding step's few
-# rows) but computes in a scalar loop, so from about 24 rows on, converting to float32 wins (3.7x at 160 rows, 6.7x at
-# 1152, 167x for a gradient's product with the weight on 32 rows: a 3072-wide layer, 2-core AVX2 EPYC,
-# `benchmarks.half_products`).
-NATIVE_HALF_MAX_ROWS = 16
-
-
-def _half_instructions() -> dict[torch.dtype, bool]:
-    fp16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return {torch.bfloat16: bool(bf16_packing_available()), torch.float16: bool(fp16)}
-
-
-# Read once (compiled code reads the table, which its tracer cannot call the checks to make).
-_HALF_INSTRUCTIONS = _half_instructions()
-
-
-def half_products_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` matrices with instructions made for them (oneDNN: AVX-512 for bfloat16,
-    AVX-512 FP16 or AMX for float16); always True for float32 and float64."""
-    return _HALF_INSTRUCTIONS.get(dtype, True)
-
-
-def products_in_float32(x: torch.Tensor) -> bool:
-    """Half-precision CPU tensors on a CPU without half-precision products (not under autocast, which keeps its own
-    arithmetic: Apple's): their matrix products are computed in float32 and rounded back, the same numbers a
-    native half-precision product gives (it accumulates in float32) up to the order of the sums."""
-    return (
-        x.dtype in HALF_DTYPES
-        and x.is_cpu
-        and not half_products_native(x.dtype)
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
-def _half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias on a CPU without half-precision products: ATen's kernel for a few rows, float32 above."""
-    if x.numel() // max(x.shape[-1], 1) <= NATIVE_HALF_MAX_ROWS:
-        return F.linear(x, weight, bias)
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-
-
-class _HalfLinearInFloat32(torch.autograd.Function):
-    """`_half_linear` with its gradients computed in float32 too (a gradient's product with the weight has as many
-    rows as the forward's); it saves the half-precision tensors, so a backward never keeps a float32 weight."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return _half_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1]).float()
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (flat @ weight.float()).to(grad.dtype).reshape(*grad.shape[:-1], weight.shape[1])
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (flat.T @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
-        grad_bias = flat.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
-
-
-def half_linear_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for half-precision tensors on a CPU where `products_in_float32` holds."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
-        return _HalfLinearInFloat32.apply(x, weight, bias)
-    return _half_linear(x, weight, bias)
-
-
-# ATen's CPU int8 weight-only kernel (`torch._weight_int8pack_mm`) needs the inner dimension in multiples of this.
-INT8_KERNEL_BLOCK = 16
-# Rows from which the int8 product runs as a bfloat16 matrix product on the weight converted to bfloat16 (scaled
-# after): the kernel is built for a few rows (a decoding step's) and its time grows with the rows, about 2.4x the
-# converted product's at 256 rows (a text prefix) and 3.6x at 1152 (the denoising step's pass), while the conversion
-# costs one pass over the weight, which the kernel beats below about 64 rows (3072-wide layers, 2-core EPYC).
-INT8_KERNEL_MAX_ROWS = 64
-
-
-def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int8 matrix, per-row scales) of a weight quantized to int8 per output row (torchao's int8 weight-only
-    configuration), or None for any other weight. Read from the tensor's own storage, without a copy, and checked
-    against its `dequantize()`, so a layout this code does not know is simply not used."""
-    if type(weight) is nn.Parameter or type(weight) is torch.Tensor or not hasattr(weight, "dequantize"):
-        return None
-    if weight.dim() != 2 or weight.shape[1] % INT8_KERNEL_BLOCK:
-        return None  # the kernel reads the inner dimension in blocks of 16: other widths give wrong results
-    for holder in (weight, getattr(weight, "tensor_impl", None)):
-        values = next((getattr(holder, name) for name in ("qdata", "int_data") if hasattr(holder, name)), None)
-        scale = getattr(holder, "scale", None)
-        if values is None or scale is None or values.dtype != torch.int8 or values.shape != weight.shape:
-            continue
-        scale = scale.reshape(-1)
-        dequantized = values.to(scale.dtype) * scale[:, None]
-        if scale.numel() == weight.shape[0] and torch.equal(dequantized, weight.dequantize()):
-            return values, scale
-    return None
-
-
-class _Int8WeightLinear(torch.autograd.Function):
-    """x @ (int8 * scale).T with ATen's int8 weight-only kernel (from `INT8_KERNEL_MAX_ROWS` rows on, as a bfloat16
-    product with the converted weight); its gradient for x (the score-denoising step takes one) from the dequantized
-    weight. The weight itself is frozen."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(values, scale)
-        # The kernel's fast path on CPU takes bfloat16 activations (float32 ones run about 20x slower).
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if flat.shape[0] < INT8_KERNEL_MAX_ROWS:
-            out = torch._weight_int8pack_mm(flat, values, scale.to(torch.bfloat16))
-        elif products_in_float32(flat):  # (x @ int8.T) * scale: each output column has its row's scale
-            out = F.linear(flat.float(), values.float()) * scale.to(torch.bfloat16).float()
-        else:
-            out = F.linear(flat, values.to(torch.bfloat16)) * scale.to(torch.bfloat16)
-        return out.to(x.dtype).reshape(*x.shape[:-1], values.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        values, scale = ctx.saved_tensors
-        if products_in_float32(grad):
-            return (grad.float() @ (values.float() * scale[:, None].float())).to(grad.dtype), None, None
-        return grad @ (values.to(grad.dtype) * scale[:, None].to(grad.dtype)), None, None
-
-
-def int8_linear(x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (int8 * scale).T + bias, through ATen's int8 weight-only kernel."""
-    out = _Int8WeightLinear.apply(x, *rows)
-    return out if bias is None else out + bias.to(out.dtype)
-
-
 class FlowLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoints) that a `WeightPacking` context can run on packed weights, and
     that runs int8 weight-only quantized weights (torchao's) with ATen's int8 kernel on CPU."""
@@ -212,6 +79,8 @@ class FlowLinear(nn.Linear):
             return F.linear(x, weight, self.bias)
         if x.is_cpu and (rows := self._int8_rows()) is not None:
             return int8_linear(x, rows, self.bias)
+        if is_quantized(self.weight):  # any other quantized weight: its own product, a gradient for x from its matrix
+            return quantized_linear(x, self.weight, self.bias)
         if type(self.weight) is nn.Parameter and x.dtype == self.weight.dtype and products_in_float32(x):
             return half_linear_in_float32(x, self.weight, self.bias)
         packing = _ACTIVE_PACKING.get()
@@ -601,18 +470,11 @@ __all__ = [
     "WeightPacking",
     "active_packing",
     "at_least_fp32",
-    "bf16_packing_available",
     "causal_attention",
     "check_attention_implementation",
     "distinct_rows",
     "grouped_causal_attention",
-    "half_linear_in_float32",
-    "half_products_native",
     "init_torch_defaults",
-    "int8_linear",
-    "int8_rows",
     "layer_norm_fp32",
-    "products_in_float32",
     "rows_at",
-    "weight_packing_available",
 ]

@@ -52,6 +52,7 @@ from .pipeline_utils import (
     normal_noise,
     run_in_chunks,
 )
+from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
 from .samplers import FlowSampler, SamplingStats, SequentialSampler
 
 OUTPUT_TYPES = ("latent", "pil", "np", "pt")

@@ -50,6 +50,7 @@ from .pipeline_utils import (
     run_in_chunks,
     uniform_noise,
 )
+from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
 from .samplers import FlowSampler, SamplingStats, SequentialSampler
 
 OUTPUT_TYPES = ("latent", "pil", "np", "pt")
