@@ -40,6 +40,7 @@ from .layers import (
     init_torch_defaults,
     layer_norm_fp32,
 )
+from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
 from .rotary_starflow import RotaryTable, apply_rope
 from .samplers import FlowSampler, SamplingStats, get_sampler
 

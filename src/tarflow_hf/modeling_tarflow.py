@@ -39,6 +39,7 @@ from .layers import (
     layer_norm_fp32,
     rows_at,
 )
+from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
 from .samplers import FlowSampler, SamplingStats, get_sampler
 
 # Apple's evaluate_bpd.py: pixels in [-1, 1] are 256 levels of width 2/256, so p(level) = p(x) / 128 per dim.

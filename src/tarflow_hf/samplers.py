@@ -38,6 +38,7 @@ from transformers.utils import logging
 
 from .guidance import Guidance, check_positive_number, parse_spec, row_weights
 from .layers import WeightPacking
+from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
 
 try:  # diffusers gives the config machinery; a model's code saved with its weights also runs without it
     from diffusers.configuration_utils import ConfigMixin, register_to_config
