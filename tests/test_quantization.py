@@ -14,7 +14,7 @@ from conftest import random_model, tiny_config
 from diffusers import PipelineQuantizationConfig
 from torchao.prototype.int4_opaque_tensor import Int4WeightOnlyOpaqueTensorConfig
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
-from transformers import TorchAoConfig
+from transformers import BitsAndBytesConfig, TorchAoConfig
 
 import tarflow_hf
 from tarflow_hf import (
@@ -297,7 +297,39 @@ def test_the_bundled_model_draws_recognisable_digits_in_bf16_int8_and_int4():
     int8 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config))
     config = PipelineQuantizationConfig(quant_mapping={"transformer": int4_config()})
     int4 = accuracy(TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config, dtype=bf16))
-    assert float32 >= 0.97 and min(bfloat16, int8, int4) >= float32 - 0.02, (float32, bfloat16, int8, int4)
+    formats = dict(bfloat16=bfloat16, int8=int8, int4=int4)
+    for name, bnb_config in bitsandbytes_configs().items():  # bitsandbytes' own layers (its CPU backend)
+        config = PipelineQuantizationConfig(quant_mapping={"transformer": bnb_config})
+        pipe = TarFlowPipeline.from_pretrained(tarflow_hf.BUNDLED_MODEL, quantization_config=config)
+        layers = [module for module in pipe.transformer.modules() if isinstance(module, torch.nn.Linear)]
+        replaced = [module for module in layers if type(module).__module__.startswith("bitsandbytes")]
+        assert len(replaced) >= len(layers) - 1, name  # all but the one transformers keeps (the last)
+        formats[name] = accuracy(pipe)
+    assert float32 >= 0.97 and min(formats.values()) >= float32 - 0.02, (float32, formats)
+
+
+def bitsandbytes_configs() -> dict[str, BitsAndBytesConfig]:
+    return {
+        "bitsandbytes_int8": BitsAndBytesConfig(load_in_8bit=True),
+        "bitsandbytes_fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+    }
+
+
+def test_bitsandbytes_replaces_the_flow_layers_and_the_score_step_differentiates(tarflow_folder):
+    """bitsandbytes' transformers integration replaces only layers whose type is exactly `nn.Linear`; the models
+    build theirs so under its config (else every weight loaded unquantized, silently), and the inputs go to them in
+    the compute dtype (not the int8 weight's)."""
+    plain = TarFlowModel.from_pretrained(tarflow_folder, subfolder="transformer")
+    noise = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(2))
+    exact = plain.inverse(noise, [0, 1], guidance_scale=2.0)
+    for name, config in bitsandbytes_configs().items():
+        model = TarFlowModel.from_pretrained(tarflow_folder, subfolder="transformer", quantization_config=config)
+        assert not any(isinstance(module, FlowLinear) for module in model.modules()), name
+        images = model.inverse(noise, [0, 1], guidance_scale=2.0)
+        assert (images - exact).abs().mean() < 0.1, name
+        step = (plain.denoise(exact, [0, 1]) - exact).abs().mean()
+        assert (model.denoise(exact, [0, 1]) - plain.denoise(exact, [0, 1])).abs().mean() < 0.3 * step, name
+    assert any(isinstance(module, FlowLinear) for module in TarFlowModel(plain.config).modules())  # outside loading
 
 
 MEMORY_PROBE = """

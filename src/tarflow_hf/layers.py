@@ -16,6 +16,7 @@ import functools
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +62,27 @@ def active_packing() -> WeightPacking | None:
 
 
 # --------------------------------------------------------------------------------------------- linear layers
+def input_dtype(layer: nn.Linear) -> torch.dtype:
+    """The dtype a linear layer takes its input in: its weight's, or where the weight is stored as integers
+    (bitsandbytes' int8 and 4-bit layers) its compute dtype, else its bias's, else float32."""
+    if layer.weight.dtype.is_floating_point:
+        return layer.weight.dtype
+    compute = getattr(layer, "compute_dtype", None)
+    return compute or (torch.float32 if layer.bias is None else layer.bias.dtype)
+
+
+# While set, `FlowLinear(...)` builds a plain `nn.Linear` (see `FlowModelMixin.from_pretrained`).
+_PLAIN_LINEAR: ContextVar[bool] = ContextVar("tarflow_hf_plain_linear", default=False)
+
+
 class FlowLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoints) that a `WeightPacking` context can run on packed weights, and
     that runs int8 weight-only quantized weights (torchao's) with ATen's int8 kernel on CPU."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> nn.Linear:
+        if _PLAIN_LINEAR.get():
+            return nn.Linear(*args, **kwargs)  # not a FlowLinear: Python then leaves it as built
+        return super().__new__(cls)
 
     _int8: tuple[int, tuple[torch.Tensor, torch.Tensor] | None] | None = None  # (id of the weight read, its rows)
 
@@ -383,6 +402,18 @@ class FlowModelMixin:
     before `PreTrainedModel` in their bases)."""
 
     @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`. With a bitsandbytes `quantization_config` the model's linear layers are
+        built as plain `nn.Linear`s: its transformers integration replaces only layers of exactly that type, and
+        would otherwise load every weight unquantized without a word."""
+        quantization = kwargs.get("quantization_config")
+        token = _PLAIN_LINEAR.set(getattr(quantization, "quant_method", None) == "bitsandbytes")
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        finally:
+            _PLAIN_LINEAR.reset(token)
+
+    @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         # The attention layers read `config._attn_implementation` at every call, so `set_attn_implementation`
         # takes effect at once (transformers' source heuristic looks for its AttentionInterface and would say no).
@@ -475,6 +506,7 @@ __all__ = [
     "distinct_rows",
     "grouped_causal_attention",
     "init_torch_defaults",
+    "input_dtype",
     "layer_norm_fp32",
     "rows_at",
 ]

@@ -38,6 +38,7 @@ from .layers import (
     distinct_rows,
     grouped_causal_attention,
     init_torch_defaults,
+    input_dtype,
     layer_norm_fp32,
 )
 from .products import is_quantized  # noqa: F401 (the layers' import: diffusers copies direct imports only)
@@ -317,7 +318,7 @@ class StarFlowBlock(nn.Module):
         """Each layer's (keys, values) of the text prefix for every row of `text`, computed once per distinct row."""
         distinct, row_of = distinct_rows(text)
         prefix = StarFlowBlockCache(len(self.layers), text.shape[1])
-        self.transformer(self.proj_txt(distinct.to(self.proj_txt.weight.dtype)), rope, 0, prefix, (temperature,))
+        self.transformer(self.proj_txt(distinct.to(input_dtype(self.proj_txt))), rope, 0, prefix, (temperature,))
         return [(layer.keys[row_of], layer.values[row_of]) for layer in prefix.layers]
 
     def _rope(self, condition: StarFlowCondition) -> RotaryTable:
@@ -340,7 +341,7 @@ class StarFlowBlock(nn.Module):
         branches = condition.branches
         if branches > 1:
             tokens = tokens.repeat(branches, 1, 1)
-        hidden = self.proj_in(tokens.to(self.proj_in.weight.dtype))
+        hidden = self.proj_in(tokens.to(input_dtype(self.proj_in)))
         rope = self._rope(condition)
         offset = condition.text_length if self.reads_text else 0
         if cache is None and position != 0:
@@ -515,7 +516,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         check_latents(self.config, pixel_values, "pixel_values")
         batch, _, height, width = pixel_values.shape
         text = self._text(encoder_hidden_states, batch, "encoder_hidden_states")
-        dtype = self.blocks[0].proj_in.weight.dtype
+        dtype = input_dtype(self.blocks[0].proj_in)
         grid = self.patchify(pixel_values.to(device=self.device, dtype=dtype))
         grid_h, grid_w = grid.shape[1:3]
         rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)
@@ -605,7 +606,7 @@ class StarFlowModel(StarFlowPreTrainedModel):
         temperature = check_positive_number("attention_temperature", attention_temperature)
         sampler = get_sampler(sampler)
         text = self._guided_text(encoder_hidden_states, negative_encoder_hidden_states, guidance, batch)
-        dtype = self.blocks[0].proj_in.weight.dtype
+        dtype = input_dtype(self.blocks[0].proj_in)
         grid = self.patchify(latents.to(device=self.device, dtype=torch.float32))
         grid_h, grid_w = grid.shape[1:3]
         rope = self._rope_table(height, width, 0 if text is None else text.shape[1], torch.float32)

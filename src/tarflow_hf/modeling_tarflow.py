@@ -36,6 +36,7 @@ from .layers import (
     checkpointed_layers,
     grouped_causal_attention,
     init_torch_defaults,
+    input_dtype,
     layer_norm_fp32,
     rows_at,
 )
@@ -198,7 +199,7 @@ class TarFlowBlock(nn.Module):
     def embed(self, patches: torch.Tensor, positions: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """Transformer input for `patches` (B, L, D) with their rows of the position table (1, L, W). The additions
         run in Apple's order (projection + position, then + class), so half-precision results match too."""
-        hidden = self.proj_in(patches.to(self.proj_in.weight.dtype)) + positions
+        hidden = self.proj_in(patches.to(input_dtype(self.proj_in))) + positions
         if condition is not None and condition.shape[0] != hidden.shape[0]:  # guidance: both branches' rows
             hidden = hidden.repeat(condition.shape[0] // hidden.shape[0], 1, 1)
         return hidden if condition is None else hidden + condition
