@@ -255,7 +255,7 @@ def test_pipeline_quantization_configs_quantize_the_transformer(tarflow_folder):
     assert pipe(class_labels=[1], output_type="pt").images.isfinite().all()  # denoised: a gradient through int4
 
 
-def test_starflow_samples_with_bf16_int8_and_int4_weights():
+def test_starflow_samples_with_bf16_int8_int4_and_bitsandbytes_weights():
     from test_pipeline_starflow import make_pipe, reference
 
     _, _, expected = reference()
@@ -267,7 +267,8 @@ def test_starflow_samples_with_bf16_int8_and_int4_weights():
         int8, int4 = (
             PipelineQuantizationConfig(quant_mapping={"transformer": c()}) for c in (int8_config, int4_config)
         )
-        for quantization in (None, int8, int4):
+        bnb = PipelineQuantizationConfig(quant_mapping={"transformer": BitsAndBytesConfig(load_in_8bit=True)})
+        for quantization in (None, int8, int4, bnb):
             options = dict(dtype=torch.bfloat16, quantization_config=quantization)
             pipe = StarFlowPipeline.from_pretrained(folder, **options)
             pipe.set_progress_bar_config(disable=True)
