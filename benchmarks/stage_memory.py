@@ -170,12 +170,20 @@ def available_gb() -> float:
 
 
 def machine() -> str:
-    """The CPU's model name (as lscpu gives it), its cores and the memory."""
+    """The CPU's model name (as lscpu gives it), family and model, its widest vector and bf16 instructions (the same
+    model name covers CPUs of very different speeds), its cores and the memory."""
     cpuinfo, meminfo = Path("/proc/cpuinfo"), Path("/proc/meminfo")
-    model = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text()) if cpuinfo.exists() else None
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    fields = {
+        key: re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE) for key in ("model name", "cpu family", "model")
+    }
+    name, family, model = (match.group(1).strip() if match else "?" for match in fields.values())
+    flags = set(match.group(1).split()) if (match := re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)) else set()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "bf16 instructions" if flags & {"avx512_bf16", "amx_bf16"} else "no bf16 instructions"
     memory = re.search(r"MemTotal:\s+(\d+) kB", meminfo.read_text()) if meminfo.exists() else None
     total = f", {int(memory.group(1)) * 1024 / GB:.1f} GB ({int(memory.group(1)) / 2**20:.1f} GiB)" if memory else ""
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores{total}"
+    return f"{name} (family {family}, model {model}; {vector}, {bf16}), {os.cpu_count()} cores{total}"
 
 
 __all__ = ["GB", "Phases", "available_gb", "in_child", "machine", "memory_status", "timed"]

@@ -3,6 +3,9 @@ a phase's peak is its own."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from test_benchmarks import benchmark
@@ -61,3 +64,14 @@ def test_timed_records_each_call_and_leaves_the_method_as_it_was():
     with stage_memory.timed(clock, "tick", seconds):
         assert clock.tick(1) == 2 and clock.tick(2) == 3
     assert len(seconds) == 2 and "tick" not in vars(clock)
+
+
+def test_the_machine_names_its_cpu_family_and_whether_it_has_avx512_and_bf16():
+    """One model name ("AMD EPYC") covers CPUs of very different speeds: the description tells them apart."""
+    text = Path("/proc/cpuinfo").read_text()
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE).group(1).split())
+    family = re.search(r"^cpu family\s*:\s*(\d+)$", text, re.MULTILINE).group(1)
+    described = stage_memory.machine()
+    assert f"family {family}," in described
+    assert ("AVX-512" in described) == ("avx512f" in flags)
+    assert ("no bf16 instructions" in described) == (not flags & {"avx512_bf16", "amx_bf16"})
