@@ -279,9 +279,9 @@ def test_starflow_samples_with_bf16_int8_int4_and_bitsandbytes_weights():
                 assert (latents - exact).abs().max() < 0.1 * exact.abs().max(), (options, sampler)
 
 
-def test_the_bundled_model_draws_recognisable_digits_in_bf16_int8_and_int4():
-    """The bundled model's digits judged by the independent classifier: bf16, int8 and int4 weights as good as float32
-    on the same 100 seeds (the benchmark's 1,000-sample figures: docs/benchmarks.md)."""
+def test_the_bundled_model_draws_recognisable_digits_in_bf16_int8_int4_and_bitsandbytes():
+    """The bundled model's digits judged by the independent classifier: bf16, int8, int4 and bitsandbytes weights as
+    good as float32 on the same 100 seeds (the benchmark's 1,000-sample figures: docs/benchmarks.md)."""
     classifier = load_classifier(tarflow_hf.BUNDLED_CLASSIFIER)
     labels = torch.arange(10).repeat_interleave(10)
 
