@@ -112,7 +112,7 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 matrix, per-row scales) of a weight quantized to int8 per output row (torchao's int8 weight-only
     configuration), or None for any other weight. Read from the tensor's own storage, without a copy, and checked
     against its `dequantize()`, so a layout this code does not know is simply not used."""
-    if type(weight) is nn.Parameter or type(weight) is torch.Tensor or not hasattr(weight, "dequantize"):
+    if not is_quantized(weight) or not hasattr(weight, "dequantize"):
         return None
     if weight.dim() != 2 or weight.shape[1] % INT8_KERNEL_BLOCK:
         return None  # the kernel reads the inner dimension in blocks of 16: other widths give wrong results
@@ -229,7 +229,7 @@ class _QuantizedWeightLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         matrix = quantized_matrix(ctx.weight)
-        if products_in_float32(grad) or grad.dtype == torch.float32:
+        if products_in_float32(grad):
             return (grad.float() @ matrix.float()).to(grad.dtype), None
         return grad @ matrix.to(grad.dtype), None
 
