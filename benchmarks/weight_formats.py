@@ -13,7 +13,7 @@ quarter. Apple's decoder runs the two guidance branches as two passes (each read
 
 Ours: `SequentialSampler()` with each weight format (bf16 through `.to(torch.bfloat16)`, int8 through torchao's
 int8 weight-only quantization of the bf16 model, as `TorchAoConfig` loads it, int4 through its CPU int4 layout,
-eager only), and bf16 and int8 with the steps
+eager only), and float32, bf16 and int8 with the steps
 compiled with the weights frozen in (`SequentialSampler(compile_mode=..., freeze_weights=True)`, by default
 "max-autotune-no-cudagraphs": inductor picks its own kernels, weight-only int8 ones among them; compile times are
 reported apart). Timed round-robin (`timing.round_robin`); every speed-up is the median of the rounds' ratios to
@@ -98,7 +98,7 @@ def our_samplers(
     seconds that took are returned)."""
     bf16, int8, int4 = copy.deepcopy(model).to(torch.bfloat16), int8_weights(model), int4_weights(model)
     compiled, compile_seconds = SequentialSampler(compile_mode=compile_mode, freeze_weights=True), {}
-    for name, weights in (("bf16", bf16), ("int8", int8)):
+    for name, weights in (("float32", model), ("bf16", bf16), ("int8", int8)):
         start = time.perf_counter()
         inverse(weights, compiled)
         compile_seconds[name] = time.perf_counter() - start
@@ -108,6 +108,7 @@ def our_samplers(
         "bf16": lambda: inverse(bf16, exact),
         "int8": lambda: inverse(int8, exact),
         "int4": lambda: inverse(int4, exact),
+        "float32_compiled": lambda: inverse(model, compiled),
         "bf16_compiled": lambda: inverse(bf16, compiled),
         "int8_compiled": lambda: inverse(int8, compiled),
     }
@@ -180,7 +181,7 @@ def measure(
             deviation = (rounds.results[name] - rounds.results[reference]).abs().max()
             results[f"{family}_{name}_max_abs_deviation"] = float(deviation)
     if reference != "float32":
-        for name in ("bf16", "int8", "int4", "bf16_compiled", "int8_compiled"):
+        for name in ("bf16", "int8", "int4", "float32_compiled", "bf16_compiled", "int8_compiled"):
             record_speedup(results, f"{family}_{name}_speedup_over_float32", rounds, name, "float32")
 
 
