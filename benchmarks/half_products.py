@@ -119,7 +119,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--width", args.width), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag} must be a positive whole number, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from test_benchmarks import benchmark
 
@@ -31,3 +32,10 @@ def test_each_route_answers_as_a_machine_of_its_kind():
         assert not products.half_products_native(torch.bfloat16) and products.half_products_native(torch.float32)
     with half_products.route(native=True):
         assert products.half_products_native(torch.bfloat16)
+
+
+@pytest.mark.parametrize("flag", ["--width", "--repeats"])
+def test_a_width_or_repeats_below_one_is_one_line(flag, capsys):
+    with pytest.raises(SystemExit):
+        half_products.main([flag, "0"])
+    assert f"{flag} must be a positive whole number, got 0" in capsys.readouterr().err

@@ -55,13 +55,20 @@ def test_models_run_eager_attention_when_asked(tmp_path):
         TarFlowModel.from_pretrained(tmp_path, attn_implementation="bogus")
 
 
+def set_checkpointing(model: torch.nn.Module, on: bool = True) -> None:
+    """transformers' switch under its current name, the old one where the installed release predates it."""
+    action = "enable" if on else "disable"
+    switch = getattr(model, f"activation_checkpointing_{action}", None)
+    (switch or getattr(model, f"gradient_checkpointing_{action}"))()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = random_model(num_blocks=2, layers_per_block=2).train()
     x, labels = torch.rand(2, 1, 8, 8) * 2 - 1, [0, 1]
     model(x, labels).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    set_checkpointing(model)
     assert all(layer.gradient_checkpointing for block in model.blocks for layer in block.layers)
     model(x, labels).loss.backward()
     for expected, parameter in zip(plain, model.parameters(), strict=True):
@@ -215,13 +222,13 @@ def test_the_denoising_step_recomputes_each_layer_instead_of_keeping_its_activat
     took more memory than its bf16 weights): far fewer bytes kept, the same gradient, and the layers' own
     checkpointing settings (a user's, for training) as they were."""
     model = random_model(num_blocks=2, layers_per_block=3)
-    model.gradient_checkpointing_enable()  # a user's setting for training, which the step must leave as it was
+    set_checkpointing(model)  # a user's setting for training, which the step must leave as it was
     images = torch.rand(2, 1, 8, 8)
     kept, denoised = saved_bytes_of_denoising(model, images, [0, 1])
     layer = model.blocks[0].layers[0]
     assert layer.gradient_checkpointing and not layer.training and layer._gradient_checkpointing_func is not None
     monkeypatch.setattr("tarflow_hf.modeling_tarflow.checkpointed_layers", lambda model: contextlib.nullcontext())
-    model.gradient_checkpointing_disable()
+    set_checkpointing(model, on=False)
     kept_without, denoised_without = saved_bytes_of_denoising(model, images, [0, 1])
     assert kept < kept_without / 3
     torch.testing.assert_close(denoised, denoised_without, rtol=0, atol=0)

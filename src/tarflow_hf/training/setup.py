@@ -72,7 +72,9 @@ def init_model(run: Run) -> None:
     adapter that trains in it (after gradient checkpointing, which then needs no input gradients)."""
     run.family.load(run)
     if run.args.gradient_checkpointing:
-        run.raw_model.gradient_checkpointing_enable()
+        model = run.raw_model  # transformers' later v5 releases renamed the switch (the old name warns)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if lora_requested(run.args):
         add_training_adapter(run)
     run.raw_model.train()
