@@ -12,7 +12,7 @@ import torch
 
 from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.modeling_starflow import StarFlowModel
-from tarflow_hf.samplers import SequentialSampler, sample_sequential
+from tarflow_hf.samplers import SequentialSampler
 
 from .stage_memory import timed
 
@@ -23,14 +23,15 @@ class DeepTokensDone(Exception):
 
 class FirstDeepTokens(SequentialSampler):
     """The sequential sampler on the deep block's first `tokens` tokens, then a stop. A token depends only on
-    those before it, so these are exactly the first tokens of a whole sequential inverse."""
+    those before it, so these are exactly the first tokens of a whole sequential inverse. With `compile_mode`, its
+    steps compiled (`SequentialSampler`'s option; `freeze_weights` on a CPU), once for every later call."""
 
-    def __init__(self, tokens: int):
-        super().__init__()
+    def __init__(self, tokens: int, compile_mode: str | None = None, freeze_weights: bool = False):
+        super().__init__(compile_mode=compile_mode, freeze_weights=freeze_weights)
         self.tokens = tokens
 
     def invert(self, block: Any, z: torch.Tensor, condition: Any) -> tuple[torch.Tensor, Any]:
-        x, _ = sample_sequential(block, z[:, : self.tokens + 1], condition)
+        x, _ = super().invert(block, z[:, : self.tokens + 1], condition)
         raise DeepTokensDone(x[:, 1:].clone())
 
 
@@ -61,8 +62,11 @@ class DeepInputs:
         return DeepInputs(*moved, self.guidance_scale, self.tokens)
 
 
-def our_deep_tokens(model: StarFlowModel, inputs: DeepInputs) -> tuple[torch.Tensor, float]:
-    """(our first deep-block tokens, seconds per token: the text prefix's pass left out)."""
+def our_deep_tokens(
+    model: StarFlowModel, inputs: DeepInputs, sampler: FirstDeepTokens | None = None
+) -> tuple[torch.Tensor, float]:
+    """(our first deep-block tokens, seconds per token: the text prefix's pass left out), by `sampler` (default:
+    the eager one)."""
     prefix: list[float] = []
     start = time.perf_counter()
     with timed(model.blocks[-1], "new_cache", prefix):
@@ -72,7 +76,7 @@ def our_deep_tokens(model: StarFlowModel, inputs: DeepInputs) -> tuple[torch.Ten
                 inputs.text,
                 inputs.negative,
                 inputs.guidance_scale,
-                sampler=FirstDeepTokens(inputs.tokens),
+                sampler=sampler or FirstDeepTokens(inputs.tokens),
             )
         except DeepTokensDone as done:
             (tokens,) = done.args

@@ -21,7 +21,8 @@ Stages, each child in a process of its own (`benchmarks.stage_memory`: time, pea
 - `sample`: one image end to end per setting: bf16, int8 or int4 weights (diffusers' `PipelineQuantizationConfig`
   with torchao's int8 or CPU int4 weight-only), the sequential sampler or the fastest parallel setting,
   `JacobiSampler(tolerance=1e-2, sequential_blocks=1)`.
-- `deep_tokens`: Apple's float32 `Model.reverse` and ours (float32, bf16, int8) on the deep block's first 64 tokens.
+- `deep_tokens`: Apple's float32 `Model.reverse` and ours (float32, bf16, int8) on the deep block's first 64 tokens;
+  those named by `--compiled-deep-tokens` also with their steps compiled (the compile timed apart).
 
 Offloading: on a CPU-only machine `enable_model_cpu_offload` cannot lower the peak (both sides are the same memory);
 the samplings load the text encoder alone, encode, free it, and only then load the transformer and the VAE.
@@ -62,7 +63,7 @@ from tarflow_hf.samplers import FlowSampler, JacobiSampler, SequentialSampler
 
 from .apple_model import load_ml_starflow
 from .stage_memory import GB, Phases, available_gb, in_child, machine, memory_status, timed
-from .starflow_deep_tokens import DeepInputs, apple_deep_tokens, our_deep_tokens
+from .starflow_deep_tokens import DeepInputs, FirstDeepTokens, apple_deep_tokens, our_deep_tokens
 from .timing import report
 
 RELEASED_WIDTH = 3072
@@ -446,22 +447,40 @@ def deep_tokens(args: argparse.Namespace, layout: Layout, paths: Paths) -> dict[
         words = len(PROMPT.split())
         inputs = inputs or DeepInputs.build(model.config, noise, words, SEED + 4, args.deep_tokens).to(args.device)
         runs = {name: partial(our_deep_tokens, model, inputs)}
+        if name in args.compiled_deep_tokens:
+            runs[f"{name}_compiled"] = compiled_deep_tokens(model, inputs, args.device, results, name)
         if apple is not None:
             runs["apple"] = partial(apple_deep_tokens, module, apple, inputs)
         tokens, seconds = paired_rounds(runs, args.rounds)
         reference = tokens.get("apple", reference if reference is not None else tokens[name])
-        results[f"{name}_seconds_per_token"] = statistics.median(seconds[name])
-        results[f"{name}_max_abs_deviation"] = (tokens[name] - reference).abs().max().item()
+        for ours in (run for run in runs if run != "apple"):
+            results[f"{ours}_seconds_per_token"] = statistics.median(seconds[ours])
+            results[f"{ours}_max_abs_deviation"] = (tokens[ours] - reference).abs().max().item()
+            if apple is not None:
+                ratios = [slow / fast for fast, slow in zip(seconds[ours], seconds["apple"], strict=True)]
+                results[f"{ours}_speedup_over_apple"] = statistics.median(ratios)
         if apple is not None:
             apple_seconds += seconds["apple"]
-            ratios = [slow / fast for fast, slow in zip(seconds[name], seconds["apple"], strict=True)]
-            results[f"{name}_speedup_over_apple"] = statistics.median(ratios)
         del model, runs
         gc.collect()
     results["deviations_from"] = "apple's float32" if apple is not None else "our float32"
     if apple_seconds:
         results["apple_float32_seconds_per_token"] = statistics.median(apple_seconds)
     return results
+
+
+def compiled_deep_tokens(
+    model: StarFlowModel, inputs: DeepInputs, device: str, results: dict[str, Any], name: str
+) -> Callable[[], tuple[torch.Tensor, float]]:
+    """Our decoder with its steps compiled (a CPU: inductor's kernels, weights frozen in; CUDA: one CUDA graph a
+    step), compiled here by a first run whose seconds go into `results`."""
+    cpu = torch.device(device).type == "cpu"
+    mode = "max-autotune-no-cudagraphs" if cpu else "reduce-overhead"
+    sampler = FirstDeepTokens(inputs.tokens, compile_mode=mode, freeze_weights=cpu)
+    start = time.perf_counter()
+    our_deep_tokens(model, inputs, sampler)
+    results[f"{name}_compile_seconds"] = time.perf_counter() - start
+    return partial(our_deep_tokens, model, inputs, sampler)
 
 
 def paired_rounds(
@@ -614,6 +633,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", default=",".join(names), help=f"the samplings, of {', '.join(names)}")
     parser.add_argument("--deep-tokens", type=int, default=DEEP_TOKENS, help="deep-block tokens timed (issue: 64)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the deep-token timings (even: fair)")
+    parser.add_argument("--compiled-deep-tokens", default="", help="also time these of float32,bf16,int8 compiled")
     parser.add_argument("--threads", type=int, help="torch threads of every stage (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the samplings and deep tokens run (e.g. cuda)")
     parser.add_argument("--workdir", type=Path, help="where the files go (default: a new folder under /tmp)")
@@ -625,6 +645,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         if stage not in STAGES:
             parser.error(f"--stages: {stage!r} is not a stage; the stages are {', '.join(STAGES)}")
     args.settings = [setting.strip() for setting in args.settings.split(",") if setting.strip()]
+    args.compiled_deep_tokens = [name.strip() for name in args.compiled_deep_tokens.split(",") if name.strip()]
+    if unknown := set(args.compiled_deep_tokens) - {"float32", BFLOAT16, INT8}:
+        parser.error(f"--compiled-deep-tokens: {', '.join(sorted(unknown))} not among float32, bf16, int8")
     if unknown := set(args.settings) - set(names):
         parser.error(f"--settings: {', '.join(sorted(unknown))} not among {', '.join(names)}")
     checks = {"--width": (args.width, 64), "--image-size": (args.image_size, VAE_DOWNSAMPLING),

@@ -117,3 +117,9 @@ def test_an_unknown_setting_is_one_line_naming_the_settings(capsys):
     assert (
         "--settings: fp8_sequential not among bf16_sequential, bf16_jacobi, int8_sequential" in capsys.readouterr().err
     )
+
+
+def test_an_unknown_weight_format_to_compile_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        full_size.main([*SMALL, "--compiled-deep-tokens", "int8,fp8"])
+    assert "--compiled-deep-tokens: fp8 not among float32, bf16, int8" in capsys.readouterr().err
