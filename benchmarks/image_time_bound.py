@@ -41,6 +41,7 @@ from tarflow_hf.configuration_starflow import StarFlowConfig
 from tarflow_hf.modeling_starflow import StarFlowModel
 from tarflow_hf.products import half_products_native
 
+from .stage_memory import machine
 from .starflow_full_size import RELEASED_WIDTH, Layout, layout_yaml, our_config, released_yaml_text
 from .timing import report
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rates = product_flops_per_second(args.width, args.repeats)
     results: dict[str, Any] = {
         "layout": f"width {layout.width}, blocks [2, 2, 2, 2, 2, {layout.deep_layers}], {layout.image_size}px",
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "linear_weights": sum(weights),
         "tokens": config.num_patches,

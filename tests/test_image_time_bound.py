@@ -32,6 +32,7 @@ def test_the_floors_follow_from_the_counted_weights_and_the_measured_rates(tmp_p
     assert results["linear_weights"] == sum(weights)
     tokens = (IMAGE_SIZE // 8) ** 2  # the VAE's 8x downsampling, patch 1
     assert results["tokens"] == tokens
+    assert results["machine"] == benchmark("stage_memory").machine()  # whose rates these are
 
     bandwidth = results["streaming_read_gb_per_s"] * 1e9
     deep_read = (tokens - 1) * weights[-1] * 2 / bandwidth  # bf16: 2 bytes a weight, every weight once a step
