@@ -32,22 +32,13 @@ from tarflow_hf.products import weight_packing_available
 from tarflow_hf.samplers import AffineBlock, BlockCondition, BlockRecord, SequentialSampler
 
 from .sampling_starflow import MID_SIZE, random_model
-from .timing import Results, plain_linear_layers, report
+from .timing import Results, best_seconds, plain_linear_layers, report
 
 # The deep block's MLP weight shape, and enough copies of it (100 MB) to stream from memory, not the caches.
 DEEP_WEIGHT_SHAPE = (2048, 512)
 STREAMED_WEIGHTS = 24
 # Rows of a decoding step: 4 images x 2 guidance branches.
 STEP_ROWS = 8
-
-
-def best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def gigabytes_per_second(num_bytes: int, fn: Callable[[], Any], repeats: int = 3) -> float:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from tarflow_hf.products import half_products_native
 
 from .stage_memory import machine
 from .starflow_full_size import RELEASED_WIDTH, Layout, layout_yaml, our_config, released_yaml_text
-from .timing import report
+from .timing import best_seconds, report
 
 BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
 GOAL_SECONDS = {"bf16": 6 * 60, "int8": 4 * 60}  # issue 24: one image end to end
@@ -63,8 +62,7 @@ def linear_weights_per_block(model: StarFlowModel) -> list[int]:
 def streaming_read_bytes_per_second(repeats: int) -> float:
     probe = torch.ones(PROBE_BYTES // 4)
     probe.sum()
-    best = min(_seconds(probe.sum) for _ in range(repeats))
-    return PROBE_BYTES / best
+    return PROBE_BYTES / best_seconds(probe.sum, repeats)
 
 
 def product_flops_per_second(width: int, repeats: int) -> dict[str, float]:
@@ -75,15 +73,8 @@ def product_flops_per_second(width: int, repeats: int) -> dict[str, float]:
         rows, weight = torch.randn(PRODUCT_ROWS, width, dtype=dtype), torch.randn(width, width, dtype=dtype)
         product = functools.partial(torch.mm, rows, weight)
         product()
-        best = min(_seconds(product) for _ in range(repeats))
-        rates[str(dtype).removeprefix("torch.")] = 2 * PRODUCT_ROWS * width * width / best
+        rates[str(dtype).removeprefix("torch.")] = 2 * PRODUCT_ROWS * width * width / best_seconds(product, repeats)
     return rates
-
-
-def _seconds(work: Any) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 def floors(
@@ -138,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bandwidth = streaming_read_bytes_per_second(args.repeats)
     rates = product_flops_per_second(args.width, args.repeats)
     results: dict[str, Any] = {
-        "layout": f"width {layout.width}, blocks [2, 2, 2, 2, 2, {layout.deep_layers}], {layout.image_size}px",
+        "layout": layout.description,
         "machine": machine(),
         "threads": torch.get_num_threads(),
         "linear_weights": sum(weights),

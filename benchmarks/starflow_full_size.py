@@ -112,6 +112,10 @@ class Layout:
     image_size: int
 
     @property
+    def description(self) -> str:
+        return f"width {self.width}, blocks [2, 2, 2, 2, 2, {self.deep_layers}], {self.image_size}px"
+
+    @property
     def released(self) -> bool:
         return self.width == RELEASED_WIDTH
 
@@ -591,7 +595,7 @@ def goals(results: dict[str, Any]) -> dict[str, str]:
 def summary(args: argparse.Namespace, layout: Layout, paths: Paths, parent_rss: float) -> dict[str, Any]:
     names = [name for stage in stage_work(args, layout, paths).values() for name in stage]
     results = {
-        "layout": f"width {layout.width}, blocks [2, 2, 2, 2, 2, {layout.deep_layers}], {layout.image_size}px",
+        "layout": layout.description,
         "machine": machine(),
         "threads": args.threads or torch.get_num_threads(),
         "parent_rss_gb": parent_rss,

@@ -62,6 +62,16 @@ def round_robin(samplers: dict[str, Sample], repeats: int, synchronize: Callable
     return rounds
 
 
+def best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+    """The shortest of `repeats` runs of `fn` by the wall clock (for rates: the machine at its least disturbed)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def paired_speedup(times: dict[str, list[float]], fast: str, slow: str) -> float:
     """Median over rounds of slow / fast, each round's pair timed back to back."""
     return statistics.median(s / f for f, s in zip(times[fast], times[slow], strict=True))
